@@ -1,0 +1,53 @@
+"""The canonical click-log schema every reader produces (DESIGN.md, "Data contracts").
+
+Readers map the user's own column names onto these; `validate.py` checks and normalises a
+frame to them. After validation the frame has exactly:
+
+    user_id    Utf8      the user's original id, as a string
+    item_id    Utf8      the item's original id, as a string
+    timestamp  Int64     unix seconds, or a per-user order index when the log has no time
+    clicked    Boolean   True for a positive event (click, purchase, rating, history click)
+    seq        Int64     original row order, the tie-break for equal timestamps
+and, when the log has them:
+    request_id Utf8      groups the items shown together (impression logs)
+    position   Int32     0-based rank the item was shown at
+    rating     Float64   explicit strength (e.g. a 1-5 star rating)
+    weight     Float64   a per-event weight carried into the pairs
+    event      Utf8      the raw event type, kept for reference
+"""
+
+import polars as pl
+
+REQUIRED = ("user_id", "item_id", "timestamp")
+OPTIONAL = ("event", "clicked", "request_id", "position", "rating", "weight")
+
+CANONICAL_DTYPES: dict[str, pl.DataType] = {
+    "user_id": pl.Utf8(),
+    "item_id": pl.Utf8(),
+    "timestamp": pl.Int64(),
+    "clicked": pl.Boolean(),
+    "seq": pl.Int64(),
+    "request_id": pl.Utf8(),
+    "position": pl.Int32(),
+    "rating": pl.Float64(),
+    "weight": pl.Float64(),
+    "event": pl.Utf8(),
+}
+
+# Indexed frames (after vocab): ids become contiguous integers. Item index 0 is padding.
+USER_IDX = "user_idx"
+ITEM_IDX = "item_idx"
+PAD_ITEM = 0
+
+# Pairs parquet, one row per context (DESIGN.md): history strictly before the chosen event.
+PAIRS_SCHEMA: dict[str, pl.DataType] = {
+    "user_idx": pl.Int32(),
+    "context": pl.List(pl.Int32()),
+    "chosen": pl.Int32(),
+    "rejected": pl.List(pl.Int32()),
+    "weight": pl.Float32(),
+    "source": pl.Utf8(),
+    "timestamp": pl.Int64(),
+}
+
+SCHEMA_VERSION = 1
