@@ -1,0 +1,85 @@
+"""The one interface every recommender implements (DESIGN.md, "Models").
+
+A model maps a batch to user vectors and the catalog to item vectors; every score is their inner
+product, so faiss inner-product search over `item_embeddings()` retrieves exactly what the model
+ranks. Batches are dicts of tensors: `user_idx` [B] and `context` [B, L], the user's item history,
+left-padded with PAD_ITEM (0), most recent item in the last column.
+
+Item index 0 is padding: `embed_items` returns a zero vector for it, so row 0 of
+`item_embeddings()` is zero, and `full_scores` sets column 0 to -inf so padding never ranks.
+"""
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from recsys_dpo.data.schema import PAD_ITEM
+
+Batch = dict[str, Tensor]
+
+
+class Recommender(nn.Module, ABC):
+    """Abstract recommender: subclasses give user vectors and raw item vectors.
+
+    Subclasses set `name` (the registry key) and, in `__init__`, `n_items` and `config`: the
+    constructor kwargs as plain values, so `type(model)(**model.config)` rebuilds the model and a
+    checkpoint can be checked against the data (`config["n_items"]`).
+    """
+
+    name: ClassVar[str]
+    n_items: int
+    config: dict[str, Any]
+
+    @abstractmethod
+    def user_embeddings(self, batch: Batch) -> Tensor:
+        """User vectors [B, d] for the batch's users and contexts."""
+
+    @abstractmethod
+    def _item_vectors(self, items: Tensor) -> Tensor:
+        """Raw item vectors [..., d] for item indices of any shape (padding not yet zeroed)."""
+
+    def embed_items(self, items: Tensor) -> Tensor:
+        """Item vectors [..., d] for item indices [...]; padding (index 0) maps to zeros."""
+        return self._item_vectors(items) * (items != PAD_ITEM).unsqueeze(-1)
+
+    def item_embeddings(self) -> Tensor:
+        """Vectors of the whole catalog [n_items, d]; row 0 (padding) is zero."""
+        device = next(self.parameters()).device
+        return self.embed_items(torch.arange(self.n_items, device=device))
+
+    def score(self, batch: Batch, items: Tensor) -> Tensor:
+        """Scores [B, K] of items [B, K] (per user) or [K] (shared): s(u, i) = <u, v_i>."""
+        users = self.user_embeddings(batch)
+        vectors = self.embed_items(items)
+        if items.dim() == 1:
+            return users @ vectors.T
+        return torch.einsum("bd,bkd->bk", users, vectors)
+
+    def full_scores(self, batch: Batch) -> Tensor:
+        """Scores [B, n_items] over the whole catalog; column 0 (padding) is -inf.
+
+        The -inf keeps padding out of softmax and top-K; callers computing sum(p * log p)
+        must mask that column themselves (0 * -inf is NaN).
+        """
+        scores = self.user_embeddings(batch) @ self.item_embeddings().T
+        is_pad = torch.arange(scores.shape[-1], device=scores.device) == PAD_ITEM
+        return scores.masked_fill(is_pad, float("-inf"))
+
+
+def init_weights(module: nn.Module) -> None:
+    """Shared init, applied with `model.apply`: xavier Linear, N(0, 0.02) embeddings, zero bias.
+
+    Draws from torch's global RNG, so the caller's `torch.manual_seed` fixes the weights.
+    The padding row of an embedding is re-zeroed (nn.Embedding also keeps its gradient zero).
+    """
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
