@@ -1,0 +1,142 @@
+"""Stage-1 losses: train the reference ranker that the preference stage starts from.
+
+All take model logits s(u, i) (inner products). Positives are `[...]`, negatives `[..., K]`
+(the leading shape is the batch, or batch x sequence for SASRec); every loss is averaged over
+the leading positions.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from recsys_dpo.data.schema import PAD_ITEM
+from recsys_dpo.objectives.catalog import log_softmax_catalog
+
+
+def _check_negatives(name: str, pos_logits: Tensor, neg_logits: Tensor) -> None:
+    if neg_logits.dim() != pos_logits.dim() + 1 or neg_logits.shape[:-1] != pos_logits.shape:
+        raise ValueError(
+            f"{name}: negatives must have shape [*positives.shape, K], got positives "
+            f"{tuple(pos_logits.shape)} and negatives {tuple(neg_logits.shape)}"
+        )
+    if neg_logits.shape[-1] == 0:
+        raise ValueError(f"{name}: need at least one negative per positive (K >= 1), got K=0")
+
+
+def full_softmax_ce(logits: Tensor, target: Tensor, ignore_index: int = PAD_ITEM) -> Tensor:
+    """Full-catalog cross-entropy -log softmax_{i>=1}(s)[target], the padding column excluded.
+
+    loss = mean over rows with target != ignore_index of -(s_t - log sum_{j>=1} exp s_j)
+    (the softmax loss of Covington et al., RecSys 2016; SASRec with CE, Klenitskiy &
+    Vasilev, RecSys 2023). logits: [..., N] with column 0 the padding item; target: [...].
+    Rows whose target is the padding item (padded sequence positions) are ignored; a batch
+    with none left gives 0.
+    """
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(
+            f"full_softmax_ce: target shape {tuple(target.shape)} does not match logits "
+            f"{tuple(logits.shape)} without the item axis"
+        )
+    keep = target != ignore_index
+    # Gather at a safe index for ignored rows: column 0 holds -inf, and 0 * inf is NaN.
+    safe_target = torch.where(keep, target, PAD_ITEM + 1)
+    nll = -log_softmax_catalog(logits).gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    nll = torch.where(keep, nll, torch.zeros_like(nll))
+    return nll.sum() / keep.sum().clamp_min(1)
+
+
+def sampled_softmax_logq(
+    pos_logits: Tensor,
+    neg_logits: Tensor,
+    pos_logq: Tensor,
+    neg_logq: Tensor,
+    accidental_hits_mask: Tensor | None = None,
+) -> Tensor:
+    """Sampled softmax with logQ correction (Bengio & Senecal, 2008; Yi et al., RecSys 2019).
+
+    With o_i = s_i - log q_i, where q_i is the probability the sampler draws item i:
+        loss = mean of -log( exp o_+ / (exp o_+ + sum_{j real} exp o_j) )
+    Subtracting log q makes the sampled partition an estimate of the full one, so popular
+    (often-sampled) items are not over-penalised. pos_logits, pos_logq: [...];
+    neg_logits, neg_logq: [..., K]. accidental_hits_mask [..., K]: True where a sampled
+    negative is in fact the positive item; such columns are left out of the partition.
+    """
+    _check_negatives("sampled_softmax_logq", pos_logits, neg_logits)
+    if pos_logq.shape != pos_logits.shape or neg_logq.shape != neg_logits.shape:
+        raise ValueError(
+            "sampled_softmax_logq: log q tensors must match their logits' shapes, got "
+            f"{tuple(pos_logq.shape)} / {tuple(neg_logq.shape)} for "
+            f"{tuple(pos_logits.shape)} / {tuple(neg_logits.shape)}"
+        )
+    neg = neg_logits - neg_logq
+    if accidental_hits_mask is not None:
+        if accidental_hits_mask.shape != neg_logits.shape:
+            raise ValueError(
+                f"sampled_softmax_logq: accidental_hits_mask shape "
+                f"{tuple(accidental_hits_mask.shape)} != negatives {tuple(neg_logits.shape)}"
+            )
+        neg = neg.masked_fill(accidental_hits_mask, float("-inf"))
+    corrected = torch.cat([(pos_logits - pos_logq).unsqueeze(-1), neg], dim=-1)
+    return -torch.log_softmax(corrected, dim=-1)[..., 0].mean()
+
+
+def _powered_bce(pos_logits: Tensor, neg_logits: Tensor, beta: float) -> Tensor:
+    """1/(K+1) * [beta * softplus(-s+) + sum_j softplus(s_j)], averaged over positives.
+
+    softplus(-s) = -log sigma(s) and softplus(s) = -log(1 - sigma(s)), without log 0.
+    """
+    per_row = beta * F.softplus(-pos_logits) + F.softplus(neg_logits).sum(-1)
+    return (per_row / (neg_logits.shape[-1] + 1)).mean()
+
+
+def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
+    """gSASRec's calibration power: beta = alpha * (t * (1 - 1/alpha) + 1/alpha),
+    alpha = K / (|I| - 1), the negative sampling rate (Petrov & Macdonald, RecSys 2023).
+
+    t = 0 gives beta = 1 (plain BCE); t = 1 gives beta = alpha, the setting the paper
+    proves removes the overconfidence that negative sampling induces.
+    """
+    if num_negatives < 1:
+        raise ValueError(f"gbce: need at least one negative (K >= 1), got K={num_negatives}")
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"gbce: t must be in [0, 1], got {t}")
+    if num_items - 1 < num_negatives:
+        raise ValueError(
+            f"gbce: K={num_negatives} negatives need num_items >= K + 1, got {num_items}"
+        )
+    alpha = num_negatives / (num_items - 1)
+    return alpha * (t * (1.0 - 1.0 / alpha) + 1.0 / alpha)
+
+
+def gbce(pos_logits: Tensor, neg_logits: Tensor, num_items: int, t: float) -> Tensor:
+    """Generalised BCE of gSASRec (Petrov & Macdonald, RecSys 2023, L_gBCE^beta):
+
+        loss = -1/(K+1) * [ log sigma(s+)^beta + sum_{j=1..K} log(1 - sigma(s_j)) ]
+             = 1/(K+1) * [ beta * softplus(-s+) + sum_j softplus(s_j) ]
+
+    averaged over positives; beta = `gbce_beta(K, num_items, t)`. num_items is the number
+    of real items |I| (padding not counted), K the number of uniformly sampled negatives.
+    The 1/(K+1) matches the paper and its reference code (BCE mean over the K+1 logits).
+    """
+    _check_negatives("gbce", pos_logits, neg_logits)
+    return _powered_bce(pos_logits, neg_logits, gbce_beta(neg_logits.shape[-1], num_items, t))
+
+
+def bce(pos_logits: Tensor, neg_logits: Tensor) -> Tensor:
+    """Binary cross-entropy with sampled negatives (SASRec, Kang & McAuley, ICDM 2018):
+
+        loss = -1/(K+1) * [ log sigma(s+) + sum_j log(1 - sigma(s_j)) ]
+
+    i.e. gBCE with beta = 1; same 1/(K+1) normalisation so the two are comparable.
+    """
+    _check_negatives("bce", pos_logits, neg_logits)
+    return _powered_bce(pos_logits, neg_logits, beta=1.0)
+
+
+def bpr(pos_logits: Tensor, neg_logits: Tensor) -> Tensor:
+    """Bayesian personalised ranking (Rendle et al., UAI 2009):
+
+    loss = mean over positives and their K negatives of -log sigma(s+ - s_j)
+    """
+    _check_negatives("bpr", pos_logits, neg_logits)
+    return F.softplus(-(pos_logits.unsqueeze(-1) - neg_logits)).mean()
