@@ -1,0 +1,176 @@
+"""Stage 1: train the reference ranker (two-tower or SASRec) with a next-item loss.
+
+The module only wires a model (`recsys_dpo.models.build_model`) to a loss of
+`recsys_dpo.objectives.reference`; the maths lives there. SASRec batches with `targets_seq`
+are trained at every position of the window (Kang & McAuley, ICDM 2018); others predict one
+`target` from the user at their context.
+
+Every checkpoint also carries a `"model"` entry (registry name, constructor config and the
+prefix of its weights in `state_dict`), so `load_model` rebuilds the recommender of any stage's
+checkpoint without the LightningModule class, and always with `torch.load(weights_only=True)`.
+The compute-matched control is this same module started from a reference checkpoint
+(`init_from`) and trained further with its own loss.
+"""
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from recsys_dpo.data.schema import PAD_ITEM
+from recsys_dpo.models import Recommender, build_model
+from recsys_dpo.models.base import Batch
+from recsys_dpo.objectives import reference as losses
+from recsys_dpo.training.ranking_eval import ranking_metrics
+
+REFERENCE_LOSSES = ("ce", "sampled_softmax", "bce", "gbce", "bpr")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint loaded safely (tensors and plain data only) onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def model_spec(model: Recommender, prefix: str) -> dict[str, Any]:
+    """What `load_model` needs: registry name, constructor config, weight-key prefix."""
+    return {"name": model.name, "config": dict(model.config), "prefix": prefix}
+
+
+def model_weights(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(spec, the recommender's own state_dict) from a checkpoint written by either module."""
+    if "model" not in checkpoint:
+        raise ValueError("checkpoint has no 'model' entry: it was not written by recsys_dpo")
+    spec = checkpoint["model"]
+    prefix = spec["prefix"]
+    state = {
+        k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
+    }
+    return spec, state
+
+
+def load_model(path: str | Path, **config_overrides: Any) -> Recommender:
+    """Rebuild the recommender stored in a checkpoint of either stage (eval mode, on CPU).
+
+    config_overrides replace constructor kwargs that do not change the weights' shapes
+    (e.g. dropout=0.0).
+    """
+    spec, state = model_weights(read_checkpoint(path))
+    model = build_model(spec["name"], **{**spec["config"], **config_overrides})
+    model.load_state_dict(state)
+    return model.eval()
+
+
+class ReferenceModule(LightningModule):
+    """Stage-1 LightningModule.
+
+    Args:
+        model_name, model_cfg: registry name and constructor kwargs of the recommender
+            (n_items / n_users come from the data and override model_cfg).
+        loss: "ce" (full-catalog softmax), "sampled_softmax" (uniform negatives, logQ
+            corrected), "bce", "gbce" (gSASRec, calibration `gbce_t`) or "bpr".
+        num_negatives: uniformly sampled negatives per target for the sampled losses.
+        init_from: a checkpoint of this module to start from (the compute-matched control).
+        k: cut-off of the validation HR@k / NDCG@k.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        model_cfg: dict[str, Any],
+        n_items: int,
+        n_users: int,
+        loss: str = "ce",
+        num_negatives: int = 100,
+        gbce_t: float = 0.75,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        init_from: str | None = None,
+        k: int = 10,
+    ) -> None:
+        super().__init__()
+        if loss not in REFERENCE_LOSSES:
+            raise ValueError(f"unknown reference loss {loss!r}; expected one of {REFERENCE_LOSSES}")
+        if loss != "ce" and not 1 <= num_negatives <= n_items - 1:
+            raise ValueError(
+                f"num_negatives must be in [1, {n_items - 1}] (the real items), got {num_negatives}"
+            )
+        if lr <= 0 or weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
+        self.save_hyperparameters()
+        self.model = build_model(
+            model_name, **{**model_cfg, "n_items": n_items, "n_users": n_users}
+        )
+        if init_from is not None:
+            spec, state = model_weights(read_checkpoint(init_from))
+            if spec["config"] != self.model.config:
+                raise ValueError(
+                    f"init_from {init_from}: its model config {spec['config']} differs from "
+                    f"this module's {self.model.config}"
+                )
+            self.model.load_state_dict(state)
+
+    def queries(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Query vectors [M, d] and their next items [M]: every real position of a SASRec
+        window when the batch has `targets_seq`, else one per row."""
+        if "targets_seq" in batch and hasattr(self.model, "sequence_hidden"):
+            hidden = self.model.sequence_hidden(batch["context"])
+            targets = batch["targets_seq"][:, -hidden.shape[1] :]
+            real = targets != PAD_ITEM
+            return hidden[real], targets[real]
+        return self.model.user_embeddings(batch), batch["target"]
+
+    def sample_negatives(self, target: Tensor) -> Tensor:
+        """Uniform negatives [M, K] over the real items 1..N-1 (torch's global RNG)."""
+        shape = (target.shape[0], self.hparams.num_negatives)
+        return torch.randint(PAD_ITEM + 1, self.hparams.n_items, shape, device=target.device)
+
+    def reference_loss(self, batch: Batch) -> Tensor:
+        """The configured stage-1 loss of a training batch."""
+        query, target = self.queries(batch)
+        name = self.hparams.loss
+        if name == "ce":
+            return losses.full_softmax_ce(query @ self.model.item_embeddings().T, target)
+        negatives = self.sample_negatives(target)
+        pos = (query * self.model.embed_items(target)).sum(-1)
+        neg = torch.einsum("md,mkd->mk", query, self.model.embed_items(negatives))
+        if name == "sampled_softmax":
+            # Uniform sampling: log q = -log(N - 1) for every item, positive included.
+            log_q = -math.log(self.hparams.n_items - 1)
+            return losses.sampled_softmax_logq(
+                pos,
+                neg,
+                torch.full_like(pos, log_q),
+                torch.full_like(neg, log_q),
+                accidental_hits_mask=negatives == target.unsqueeze(1),
+            )
+        if name == "gbce":
+            return losses.gbce(pos, neg, num_items=self.hparams.n_items - 1, t=self.hparams.gbce_t)
+        return losses.bce(pos, neg) if name == "bce" else losses.bpr(pos, neg)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss = self.reference_loss(batch)
+        self.log("loss", loss, prog_bar=True, batch_size=len(batch["user_idx"]))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        metrics = ranking_metrics(self.model, batch, self.hparams.k)
+        self.log_dict(
+            {name: v.mean() for name, v in metrics.items()},
+            batch_size=len(batch["user_idx"]),
+            add_dataloader_idx=False,
+            prog_bar=True,
+        )
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["model"] = model_spec(self.model, "model.")
