@@ -1,0 +1,240 @@
+"""Readers: a click log on disk -> a `pl.LazyFrame` with canonical column names.
+
+Each reader only maps a file format onto the names of `recsys_dpo.data.schema` (user_id,
+item_id, timestamp, and the optional columns the format has); checking values and dtypes is
+`validate.py`'s job. Ids are read as strings so that "007" stays "007". A path that does not
+exist, a format that cannot be read, or a column mapping that does not fit the file raises
+`DataError`.
+"""
+
+import glob
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import polars as pl
+
+from recsys_dpo.data.schema import OPTIONAL, REQUIRED
+from recsys_dpo.errors import DataError
+
+CANONICAL = (*REQUIRED, *OPTIONAL)
+ID_COLUMNS = ("user_id", "item_id", "request_id")
+_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv"}
+_GLOB_CHARS = frozenset("*?[")
+# MIND behaviors.tsv stamps impressions like "11/12/2019 2:14:46 PM" (no time zone: read as UTC).
+MIND_TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
+
+
+def _existing(path: str | Path) -> Path:
+    """`path` as a Path, or DataError when nothing is there (a glob must match something)."""
+    path = Path(path)
+    is_glob = any(ch in _GLOB_CHARS for ch in str(path))
+    if not (glob.glob(str(path)) if is_glob else path.exists()):
+        raise DataError(f"{path}: no such file or directory")
+    return path
+
+
+def _format_of(path: Path, format: str | None) -> str:
+    """'parquet', 'csv' or 'tsv': `format` if given, else parquet for a directory, else by suffix."""
+    if format is not None:
+        if format not in ("parquet", "csv", "tsv"):
+            raise DataError(f"{path}: unknown format {format!r}; expected parquet, csv or tsv")
+        return format
+    if path.is_dir():
+        return "parquet"
+    suffix = path.suffix.lower()
+    if suffix not in _FORMATS:
+        raise DataError(
+            f"{path}: cannot tell the format from the suffix {suffix!r}; expected one of "
+            f"{sorted(_FORMATS)} or a directory of parquet files (or set the reader's `format`)"
+        )
+    return _FORMATS[suffix]
+
+
+def _schema(lf: pl.LazyFrame, path: Path) -> list[str]:
+    """The column names of a scan, turning a polars read failure into a DataError."""
+    try:
+        return lf.collect_schema().names()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise DataError(f"{path}: cannot read it as a table: {exc}") from exc
+
+
+def _scan(path: Path, fmt: str, separator: str, strings: tuple[str, ...] = ()) -> pl.LazyFrame:
+    """Lazy scan of a parquet file / directory / glob, or of a CSV/TSV with `strings` as Utf8."""
+    if fmt == "parquet":
+        return pl.scan_parquet(str(path), hive_partitioning=True)
+    sep = "\t" if fmt == "tsv" and separator == "," else separator
+    return pl.scan_csv(path, separator=sep, schema_overrides=dict.fromkeys(strings, pl.Utf8))
+
+
+def _column_plan(available: list[str], columns: Mapping[str, str], path: Path) -> dict[str, str]:
+    """canonical name -> source column: the mapping, then columns already named canonically."""
+    unknown = sorted(set(columns) - set(CANONICAL))
+    if unknown:
+        raise DataError(
+            f"{path}: column mapping {dict(columns)} has keys {unknown} that are not canonical "
+            f"columns; the keys must be among {list(CANONICAL)}"
+        )
+    missing = {canon: src for canon, src in columns.items() if src not in available}
+    if missing:
+        detail = ", ".join(f"{src!r} (for {canon})" for canon, src in missing.items())
+        raise DataError(
+            f"{path}: mapped column(s) {detail} not found; mapping {dict(columns)}; "
+            f"the file has columns {available}"
+        )
+    used = set(columns.values())
+    plan = dict(columns)
+    for name in CANONICAL:
+        if name in available and name not in plan and name not in used:
+            plan[name] = name
+    return plan
+
+
+def read_table(
+    path: str | Path,
+    columns: Mapping[str, str] | None = None,
+    format: str | None = None,
+    separator: str = ",",
+) -> pl.LazyFrame:
+    """A parquet file, directory (hive-partitioned too) or glob, or a CSV/TSV, as a canonical scan.
+
+    `columns` maps canonical name -> the file's column name, e.g. {"user_id": "uid"}; columns
+    neither mapped nor canonically named are dropped. `format` ("parquet", "csv", "tsv")
+    overrides the suffix; `separator` is the CSV delimiter (a .tsv defaults to tab).
+    """
+    path = _existing(path)
+    fmt = _format_of(path, format)
+    columns = dict(columns or {})
+    plan = _column_plan(_schema(_scan(path, fmt, separator), path), columns, path)
+    # ids keep their exact text ("007"): re-scan CSV with the id columns forced to strings
+    ids = tuple(src for canon, src in plan.items() if canon in ID_COLUMNS)
+    lf = _scan(path, fmt, separator, strings=ids)
+    return lf.select(pl.col(src).alias(canon) for canon, src in plan.items())
+
+
+def read_movielens(path: str | Path) -> pl.LazyFrame:
+    """MovieLens ratings: `u.data` (tab, no header) or `ratings.dat` (`::`), by the first line.
+
+    Both are `user item rating unix_ts`; output user_id, item_id, rating (Float64), timestamp.
+    """
+    path = _existing(path)
+    with path.open() as fh:
+        first = fh.readline()
+    names = ("user_id", "item_id", "rating", "timestamp")
+    if "::" in first:
+        # polars' CSV separator is a single byte, so split whole lines on the two-char "::"
+        parts = pl.scan_lines(path).select(pl.col("line").str.split("::").alias("p"))
+        lf = parts.select(
+            pl.col("p").list.get(k, null_on_oob=True).alias(n) for k, n in enumerate(names)
+        )
+    elif "\t" in first:
+        lf = pl.scan_csv(
+            path,
+            separator="\t",
+            has_header=False,
+            new_columns=list(names),
+            schema_overrides={"user_id": pl.Utf8, "item_id": pl.Utf8},
+        )
+    else:
+        raise DataError(
+            f"{path}: not a MovieLens ratings file: the first line {first.strip()!r} is neither "
+            "tab-separated (u.data) nor '::'-separated (ratings.dat)"
+        )
+    return lf.with_columns(
+        pl.col("rating").cast(pl.Float64, strict=False),
+        pl.col("timestamp").cast(pl.Int64, strict=False),
+    )
+
+
+def read_sasrec_txt(path: str | Path) -> pl.LazyFrame:
+    """SASRec's `<user> <item>` lines; timestamp = 0-based position among the user's lines.
+
+    The SASRec preprocessing writes each user's interactions in time order, so the row order
+    within a user is the only clock there is.
+    """
+    path = _existing(path)
+    lf = pl.scan_csv(
+        path,
+        separator=" ",
+        has_header=False,
+        new_columns=["user_id", "item_id"],
+        schema={"user_id": pl.Utf8, "item_id": pl.Utf8},
+    )
+    return lf.with_columns(timestamp=pl.int_range(pl.len(), dtype=pl.Int64).over("user_id"))
+
+
+def _mind_impressions(behaviors: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per shown item: `NEWSID-LABEL` tokens exploded with their 0-based position."""
+    tokens = pl.col("impressions").str.split(" ")
+    shown = behaviors.with_columns(
+        token=tokens, position=pl.int_ranges(0, tokens.list.len(), dtype=pl.Int32)
+    ).explode("token", "position")
+    # a malformed token leaves item_id null, which validate() reports with its row number
+    parsed = pl.col("token").str.extract_groups(r"^(?<item>.+)-(?<label>[01])$")
+    return shown.filter(pl.col("token") != "").select(
+        pl.col("impression_id").alias("request_id"),
+        "user_id",
+        parsed.struct.field("item").alias("item_id"),
+        "timestamp",
+        "position",
+        (parsed.struct.field("label") == "1").alias("clicked"),
+        pl.lit("impression").alias("event"),
+    )
+
+
+def _mind_history(behaviors: pl.LazyFrame) -> pl.LazyFrame:
+    """Prior clicks from each user's earliest impression, one row per (user, item), before it.
+
+    The j-th of n history items gets timestamp t0 - (n - j): strictly before the impression
+    at t0 and in the listed order. A repeated item keeps its first occurrence.
+    """
+    earliest = behaviors.sort("timestamp", "row", maintain_order=True).unique(
+        "user_id", keep="first", maintain_order=True
+    )
+    items = pl.col("history").str.split(" ")
+    listed = earliest.with_columns(
+        item_id=items, j=pl.int_ranges(0, items.list.len()), n=items.list.len()
+    ).explode("item_id", "j")
+    return (
+        listed.filter(pl.col("item_id").is_not_null() & (pl.col("item_id") != ""))
+        .unique(["user_id", "item_id"], keep="first", maintain_order=True)
+        .select(
+            pl.lit(None, pl.Utf8).alias("request_id"),
+            "user_id",
+            "item_id",
+            (pl.col("timestamp") - (pl.col("n") - pl.col("j"))).cast(pl.Int64).alias("timestamp"),
+            pl.lit(None, pl.Int32).alias("position"),
+            pl.lit(True).alias("clicked"),
+            pl.lit("history").alias("event"),
+        )
+    )
+
+
+def read_mind_behaviors(path: str | Path) -> pl.LazyFrame:
+    """MIND `behaviors.tsv`: shown items as impression rows, the click history as prior clicks.
+
+    Output columns request_id, user_id, item_id, timestamp (unix s), position, clicked, event
+    ("history" rows first, then "impression" rows in file order). Format: Wu et al., "MIND: A
+    Large-scale Dataset for News Recommendation", ACL 2020.
+    """
+    path = _existing(path)
+    names = ["impression_id", "user_id", "time", "history", "impressions"]
+    behaviors = pl.scan_csv(
+        path,
+        separator="\t",
+        has_header=False,
+        new_columns=names,
+        quote_char=None,
+        schema=dict.fromkeys(names, pl.Utf8),
+        row_index_name="row",
+    ).with_columns(
+        timestamp=pl.col("time").str.to_datetime(MIND_TIME_FORMAT, strict=False).dt.epoch("s")
+    )
+    return pl.concat([_mind_history(behaviors), _mind_impressions(behaviors)], how="vertical")
+
+
+READERS: dict[str, Callable[..., pl.LazyFrame]] = {
+    "table": read_table,
+    "movielens": read_movielens,
+    "sasrec_txt": read_sasrec_txt,
+    "mind": read_mind_behaviors,
+}

@@ -1,0 +1,222 @@
+"""Validation: a reader's canonical LazyFrame -> the checked, normalised click-log DataFrame.
+
+Checks the contract of `recsys_dpo.data.schema` and fails with one `DataError` naming the
+source, column and rows at fault; normalises dtypes (ids to strings, timestamps to unix
+seconds, a boolean `clicked`); adds `seq`, the original row order; drops exact duplicates and
+users with too few positive events, and says how many in a `ValidationReport`.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import polars as pl
+
+from recsys_dpo.data.schema import CANONICAL_DTYPES, OPTIONAL, REQUIRED
+from recsys_dpo.errors import DataError
+
+SHOWN_ROWS = 5
+POSITIVE_EVENTS = ("click", "purchase", "like", "rating", "history")
+_CLICKED_TEXT = {"true": True, "false": False, "1": True, "0": False}
+_MAPPING_HINT = "set a column mapping in the data config, `data.reader.columns`"
+
+
+@dataclass
+class ValidationReport:
+    """What validation kept and dropped, for the prepare summary and the manifest."""
+
+    source: str
+    rows_in: int
+    rows_out: int
+    duplicates_dropped: int
+    short_users_dropped: int
+    short_user_rows_dropped: int
+
+    def as_rows(self) -> list[tuple[str, int]]:
+        """(label, count) pairs for a summary table."""
+        return [
+            ("rows in", self.rows_in),
+            ("duplicate rows dropped", self.duplicates_dropped),
+            ("short users dropped", self.short_users_dropped),
+            ("short-user rows dropped", self.short_user_rows_dropped),
+            ("rows out", self.rows_out),
+        ]
+
+
+def _first_rows(mask: pl.Series) -> list[int]:
+    """The first few 0-based row numbers where `mask` is True."""
+    return mask.arg_true().head(SHOWN_ROWS).to_list()
+
+
+def _check_columns(columns: list[str], source: str) -> None:
+    missing = [c for c in REQUIRED if c not in columns]
+    if missing:
+        raise DataError(
+            f"{source}: missing required column(s) {missing}; the data has columns {columns}; "
+            f"{_MAPPING_HINT}"
+        )
+
+
+def _check_no_nulls(df: pl.DataFrame, names: Sequence[str], source: str) -> None:
+    """DataError listing, per column with nulls, the count and the first row numbers."""
+    faults = []
+    for name in names:
+        nulls = df[name].is_null()
+        if nulls.any():
+            faults.append(
+                f"column {name!r} has {nulls.sum():,} null value(s), first at row(s) "
+                f"{_first_rows(nulls)}"
+            )
+    if faults:
+        raise DataError(f"{source}: " + "; ".join(faults) + " (rows are 0-based)")
+
+
+def _converted(df: pl.DataFrame, name: str, expr: pl.Expr, source: str, expected: str) -> pl.Series:
+    """`expr` evaluated on `df`; a value it turns into null is a DataError showing rows + values."""
+    out = df.select(expr.alias(name)).to_series()
+    bad = out.is_null() & df[name].is_not_null()
+    if bad.any():
+        rows = _first_rows(bad)
+        values = df[name].gather(rows).to_list()
+        shown = ", ".join(f"row {r}: {v!r}" for r, v in zip(rows, values, strict=True))
+        raise DataError(
+            f"{source}: column {name!r} has {bad.sum():,} value(s) that are not {expected} "
+            f"({shown}; rows are 0-based)"
+        )
+    return out
+
+
+def _timestamp_expr(dtype: pl.DataType, fmt: str | None, source: str) -> pl.Expr:
+    """Expression turning the timestamp column into unix seconds (Int64)."""
+    col = pl.col("timestamp")
+    if dtype.is_integer():
+        return col.cast(pl.Int64)
+    if isinstance(dtype, pl.Datetime | pl.Date):
+        return col.dt.epoch("s")
+    if dtype == pl.Utf8:
+        # naive times are read as UTC; time_zone="UTC" also converts strings with an offset
+        if fmt is not None:
+            return col.str.to_datetime(fmt, strict=False, time_zone="UTC").dt.epoch("s")
+        # digits are unix seconds; polars infers a date format from the first other value
+        as_int = col.str.to_integer(strict=False)
+        as_date = pl.when(as_int.is_null()).then(col).str.to_datetime(strict=False, time_zone="UTC")
+        return pl.coalesce(as_int, as_date.dt.epoch("s"))
+    raise DataError(
+        f"{source}: column 'timestamp' has dtype {dtype}; expected integer unix seconds, a "
+        "datetime, a date, or date strings"
+    )
+
+
+def _timestamps(df: pl.DataFrame, fmt: str | None, source: str) -> pl.Series:
+    expected = (
+        f"dates in format {fmt!r}"
+        if fmt
+        else "unix seconds or dates in one format polars can infer (else set `timestamp_format`)"
+    )
+    return _converted(
+        df, "timestamp", _timestamp_expr(df.schema["timestamp"], fmt, source), source, expected
+    )
+
+
+def _clicked(df: pl.DataFrame, positive_events: Sequence[str], source: str) -> pl.Series:
+    """The `clicked` column as Boolean, else derived from `event`, else all True."""
+    if "clicked" in df.columns:
+        _check_no_nulls(df, ["clicked"], source)
+        dtype = df.schema["clicked"]
+        col = pl.col("clicked")
+        if dtype == pl.Boolean:
+            expr = col
+        elif dtype.is_integer():
+            expr = pl.when(col == 1).then(True).when(col == 0).then(False)
+        else:
+            text = col.cast(pl.Utf8).str.strip_chars().str.to_lowercase()
+            expr = text.replace_strict(_CLICKED_TEXT, default=None, return_dtype=pl.Boolean)
+        return _converted(df, "clicked", expr, source, "a boolean (true/false or 1/0)")
+    if "event" in df.columns:
+        positive = [e.lower() for e in positive_events]
+        expr = pl.col("event").cast(pl.Utf8).str.to_lowercase().is_in(positive).fill_null(False)
+        return df.select(expr.alias("clicked")).to_series()
+    return pl.Series("clicked", [True] * df.height, dtype=pl.Boolean)
+
+
+def _optional_columns(df: pl.DataFrame, source: str) -> list[pl.Series]:
+    """The optional canonical columns present (except `clicked`), cast to their dtypes."""
+    present = [c for c in OPTIONAL if c != "clicked" and c in df.columns]
+    return [
+        _converted(
+            df,
+            c,
+            pl.col(c).cast(CANONICAL_DTYPES[c], strict=False),
+            source,
+            f"castable to {CANONICAL_DTYPES[c]}",
+        )
+        for c in present
+    ]
+
+
+def validate(
+    lf: pl.LazyFrame,
+    source: str,
+    *,
+    drop_duplicates: bool = True,
+    min_events_per_user: int = 1,
+    positive_events: Sequence[str] = POSITIVE_EVENTS,
+    timestamp_format: str | None = None,
+) -> tuple[pl.DataFrame, ValidationReport]:
+    """Check and normalise a canonical click log; rows stay in their original order.
+
+    Output columns: user_id, item_id, timestamp, clicked, seq, then the optional canonical
+    columns present, with `schema.CANONICAL_DTYPES`. Duplicates are rows equal on user_id,
+    item_id, timestamp and, when present, request_id and event (the first is kept). Users with
+    fewer than `min_events_per_user` positive (clicked) events are dropped with all their rows.
+    """
+    try:
+        _check_columns(lf.collect_schema().names(), source)
+        raw = lf.collect()
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"{source}: cannot read the log: {exc}") from exc
+    if raw.height == 0:
+        raise DataError(f"{source}: no rows")
+    _check_no_nulls(raw, REQUIRED, source)
+
+    df = pl.DataFrame(
+        [
+            raw["user_id"].cast(pl.Utf8),
+            raw["item_id"].cast(pl.Utf8),
+            _timestamps(raw, timestamp_format, source),
+            _clicked(raw, positive_events, source),
+            pl.Series("seq", range(raw.height), dtype=pl.Int64),
+            *_optional_columns(raw, source),
+        ]
+    )
+    rows_in = df.height
+
+    if drop_duplicates:
+        key = [
+            "user_id",
+            "item_id",
+            "timestamp",
+            *(c for c in ("request_id", "event") if c in df.columns),
+        ]
+        df = df.unique(subset=key, keep="first", maintain_order=True)
+    duplicates = rows_in - df.height
+
+    positives = df.group_by("user_id").agg(pl.col("clicked").sum().alias("n"))
+    short = positives.filter(pl.col("n") < min_events_per_user)["user_id"]
+    before = df.height
+    df = df.filter(~pl.col("user_id").is_in(short.implode()))
+    if df.height == 0:
+        raise DataError(
+            f"{source}: no rows left: all {positives.height:,} user(s) have fewer than "
+            f"min_events_per_user={min_events_per_user} positive events "
+            f"(after dropping {duplicates:,} duplicate rows); lower min_events_per_user or "
+            "check the clicked/event column"
+        )
+    report = ValidationReport(
+        source=source,
+        rows_in=rows_in,
+        rows_out=df.height,
+        duplicates_dropped=duplicates,
+        short_users_dropped=short.len(),
+        short_user_rows_dropped=before - df.height,
+    )
+    return df, report
