@@ -1,0 +1,119 @@
+"""Train / valid / test splits of an encoded click log (DESIGN.md, "Evaluation").
+
+Every function adds a Utf8 `split` column ("train" | "valid" | "test") and keeps every row, so
+each row lies in exactly one split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import polars as pl
+
+from recsys_dpo.data.schema import USER_IDX
+from recsys_dpo.data.sequences import event_rank
+from recsys_dpo.errors import DataError
+
+SPLITS = ("train", "valid", "test")
+MIN_LOO_POSITIVES = 3
+
+
+def _assign(key: pl.Expr, valid_start: pl.Expr | int, test_start: pl.Expr | int) -> pl.Expr:
+    """key >= test_start -> test, >= valid_start -> valid, else (or null bounds) train."""
+    return (
+        pl.when(key >= test_start)
+        .then(pl.lit("test"))
+        .when(key >= valid_start)
+        .then(pl.lit("valid"))
+        .otherwise(pl.lit("train"))
+        .alias("split")
+    )
+
+
+def leave_one_out(df: pl.DataFrame) -> pl.DataFrame:
+    """Per user: last positive -> test, second-to-last -> valid, earlier positives -> train.
+
+    Event order is (timestamp, seq). Users with fewer than 3 positives keep all their rows in
+    train: holding out one of one or two positives would leave nothing to learn them from.
+    A non-positive row follows the time window it falls in for its user: at or after the test
+    positive -> test, at or after the valid positive -> valid, else train.
+    """
+    ranked = df.with_columns(event_rank().alias("_ord"))
+    cuts = (
+        ranked.filter(pl.col("clicked"))
+        .group_by(USER_IDX)
+        .agg(
+            pl.len().alias("_n"),
+            pl.col("_ord").max().alias("_test"),
+            pl.col("_ord").sort().tail(2).first().alias("_valid"),
+        )
+        .filter(pl.col("_n") >= MIN_LOO_POSITIVES)
+        .drop("_n")
+    )
+    return (
+        ranked.join(cuts, on=USER_IDX, how="left", maintain_order="left")
+        .with_columns(_assign(pl.col("_ord"), pl.col("_valid"), pl.col("_test")))
+        .drop("_ord", "_valid", "_test")
+    )
+
+
+def _request_time(df: pl.DataFrame) -> pl.Expr:
+    """A row's split time: its request's first timestamp, so a request never straddles a cut."""
+    if "request_id" not in df.columns:
+        return pl.col("timestamp")
+    return (
+        pl.when(pl.col("request_id").is_null())
+        .then(pl.col("timestamp"))
+        .otherwise(pl.col("timestamp").min().over("request_id"))
+    )
+
+
+def _cut(sorted_times: np.ndarray, frac_after: float) -> int:
+    """The smallest time such that about `frac_after` of the rows are at or after it."""
+    n = len(sorted_times)
+    first_after = n - round(frac_after * n)
+    return int(sorted_times[first_after]) if first_after < n else int(sorted_times[-1]) + 1
+
+
+def temporal(
+    df: pl.DataFrame,
+    valid_frac: float = 0.1,
+    test_frac: float = 0.1,
+    valid_start: int | None = None,
+    test_start: int | None = None,
+) -> pl.DataFrame:
+    """Global time cuts: t < valid_start -> train, t < test_start -> valid, else test.
+
+    t is the row's request start (the min timestamp of its request_id) when the log has
+    requests, else its timestamp; so every train t < every valid t < every test t, and the rows
+    of one request share a split. A cut not given is the time after which about that fraction
+    of the rows fall (valid_frac + test_frac for valid_start).
+    """
+    if not (valid_frac >= 0 and test_frac >= 0 and valid_frac + test_frac < 1):
+        raise DataError(
+            f"temporal split: need valid_frac, test_frac >= 0 with sum < 1, "
+            f"got {valid_frac}, {test_frac}"
+        )
+    out = df.with_columns(_request_time(df).alias("_t"))
+    times = np.sort(out["_t"].to_numpy())
+    if test_start is None:
+        test_start = _cut(times, test_frac) if len(times) else 0
+    if valid_start is None:
+        valid_start = min(_cut(times, valid_frac + test_frac), test_start) if len(times) else 0
+    if valid_start > test_start:
+        raise DataError(f"temporal split: valid_start {valid_start} > test_start {test_start}")
+    return out.with_columns(_assign(pl.col("_t"), valid_start, test_start)).drop("_t")
+
+
+SPLITTERS: dict[str, Callable[..., pl.DataFrame]] = {"loo": leave_one_out, "temporal": temporal}
+
+
+def split_frame(df: pl.DataFrame, kind: str, **kwargs: object) -> pl.DataFrame:
+    """Split with the named method ("loo" or "temporal"); DataError if no row lands in train."""
+    if kind not in SPLITTERS:
+        raise DataError(f"split kind {kind!r} unknown; expected one of {sorted(SPLITTERS)}")
+    out = SPLITTERS[kind](df, **kwargs)
+    if not out.filter(pl.col("split") == "train").height:
+        raise DataError(f"split {kind!r}: the train split is empty ({df.height} rows in total)")
+    return out
