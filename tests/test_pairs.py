@@ -12,8 +12,8 @@ from recsys_dpo.data.pairs import (
     build_pairs,
     feedback_pairs,
     impression_pairs,
+    item_popularity,
     next_item_pairs,
-    write_pairs,
 )
 from recsys_dpo.data.schema import PAIRS_SCHEMA
 from recsys_dpo.data.splits import SPLITS, leave_one_out
@@ -321,23 +321,29 @@ STRATEGIES = {
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
-def test_write_pairs_same_rows_for_any_bucket_count(tmp_path, split):
+def test_pairs_same_rows_for_any_user_bucketing(split):
+    """Built bucket by bucket with the whole log's popularity, the rows are the same."""
     df = random_log()
     n_items = int(df["item_idx"].max()) + 1
-    files = {}
+    popularity = item_popularity(df, split, n_items)
+    built = {}
     for n_buckets in (1, 4):
-        path = tmp_path / f"pairs_{n_buckets}.parquet"
-        rows = write_pairs(df, path, split, STRATEGIES, n_items=n_items, n_buckets=n_buckets)
-        files[n_buckets] = pl.read_parquet(path)
-        assert files[n_buckets].height == rows > 0
-        assert files[n_buckets].schema == pl.Schema(PAIRS_SCHEMA)
-    one, four = files[1], files[4]
+        parts = [
+            build_pairs(
+                df.filter(pl.col("user_idx") % n_buckets == b), split, STRATEGIES,
+                n_items=n_items, popularity=popularity, seed_salt=(b, n_buckets),
+            )
+            for b in range(n_buckets)
+        ]
+        built[n_buckets] = pl.concat(parts)
+        assert built[n_buckets].height > 0
+        assert built[n_buckets].schema == pl.Schema(PAIRS_SCHEMA)
+    one, four = built[1], built[4]
     key = ["user_idx", "chosen", "context", "source", "timestamp", "weight"]
     assert one.select(key).sort(key).equals(four.select(key).sort(key))
     impressions = pl.col("source") == "impressions"  # nothing sampled: equal rejected too
     assert one.filter(impressions).sort(key).equals(four.filter(impressions).sort(key))
     assert set(one["source"]) == set(STRATEGIES)
-    assert one.equals(build_pairs(df, split, STRATEGIES, n_items=n_items))
 
 
 def test_build_pairs_errors():

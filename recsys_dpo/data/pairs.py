@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
 from recsys_dpo.data.schema import ITEM_IDX, PAD_ITEM, PAIRS_SCHEMA, USER_IDX
 from recsys_dpo.data.sequences import (
@@ -337,55 +335,27 @@ def _run_strategy(
     return STRATEGIES[name](df, split, **call)
 
 
-def _build(
+def build_pairs(
     df: pl.DataFrame,
     split: str,
     strategies: Mapping[str, Mapping[str, Any]],
-    shared: Mapping[str, Any],
+    *,
+    n_items: int,
+    popularity: np.ndarray | None = None,
     seed_salt: tuple[int, ...] = (),
 ) -> pl.DataFrame:
+    """Run each named strategy (`STRATEGIES`) with its kwargs; their pairs, concatenated.
+
+    Every strategy is per user, so `df` may hold one bucket of the users (the prepare stage's
+    bounded-memory path). Then pass the whole log's `popularity` (`item_popularity`), so the
+    sampler sees the same counts in every bucket, and `seed_salt=(bucket, n_buckets)`, so each
+    bucket draws its own reproducible stream.
+    """
+    if popularity is None:
+        popularity = item_popularity(df, split, n_items)
+    shared = {"n_items": n_items, "popularity": popularity}
     frames = [
         _run_strategy(df, split, name, kwargs, shared, seed_salt)
         for name, kwargs in strategies.items()
     ]
     return pl.concat([pl.DataFrame(schema=PAIRS_SCHEMA), *frames])
-
-
-def build_pairs(
-    df: pl.DataFrame, split: str, strategies: Mapping[str, Mapping[str, Any]], *, n_items: int
-) -> pl.DataFrame:
-    """Run each named strategy (`STRATEGIES`) with its kwargs; their pairs, concatenated."""
-    return _build(df, split, strategies, {"n_items": n_items})
-
-
-def write_pairs(
-    df: pl.DataFrame,
-    path: str | Path,
-    split: str,
-    strategies: Mapping[str, Mapping[str, Any]],
-    *,
-    n_items: int,
-    n_buckets: int = 1,
-) -> int:
-    """Write the pairs of `split` to one parquet file at `path`; returns the number of rows.
-
-    Memory stays bounded by one bucket's pairs: users are processed in `n_buckets` buckets
-    (user_idx % n_buckets), each appended as row groups. Every strategy is per user, and the
-    popularity sampler's counts are taken once over the whole frame, so the rows are the same
-    for any bucket count except for which negatives are sampled: bucket b of n > 1 seeds with
-    SeedSequence((seed, b, n)); n_buckets=1 uses the seed as given and equals `build_pairs`.
-    """
-    if n_buckets < 1:
-        raise DataError(f"write_pairs: n_buckets must be >= 1, got {n_buckets}")
-    shared = {"n_items": n_items, "popularity": item_popularity(df, split, n_items)}
-    schema = pl.DataFrame(schema=PAIRS_SCHEMA).to_arrow().schema
-    rows = 0
-    with pq.ParquetWriter(path, schema) as writer:
-        for bucket in range(n_buckets):
-            part = df.filter(pl.col(USER_IDX) % n_buckets == bucket)
-            salt = (bucket, n_buckets) if n_buckets > 1 else ()
-            pairs = _build(part, split, strategies, shared, salt)
-            if pairs.height:
-                writer.write_table(pairs.to_arrow().cast(schema))
-                rows += pairs.height
-    return rows

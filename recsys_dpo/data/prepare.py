@@ -7,26 +7,42 @@ The output directory (DESIGN.md, "Data contracts") holds `vocab_items.parquet`,
 each split), `pairs_{train,valid,test}.parquet`, and `manifest.json`, written last. The whole
 directory is built in a temporary sibling and renamed into place, so a failure leaves no
 dataset behind and never clobbers a previous good one.
+
+Bounded memory: with `n_buckets > 1` the log is first streamed to disk in user-hash buckets
+(polars' streaming sink), then each bucket is validated, encoded, split and turned into pairs
+on its own. Every step is per user except the vocabulary, the temporal cut times and the
+popularity counts of the negative sampler, which are computed over all buckets from disk. Peak
+memory is then about one bucket, whatever the size of the log.
 """
 
+import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from recsys_dpo.artifacts import atomic_dir, config_hash, write_manifest
-from recsys_dpo.data.pairs import write_pairs
+from recsys_dpo.data.pairs import build_pairs, item_popularity
 from recsys_dpo.data.schema import SCHEMA_VERSION
-from recsys_dpo.data.splits import split_frame
-from recsys_dpo.data.validate import ValidationReport, validate
+from recsys_dpo.data.splits import SPLITS, split_frame, temporal_cuts
+from recsys_dpo.data.validate import (
+    ValidationReport,
+    check_columns,
+    check_rows_left,
+    merge_reports,
+    validate,
+)
 from recsys_dpo.data.vocab import build_vocab, encode
+from recsys_dpo.errors import DataError
 
-SPLITS = ("train", "valid", "test")
+BUCKET = "_bucket"
 
 
 @dataclass
@@ -39,7 +55,6 @@ class PrepareSummary:
     events: dict[str, int]
     pairs: dict[str, dict[str, int]]  # split -> source -> rows
     report: ValidationReport
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> Table:
         table = Table(title=f"prepared dataset: {self.out_dir}", show_header=True)
@@ -55,6 +70,58 @@ class PrepareSummary:
         for what, n in self.report.as_rows():
             table.add_row(what, f"{n:,}")
         return table
+
+
+def partition_by_user(
+    log: pl.LazyFrame, source: str, directory: Path, n_buckets: int
+) -> list[Path]:
+    """Stream the log to `directory` in user-hash buckets; one parquet folder per bucket.
+
+    Adds `seq`, the row's number in the whole log, first, so validation messages and the
+    event-order tie-break refer to the original rows.
+    """
+    check_columns(log.collect_schema().names(), source)
+    bucketed = log.with_row_index("seq").with_columns(
+        (pl.col("user_id").hash(seed=0) % n_buckets).alias(BUCKET)
+    )
+    try:
+        bucketed.sink_parquet(pl.PartitionBy(directory, key=BUCKET, include_key=False), mkdir=True)
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"{source}: cannot read the log: {exc}") from exc
+    return sorted(directory.glob(f"{BUCKET}=*"))
+
+
+class _Appender:
+    """Parquet files written one bucket at a time (row groups), schema fixed by the first."""
+
+    def __init__(self) -> None:
+        self.writers: dict[Path, pq.ParquetWriter] = {}
+
+    def write(self, path: Path, frame: pl.DataFrame) -> None:
+        table = frame.to_arrow()
+        if path not in self.writers:
+            self.writers[path] = pq.ParquetWriter(path, table.schema)
+        self.writers[path].write_table(table.cast(self.writers[path].schema))
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+def _split_kwargs(split: Mapping[str, Any], validated: pl.LazyFrame) -> dict[str, Any]:
+    """The split's arguments, with temporal cut times computed once over the whole log."""
+    kwargs = {k: v for k, v in split.items() if k != "kind"}
+    if split["kind"] == "temporal" and None in (
+        kwargs.get("valid_start"),
+        kwargs.get("test_start"),
+    ):
+        valid_start, test_start = temporal_cuts(
+            validated, kwargs.get("valid_frac", 0.1), kwargs.get("test_frac", 0.1)
+        )
+        kwargs.setdefault("valid_start", valid_start)
+        kwargs.setdefault("test_start", test_start)
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("valid_frac", "test_frac")}
+    return kwargs
 
 
 def prepare_dataset(
@@ -73,59 +140,117 @@ def prepare_dataset(
     """Run the prepare stage and write the dataset directory atomically (manifest last).
 
     `validation` is passed to `validate`, `split` to `split_frame` (its `kind` picks the
-    protocol), `pairs` maps strategy name -> its keyword arguments. `config` (the composed
-    hydra config, as plain data) is stored in the manifest together with its hash.
+    protocol), `pairs` maps strategy name -> its keyword arguments. `n_buckets > 1` bounds
+    memory (module docstring). `config` (the composed hydra config, as plain data) is stored in
+    the manifest together with its hash.
     """
+    if n_buckets < 1:
+        raise DataError(f"n_buckets must be >= 1, got {n_buckets}")
+    unknown = sorted(set(pair_splits) - set(SPLITS))
+    if unknown:
+        raise DataError(f"pair_splits: unknown split(s) {unknown}; expected some of {SPLITS}")
     out_dir = Path(out_dir)
     console = Console(stderr=True, quiet=not progress)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("validating log", total=4 + len(pair_splits))
-        df, report = validate(log, source, **validation)
-        bar.update(task, advance=1, description="building vocab")
-        vocab = build_vocab(df)
-        encoded = encode(df, vocab)
-        del df
-        bar.update(task, advance=1, description=f"splitting ({split['kind']})")
-        split_kwargs = {k: v for k, v in split.items() if k != "kind"}
-        encoded = split_frame(encoded, split["kind"], **split_kwargs)
-        events = {s: encoded.filter(pl.col("split") == s).height for s in SPLITS}
-        bar.update(task, advance=1, description="writing events")
-        pair_counts: dict[str, dict[str, int]] = {}
-        with atomic_dir(out_dir) as tmp:
-            vocab.save(tmp)
-            for s in SPLITS:
-                encoded.filter(pl.col("split") == s).write_parquet(tmp / f"{s}.parquet")
-            bar.update(task, advance=1)
-            for s in pair_splits:
-                bar.update(task, description=f"building pairs ({s})")
-                path = tmp / f"pairs_{s}.parquet"
-                write_pairs(encoded, path, s, pairs, n_items=vocab.n_items, n_buckets=n_buckets)
-                counts = pl.scan_parquet(path).group_by("source").len().collect()
-                pair_counts[s] = dict(zip(counts["source"], counts["len"], strict=True))
-                bar.update(task, advance=1)
-            summary = PrepareSummary(
-                out_dir=out_dir,
-                users=vocab.n_users,
-                items=vocab.n_items - 1,
-                events=events,
-                pairs=pair_counts,
-                report=report,
-            )
-            write_manifest(
-                tmp,
-                {
-                    "stage": "prepare",
-                    "schema_version": SCHEMA_VERSION,
-                    "source": source,
-                    "n_users": vocab.n_users,
-                    "n_items": vocab.n_items,
-                    "events": events,
-                    "pairs": pair_counts,
-                    "validation": dict(report.as_rows()),
-                    "config": dict(config or {}),
-                    "config_hash": config_hash(dict(config or {})),
-                },
-            )
-        bar.update(task, description="done")
+    with (
+        Progress(*columns, console=console) as bar,
+        atomic_dir(out_dir) as tmp,
+    ):
+        work = tmp / "_work"
+        work.mkdir()
+        if n_buckets == 1:
+            parts: list[pl.LazyFrame] = [log]
+        else:
+            bar.console.log(f"streaming the log into {n_buckets} user buckets")
+            folders = partition_by_user(log, source, work / "raw", n_buckets)
+            parts = [pl.scan_parquet(folder / "*.parquet") for folder in folders]
+        n = len(parts)
+        steps = bar.add_task("validating", total=3 * n)
+
+        reports = []
+        for b, part in enumerate(parts):
+            df, report = validate(part, source, partial=n_buckets > 1, **validation)
+            df.write_parquet(work / f"validated_{b}.parquet")
+            reports.append(report)
+            bar.advance(steps)
+        report = merge_reports(source, reports)
+        check_rows_left(report, validation.get("min_events_per_user", 1))
+        validated = pl.scan_parquet(work / "validated_*.parquet")
+        vocab = build_vocab(validated)
+        vocab.save(tmp)
+        split_kwargs = _split_kwargs(split, validated)
+
+        bar.update(steps, description=f"encoding + splitting ({split['kind']})")
+        popularity = {s: np.zeros(vocab.n_items, dtype=np.int64) for s in pair_splits}
+        events = dict.fromkeys(SPLITS, 0)
+        files = _Appender()
+        try:
+            for b in range(n):
+                df = encode(pl.read_parquet(work / f"validated_{b}.parquet"), vocab)
+                df = split_frame(df, split["kind"], **split_kwargs)
+                df.write_parquet(work / f"split_{b}.parquet")
+                for s in SPLITS:
+                    part = df.filter(pl.col("split") == s)
+                    events[s] += part.height
+                    files.write(tmp / f"{s}.parquet", part)
+                for s in pair_splits:
+                    popularity[s] += item_popularity(df, s, vocab.n_items)
+                bar.advance(steps)
+
+            bar.update(steps, description="building pairs")
+            for b in range(n):
+                df = pl.read_parquet(work / f"split_{b}.parquet")
+                salt = (b, n_buckets) if n_buckets > 1 else ()
+                for s in pair_splits:
+                    built = build_pairs(
+                        df,
+                        s,
+                        pairs,
+                        n_items=vocab.n_items,
+                        popularity=popularity[s],
+                        seed_salt=salt,
+                    )
+                    files.write(tmp / f"pairs_{s}.parquet", built)
+                bar.advance(steps)
+        finally:
+            files.close()
+        if not events["train"]:
+            raise DataError(f"split {split['kind']!r}: the train split is empty")
+        pair_counts = _count_pairs(tmp, pair_splits)
+        shutil.rmtree(work)
+
+        summary = PrepareSummary(
+            out_dir=out_dir,
+            users=vocab.n_users,
+            items=vocab.n_items - 1,
+            events=events,
+            pairs=pair_counts,
+            report=report,
+        )
+        write_manifest(
+            tmp,
+            {
+                "stage": "prepare",
+                "schema_version": SCHEMA_VERSION,
+                "source": source,
+                "n_users": vocab.n_users,
+                "n_items": vocab.n_items,
+                "events": events,
+                "pairs": pair_counts,
+                "validation": dict(report.as_rows()),
+                "n_buckets": n_buckets,
+                "config": dict(config or {}),
+                "config_hash": config_hash(dict(config or {})),
+            },
+        )
+        bar.update(steps, description="done")
     return summary
+
+
+def _count_pairs(directory: Path, pair_splits: Sequence[str]) -> dict[str, dict[str, int]]:
+    counts = {}
+    for s in pair_splits:
+        by_source = pl.scan_parquet(directory / f"pairs_{s}.parquet").group_by("source").len()
+        frame = by_source.sort("source").collect()
+        counts[s] = dict(zip(frame["source"], frame["len"], strict=True))
+    return counts

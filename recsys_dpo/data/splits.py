@@ -6,7 +6,7 @@ each row lies in exactly one split.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import polars as pl
@@ -58,9 +58,9 @@ def leave_one_out(df: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _request_time(df: pl.DataFrame) -> pl.Expr:
+def _request_time(columns: Sequence[str]) -> pl.Expr:
     """A row's split time: its request's first timestamp, so a request never straddles a cut."""
-    if "request_id" not in df.columns:
+    if "request_id" not in columns:
         return pl.col("timestamp")
     return (
         pl.when(pl.col("request_id").is_null())
@@ -76,6 +76,29 @@ def _cut(sorted_times: np.ndarray, frac_after: float) -> int:
     return int(sorted_times[first_after]) if first_after < n else int(sorted_times[-1]) + 1
 
 
+def temporal_cuts(
+    lf: pl.LazyFrame, valid_frac: float = 0.1, test_frac: float = 0.1
+) -> tuple[int, int]:
+    """(valid_start, test_start): the times after which about valid_frac + test_frac and
+    test_frac of the rows fall, rows timed by their request's start.
+
+    Takes a LazyFrame so the prepare stage can compute the global cuts over all user buckets
+    on disk, holding only one Int64 column.
+    """
+    if not (valid_frac >= 0 and test_frac >= 0 and valid_frac + test_frac < 1):
+        raise DataError(
+            f"temporal split: need valid_frac, test_frac >= 0 with sum < 1, "
+            f"got {valid_frac}, {test_frac}"
+        )
+    times = np.sort(
+        lf.select(_request_time(lf.collect_schema().names()).alias("_t")).collect()["_t"].to_numpy()
+    )
+    if not len(times):
+        return 0, 0
+    test_start = _cut(times, test_frac)
+    return min(_cut(times, valid_frac + test_frac), test_start), test_start
+
+
 def temporal(
     df: pl.DataFrame,
     valid_frac: float = 0.1,
@@ -87,22 +110,15 @@ def temporal(
 
     t is the row's request start (the min timestamp of its request_id) when the log has
     requests, else its timestamp; so every train t < every valid t < every test t, and the rows
-    of one request share a split. A cut not given is the time after which about that fraction
-    of the rows fall (valid_frac + test_frac for valid_start).
+    of one request share a split. A cut not given comes from `temporal_cuts`.
     """
-    if not (valid_frac >= 0 and test_frac >= 0 and valid_frac + test_frac < 1):
-        raise DataError(
-            f"temporal split: need valid_frac, test_frac >= 0 with sum < 1, "
-            f"got {valid_frac}, {test_frac}"
-        )
-    out = df.with_columns(_request_time(df).alias("_t"))
-    times = np.sort(out["_t"].to_numpy())
-    if test_start is None:
-        test_start = _cut(times, test_frac) if len(times) else 0
-    if valid_start is None:
-        valid_start = min(_cut(times, valid_frac + test_frac), test_start) if len(times) else 0
+    if valid_start is None or test_start is None:
+        valid_cut, test_cut = temporal_cuts(df.lazy(), valid_frac, test_frac)
+        test_start = test_cut if test_start is None else test_start
+        valid_start = min(valid_cut, test_start) if valid_start is None else valid_start
     if valid_start > test_start:
         raise DataError(f"temporal split: valid_start {valid_start} > test_start {test_start}")
+    out = df.with_columns(_request_time(df.columns).alias("_t"))
     return out.with_columns(_assign(pl.col("_t"), valid_start, test_start)).drop("_t")
 
 

@@ -42,12 +42,12 @@ class ValidationReport:
         ]
 
 
-def _first_rows(mask: pl.Series) -> list[int]:
-    """The first few 0-based row numbers where `mask` is True."""
-    return mask.arg_true().head(SHOWN_ROWS).to_list()
+def _first_rows(df: pl.DataFrame, mask: pl.Series) -> list[int]:
+    """The first few 0-based row numbers (`seq`, the row in the whole log) where `mask` is True."""
+    return df["seq"].filter(mask).head(SHOWN_ROWS).to_list()
 
 
-def _check_columns(columns: list[str], source: str) -> None:
+def check_columns(columns: list[str], source: str) -> None:
     missing = [c for c in REQUIRED if c not in columns]
     if missing:
         raise DataError(
@@ -64,7 +64,7 @@ def _check_no_nulls(df: pl.DataFrame, names: Sequence[str], source: str) -> None
         if nulls.any():
             faults.append(
                 f"column {name!r} has {nulls.sum():,} null value(s), first at row(s) "
-                f"{_first_rows(nulls)}"
+                f"{_first_rows(df, nulls)}"
             )
     if faults:
         raise DataError(f"{source}: " + "; ".join(faults) + " (rows are 0-based)")
@@ -75,8 +75,8 @@ def _converted(df: pl.DataFrame, name: str, expr: pl.Expr, source: str, expected
     out = df.select(expr.alias(name)).to_series()
     bad = out.is_null() & df[name].is_not_null()
     if bad.any():
-        rows = _first_rows(bad)
-        values = df[name].gather(rows).to_list()
+        rows = _first_rows(df, bad)
+        values = df[name].filter(bad).head(SHOWN_ROWS).to_list()
         shown = ", ".join(f"row {r}: {v!r}" for r, v in zip(rows, values, strict=True))
         raise DataError(
             f"{source}: column {name!r} has {bad.sum():,} value(s) that are not {expected} "
@@ -161,6 +161,7 @@ def validate(
     min_events_per_user: int = 1,
     positive_events: Sequence[str] = POSITIVE_EVENTS,
     timestamp_format: str | None = None,
+    partial: bool = False,
 ) -> tuple[pl.DataFrame, ValidationReport]:
     """Check and normalise a canonical click log; rows stay in their original order.
 
@@ -168,13 +169,20 @@ def validate(
     columns present, with `schema.CANONICAL_DTYPES`. Duplicates are rows equal on user_id,
     item_id, timestamp and, when present, request_id and event (the first is kept). Users with
     fewer than `min_events_per_user` positive (clicked) events are dropped with all their rows.
+
+    `partial=True` validates one user bucket of a larger log (the prepare stage's bounded-memory
+    path): the input carries `seq`, its rows' numbers in the whole log, which error messages
+    quote, and an empty result is returned, not refused; the caller checks the merged report
+    with `check_rows_left`.
     """
     try:
-        _check_columns(lf.collect_schema().names(), source)
+        check_columns(lf.collect_schema().names(), source)
         raw = lf.collect()
     except pl.exceptions.PolarsError as exc:
         raise DataError(f"{source}: cannot read the log: {exc}") from exc
-    if raw.height == 0:
+    if "seq" not in raw.columns or not partial:
+        raw = raw.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("seq"))
+    if raw.height == 0 and not partial:
         raise DataError(f"{source}: no rows")
     _check_no_nulls(raw, REQUIRED, source)
 
@@ -184,7 +192,7 @@ def validate(
             raw["item_id"].cast(pl.Utf8),
             _timestamps(raw, timestamp_format, source),
             _clicked(raw, positive_events, source),
-            pl.Series("seq", range(raw.height), dtype=pl.Int64),
+            raw["seq"].cast(pl.Int64),
             *_optional_columns(raw, source),
         ]
     )
@@ -204,13 +212,6 @@ def validate(
     short = positives.filter(pl.col("n") < min_events_per_user)["user_id"]
     before = df.height
     df = df.filter(~pl.col("user_id").is_in(short.implode()))
-    if df.height == 0:
-        raise DataError(
-            f"{source}: no rows left: all {positives.height:,} user(s) have fewer than "
-            f"min_events_per_user={min_events_per_user} positive events "
-            f"(after dropping {duplicates:,} duplicate rows); lower min_events_per_user or "
-            "check the clicked/event column"
-        )
     report = ValidationReport(
         source=source,
         rows_in=rows_in,
@@ -219,4 +220,31 @@ def validate(
         short_users_dropped=short.len(),
         short_user_rows_dropped=before - df.height,
     )
+    if not partial:
+        check_rows_left(report, min_events_per_user)
     return df, report
+
+
+def merge_reports(source: str, reports: Sequence[ValidationReport]) -> ValidationReport:
+    """One report for a log validated in buckets: the counts summed."""
+    return ValidationReport(
+        source=source,
+        rows_in=sum(r.rows_in for r in reports),
+        rows_out=sum(r.rows_out for r in reports),
+        duplicates_dropped=sum(r.duplicates_dropped for r in reports),
+        short_users_dropped=sum(r.short_users_dropped for r in reports),
+        short_user_rows_dropped=sum(r.short_user_rows_dropped for r in reports),
+    )
+
+
+def check_rows_left(report: ValidationReport, min_events_per_user: int) -> None:
+    """DataError if the log was empty, or if dropping left no rows, saying why."""
+    if report.rows_in == 0:
+        raise DataError(f"{report.source}: no rows")
+    if report.rows_out == 0:
+        raise DataError(
+            f"{report.source}: no rows left: all {report.short_users_dropped:,} user(s) have "
+            f"fewer than min_events_per_user={min_events_per_user} positive events "
+            f"(after dropping {report.duplicates_dropped:,} duplicate rows); lower "
+            "min_events_per_user or check the clicked/event column"
+        )

@@ -73,19 +73,25 @@ def _check_contiguous(idx: pl.Series, first: int, where: str) -> None:
         raise DataError(f"{where}: column {idx.name} must hold {first}..{first + idx.len() - 1}")
 
 
-def build_vocab(df: pl.DataFrame) -> Vocab:
-    """Index the items by (positive count desc, item_id asc) from 1, the users by user_id from 0."""
+def build_vocab(df: pl.DataFrame | pl.LazyFrame) -> Vocab:
+    """Index the items by (positive count desc, item_id asc) from 1, the users by user_id from 0.
+
+    A LazyFrame (e.g. a scan of the validated buckets) is aggregated without loading the log.
+    """
+    lf = df.lazy()
     items = (
-        df.group_by("item_id")
+        lf.group_by("item_id")
         .agg(pl.col("clicked").sum().cast(pl.Int64).alias("count"))
         .sort(["count", "item_id"], descending=[True, False])
         .with_columns(pl.int_range(PAD_ITEM + 1, pl.len() + 1, dtype=pl.Int32).alias(ITEM_IDX))
         .select(list(ITEMS_SCHEMA))
+        .collect()
     )
     users = (
-        df.select(pl.col("user_id").unique().sort())
+        lf.select(pl.col("user_id").unique().sort())
         .with_columns(pl.int_range(pl.len(), dtype=pl.Int32).alias(USER_IDX))
         .select(list(USERS_SCHEMA))
+        .collect()
     )
     return Vocab(items=items, users=users)
 
