@@ -1,0 +1,21 @@
+"""Stage 3 of the pipeline: fine-tune a reference under a DPO-family objective.
+
+    python pipelines/train_preference.py reference.ckpt=<path>          # DPO, beta 0.1
+    python pipelines/train_preference.py reference.ckpt=<path> objective=sdpo objective.beta=0.1
+    python pipelines/train_preference.py reference.ckpt=<path> reference.precompute=true
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from recsys_dpo.stage import exits_cleanly_on_bad_input
+from recsys_dpo.training.run import train_preference
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    exits_cleanly_on_bad_input(train_preference)(cfg)
+
+
+if __name__ == "__main__":
+    main()

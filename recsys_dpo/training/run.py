@@ -1,0 +1,264 @@
+"""The training stages as library functions: a composed hydra config -> a finished run directory.
+
+    train_reference(cfg)   stage 1: a next-item loss (`objective.stage: reference`); with
+                           `mode=continue` the compute-matched control (DESIGN.md, "Evaluation")
+    train_preference(cfg)  stage 2: a DPO-family objective against `reference.ckpt`
+
+Both seed everything, build the DataModule from `cfg.paths.prepared`, instantiate
+`cfg.trainer` with a checkpoint callback (best by val/ndcg@k and last) and an MLflow logger,
+fit (resuming from `cfg.ckpt_path` when given), and write `result.json` beside the checkpoints
+in `<paths.runs>/<stage>/<model>-<objective>-<config hash>/`. Bad settings (an objective of the
+other stage, an unusable reference checkpoint) raise `DataError` before any training, so the
+entry points print one clear message and exit 2.
+"""
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch import LightningDataModule, LightningModule, seed_everything
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from recsys_dpo.artifacts import config_hash
+from recsys_dpo.data.datamodule import (
+    TRAIN_MODE,
+    PairDataModule,
+    RowsDataset,
+    SequenceDataModule,
+)
+from recsys_dpo.errors import DataError
+from recsys_dpo.models import Recommender
+from recsys_dpo.objectives.catalog import log_softmax_catalog
+from recsys_dpo.stage import plain
+from recsys_dpo.training.callbacks import StepSeed
+from recsys_dpo.training.preference_module import PreferenceModule, gather_logps
+from recsys_dpo.training.reference_module import (
+    ReferenceModule,
+    load_model,
+    model_weights,
+    read_checkpoint,
+)
+
+# Settings that change how a run is watched or resumed, not what it trains: a resumed run
+# keeps its directory, and turning MLflow off does not start a new one.
+UNHASHED = ("ckpt_path", "progress", "tracking")
+
+
+@contextmanager
+def bad_setting(what: str) -> Iterator[None]:
+    """Re-raise a constructor's ValueError / FileNotFoundError about `what` as a DataError,
+    so the entry point reports it as bad input (one message, exit 2), not as a crash."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as err:
+        raise DataError(f"{what}: {err}") from err
+
+
+def require_stage(cfg: DictConfig, stage: str) -> None:
+    """Refuse an objective of the other stage (e.g. train_reference with objective=dpo)."""
+    if cfg.objective.stage != stage:
+        script = f"pipelines/train_{cfg.objective.stage}.py"
+        raise DataError(
+            f"objective={cfg.objective.name} is a {cfg.objective.stage}-stage objective, but "
+            f"this is the {stage} stage: use {script}, or pick a {stage} objective"
+        )
+
+
+def require_reference(cfg: DictConfig, n_items: int, n_users: int) -> dict[str, Any]:
+    """The model spec of `reference.ckpt`, checked against the data's vocab sizes."""
+    path = cfg.reference.ckpt
+    if path is None:
+        raise DataError(
+            "reference.ckpt is not set: pass reference.ckpt=<a checkpoint written by "
+            "pipelines/train_reference.py on this dataset>"
+        )
+    with bad_setting(f"reference.ckpt={path}"):
+        spec, _ = model_weights(read_checkpoint(path))
+    for name, expected in (("n_items", n_items), ("n_users", n_users)):
+        if spec["config"].get(name) != expected:
+            raise DataError(
+                f"reference.ckpt={path} was trained on data with {name}="
+                f"{spec['config'].get(name)}, but {cfg.paths.prepared} has {name}={expected}: "
+                "train the reference on this prepared dataset"
+            )
+    return spec
+
+
+def run_dir(cfg: DictConfig, stage: str, name: str) -> Path:
+    """`<paths.runs>/<stage>/<name>-<hash of the config that decides training>`, name being
+    `<model>-<objective>`."""
+    config = {k: v for k, v in plain(cfg).items() if k not in UNHASHED}
+    return Path(cfg.paths.runs) / stage / f"{name}-{config_hash(config)}"
+
+
+def mlflow_logger(cfg: DictConfig, run_name: str) -> MLFlowLogger | bool:
+    """Lightning's MLFlowLogger with the seed and the whole resolved config as (flattened)
+    params and the config as a YAML artifact; False (no logger) when tracking is disabled."""
+    if not cfg.tracking.enabled:
+        return False
+    logger = MLFlowLogger(
+        experiment_name=cfg.tracking.experiment,
+        tracking_uri=cfg.tracking.uri,
+        run_name=run_name,
+    )
+    logger.log_hyperparams(plain(cfg))
+    logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    return logger
+
+
+def fit(
+    cfg: DictConfig, module: LightningModule, data: LightningDataModule, out: Path, run_name: str
+) -> Path:
+    """Fit with checkpoints (best by val/ndcg@k, and last) in `out`; write `result.json`."""
+    monitor = f"val/ndcg@{cfg.train.k}"
+    checkpoint = ModelCheckpoint(
+        dirpath=out,
+        filename="best-epoch={epoch}-step={step}",
+        auto_insert_metric_name=False,
+        monitor=monitor,
+        mode="max",
+        save_top_k=1,
+        save_last=True,
+    )
+    callbacks: list[Callback] = [StepSeed(cfg.seed), checkpoint]
+    if cfg.progress:
+        callbacks.append(RichProgressBar())
+    logger = mlflow_logger(cfg, run_name)
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=out,
+        enable_progress_bar=cfg.progress,
+        enable_model_summary=cfg.progress,
+    )
+    trainer.fit(module, data, ckpt_path=cfg.ckpt_path)
+    best = checkpoint.best_model_score
+    result = {
+        "run": run_name,
+        "best_ckpt": checkpoint.best_model_path or None,
+        monitor: None if best is None else float(best),
+        "last_ckpt": checkpoint.last_model_path or None,
+        "seed": cfg.seed,
+        "mlflow_run_id": logger.run_id if logger else None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    Console(quiet=not cfg.progress).print(
+        f"[bold]{run_name}[/]: best {monitor} = {result[monitor]} -> {result['best_ckpt']}",
+        highlight=False,
+    )
+    return out
+
+
+def reference_settings(cfg: DictConfig, n_items: int, n_users: int) -> dict[str, Any]:
+    """ReferenceModule kwargs: a fresh model from cfg.model and cfg.objective, or (continue)
+    the reference checkpoint's own model and loss, started from its weights."""
+    if cfg.mode == "fresh":
+        model_cfg = plain(cfg.model)
+        objective = plain(cfg.objective)
+        return {
+            "model_name": model_cfg.pop("name"),
+            "model_cfg": model_cfg,
+            "loss": objective["name"],
+            "num_negatives": objective.get("num_negatives", 100),
+        }
+    if cfg.mode != "continue":
+        raise DataError(f"mode={cfg.mode}: expected 'fresh' or 'continue'")
+    require_reference(cfg, n_items, n_users)
+    saved = read_checkpoint(cfg.reference.ckpt).get("hyper_parameters", {})
+    keep = ("model_name", "model_cfg", "loss", "num_negatives", "gbce_t")
+    return {**{k: saved[k] for k in keep if k in saved}, "init_from": str(cfg.reference.ckpt)}
+
+
+def train_reference(cfg: DictConfig) -> Path:
+    """Stage 1: train (or, mode=continue, train further) a reference ranker; the run dir."""
+    require_stage(cfg, "reference")
+    seed_everything(cfg.seed, workers=True)
+    model_name = cfg.model.name
+    if cfg.mode == "continue" and cfg.reference.ckpt is not None:
+        with bad_setting(f"reference.ckpt={cfg.reference.ckpt}"):
+            model_name = model_weights(read_checkpoint(cfg.reference.ckpt))[0]["name"]
+    data = SequenceDataModule(
+        cfg.paths.prepared,
+        max_len=cfg.data.max_len,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.seed,
+        mode=TRAIN_MODE[model_name],
+        num_workers=cfg.train.num_workers,
+    )
+    settings = reference_settings(cfg, data.n_items, data.n_users)
+    with bad_setting(f"model={model_name} objective={settings['loss']}"):
+        module = ReferenceModule(
+            **settings,
+            n_items=data.n_items,
+            n_users=data.n_users,
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            k=cfg.train.k,
+        )
+    name = f"{model_name}-{settings['loss']}" + ("-continue" if cfg.mode == "continue" else "")
+    return fit(cfg, module, data, run_dir(cfg, "reference", name), f"reference/{name}")
+
+
+@torch.no_grad()
+def attach_reference_logps(rows: RowsDataset, reference: Recommender, batch_size: int) -> None:
+    """Add `ref_chosen` [N] and `ref_rejected` [N, K] (log pi_ref, full catalog) to pair rows,
+    so the preference module needs no reference model (precompute=true). Padded rejected slots
+    get the chosen item's value, as the live path computes them."""
+    chosen, rejected = [], []
+    for start in range(0, len(rows), batch_size):
+        batch = rows.__getitems__(list(range(start, min(start + batch_size, len(rows)))))
+        mask = batch["rejected"] != 0
+        logp = log_softmax_catalog(reference.full_scores(batch))
+        chosen.append(gather_logps(logp, batch["chosen"]))
+        slots = torch.where(mask, batch["rejected"], batch["chosen"].unsqueeze(1))
+        rejected.append(gather_logps(logp, slots))
+    rows.columns["ref_chosen"] = torch.cat(chosen)
+    rows.columns["ref_rejected"] = torch.cat(rejected)
+
+
+def train_preference(cfg: DictConfig) -> Path:
+    """Stage 2: fine-tune the reference of `reference.ckpt` under `cfg.objective`; the run dir."""
+    require_stage(cfg, "preference")
+    seed_everything(cfg.seed, workers=True)
+    data = PairDataModule(
+        cfg.paths.prepared,
+        max_len=cfg.data.max_len,
+        max_negatives=cfg.train.max_negatives,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.seed,
+        num_workers=cfg.train.num_workers,
+    )
+    spec = require_reference(cfg, data.n_items, data.n_users)
+    objective = plain(cfg.objective)
+    with bad_setting(f"objective={objective['name']}"):
+        module = PreferenceModule(
+            str(cfg.reference.ckpt),
+            data.n_items,
+            data.n_users,
+            objective=objective["name"],
+            beta=objective.get("beta", 0.1),
+            label_smoothing=objective.get("label_smoothing", 0.0),
+            gamma=objective.get("gamma", 0.0),
+            sft_alpha=objective.get("sft_alpha", 0.0),
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            precompute=cfg.reference.precompute,
+            k=cfg.train.k,
+        )
+    if cfg.reference.precompute:
+        data.setup()
+        reference = load_model(cfg.reference.ckpt, dropout=0.0)
+        for rows in (data.train_set, data.valid_pairs):
+            if rows is not None:
+                attach_reference_logps(rows, reference, cfg.train.batch_size)
+    name = f"{spec['name']}-{objective['name']}"
+    return fit(cfg, module, data, run_dir(cfg, "preference", name), f"preference/{name}")
