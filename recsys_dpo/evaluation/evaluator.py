@@ -1,0 +1,507 @@
+"""Offline evaluation of one model, and of a policy against its reference (DESIGN.md, "Evaluation").
+
+Protocol, for split S in {valid, test} of a prepared dataset:
+
+- the queries are the users with a positive in S; their targets are those positives (one item
+  under leave-one-out, every positive of the window under a temporal split);
+- a user's history is their positives in the splits before S (train; train + valid for test), in
+  event order; the model's query context is its last `max_len` items, so nothing at or after the
+  held-out event is ever seen by the model;
+- the whole catalog is ranked by faiss inner-product search over `item_embeddings()` (exact by
+  default), the history items removed ("seen"), except items that are themselves targets: a
+  re-consumed item must stay rankable. Never sampled metrics.
+
+Per user: HR@K, Recall@K, NDCG@K for every K, MRR within the top max(K) list, and the entropy of
+pi(.|u) = softmax s(u, .) over the catalog. Aggregates add coverage, average popularity, Gini and
+tail share of the top-K lists (popularity = train positives); impression-level AUC / MRR /
+nDCG@5/10 when S has request_id; preference accuracy on the split's pairs.
+
+`compare` evaluates policy and reference on the same queries and adds per-user deltas with paired
+bootstrap CIs, the exact KL(policy || reference) per user, and the mean implicit-reward margin
+(s_pol - s_ref)(chosen) - (s_pol - s_ref)(rejected) on the pairs (the log-partitions cancel within
+a context, so score differences are log-probability differences).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from rich.progress import track
+from torch import Tensor
+
+from recsys_dpo.data.datamodule import PreparedDataset, Ragged, load_prepared
+from recsys_dpo.data.schema import ITEM_IDX, PAD_ITEM, USER_IDX
+from recsys_dpo.data.sequences import EVENT_ORDER
+from recsys_dpo.errors import DataError
+from recsys_dpo.evaluation import metrics
+from recsys_dpo.models.base import Recommender
+from recsys_dpo.objectives.catalog import chunked_kl_entropy
+from recsys_dpo.retrieval.index import build_index, search
+
+SPLITS_BEFORE = {"valid": ("train",), "test": ("train", "valid")}
+IMPRESSION_NDCG_K = (5, 10)
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """How the catalog is searched (`recsys_dpo.retrieval.index.build_index` arguments)."""
+
+    index: str = "flat"
+    nlist: int | None = None
+    nprobe: int = 16
+    use_gpu: bool | None = None
+
+
+@dataclass(frozen=True)
+class Queries:
+    """The ranking queries of one split, one row per user with a positive in it, by user_idx."""
+
+    split: str
+    user_idx: np.ndarray  # [U] int64
+    history: Ragged  # each user's positives before the split, event order, all of them
+    targets: list[np.ndarray]  # [U] distinct positives in the split
+    seen: list[np.ndarray]  # [U] distinct history items that are not targets
+
+    def __len__(self) -> int:
+        return len(self.user_idx)
+
+    @property
+    def n_no_history(self) -> int:
+        return int(((self.history.ends - self.history.starts) == 0).sum())
+
+    def batch(self, rows: slice, max_len: int) -> dict[str, Tensor]:
+        """The model batch of rows: user_idx and the left-padded last `max_len` history items."""
+        index = torch.arange(len(self))[rows]
+        context = Ragged(self.history.values, self.history.starts, self.history.ends, max_len, True)
+        return {"user_idx": torch.from_numpy(self.user_idx[rows]), "context": context.take(index)}
+
+
+def _positives(data: PreparedDataset, splits: Sequence[str]) -> pl.DataFrame:
+    """user_idx, item_idx of the positives of `splits`, in (user, event) order."""
+    frames = [data.events(s).filter(pl.col("clicked")) for s in splits]
+    return (
+        pl.concat([f.select(USER_IDX, ITEM_IDX, *EVENT_ORDER) for f in frames])
+        .sort(USER_IDX, *EVENT_ORDER)
+        .select(pl.col(USER_IDX).cast(pl.Int64), pl.col(ITEM_IDX).cast(pl.Int64))
+    )
+
+
+def build_queries(data: PreparedDataset, split: str) -> Queries:
+    """The queries of `split` (see the module docstring); DataError if it has no positive."""
+    if split not in SPLITS_BEFORE:
+        raise DataError(f"eval.split={split!r}: expected one of {sorted(SPLITS_BEFORE)}")
+    targets = (
+        _positives(data, [split])
+        .group_by(USER_IDX, maintain_order=True)
+        .agg(pl.col(ITEM_IDX).unique(maintain_order=True).alias("targets"))
+    )
+    if targets.height == 0:
+        n_rows = data.events(split).height
+        raise DataError(
+            f"{data.path / f'{split}.parquet'}: the {split} split has no positive event "
+            f"(column clicked is never true in its {n_rows} rows): nothing to evaluate"
+        )
+    histories = (
+        _positives(data, SPLITS_BEFORE[split])
+        .group_by(USER_IDX, maintain_order=True)
+        .agg(pl.col(ITEM_IDX).alias("history"))
+    )
+    rows = targets.join(histories, on=USER_IDX, how="left").sort(USER_IDX).with_columns(
+        pl.col("history").fill_null(pl.lit([], dtype=pl.List(pl.Int64)))
+    )
+    rows = rows.with_columns(
+        seen=pl.col("history").list.unique().list.set_difference(pl.col("targets"))
+    )
+    return Queries(
+        split=split,
+        user_idx=rows[USER_IDX].to_numpy().astype(np.int64),
+        history=Ragged.from_lists(rows["history"], None, left=True),
+        targets=[np.asarray(t, dtype=np.int64) for t in rows["targets"].to_list()],
+        seen=[np.asarray(s, dtype=np.int64) for s in rows["seen"].to_list()],
+    )
+
+
+def check_model(model: Recommender, data: PreparedDataset, queries: Queries, what: str) -> None:
+    """DataError when the model was built for another catalog, or cannot embed some users."""
+    if model.n_items != data.n_items:
+        raise DataError(
+            f"{what} was trained with n_items={model.n_items}, but the dataset {data.path} has "
+            f"n_items={data.n_items} (manifest.json): evaluate it on the dataset it was trained on"
+        )
+    if model.config.get("use_user_id", False):
+        n_users = int(model.config["n_users"])
+        unknown = queries.user_idx[queries.user_idx >= n_users]
+        if len(unknown):
+            raise DataError(
+                f"{what} knows user_idx 0..{n_users - 1} (n_users={n_users}), but the "
+                f"{queries.split} split of {data.path} has {len(unknown)} user(s) beyond it "
+                f"(e.g. user_idx {unknown[:5].tolist()}; the dataset has n_users={data.n_users})"
+            )
+
+
+def check_k(k: Sequence[int], n_items: int) -> list[int]:
+    """The sorted distinct cut-offs; DataError unless 1 <= k <= the number of real items."""
+    ks = sorted({int(x) for x in k})
+    if not ks or ks[0] < 1 or ks[-1] > n_items - 1:
+        raise DataError(
+            f"eval.k={list(k)}: every k must lie in [1, {n_items - 1}] (the catalog has "
+            f"{n_items - 1} real items), got max k={max(k, default=None)}"
+        )
+    return ks
+
+
+def _batches(n: int, batch_size: int, progress: bool, what: str) -> Iterator[slice]:
+    starts = range(0, n, batch_size)
+    for start in track(starts, description=what, disable=not progress, transient=True):
+        yield slice(start, min(start + batch_size, n))
+
+
+@torch.no_grad()
+def embed_users(
+    model: Recommender, queries: Queries, batch_size: int = 1024, progress: bool = False
+) -> Tensor:
+    """User vectors [U, d] (float32, CPU) of the queries at their history context."""
+    device = next(model.parameters()).device
+    max_len = int(model.config["max_len"])
+    parts = []
+    for rows in _batches(len(queries), batch_size, progress, f"embedding users ({model.name})"):
+        batch = {k: v.to(device) for k, v in queries.batch(rows, max_len).items()}
+        parts.append(model.user_embeddings(batch).float().cpu())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def item_vectors(model: Recommender) -> Tensor:
+    """The catalog's vectors [N, d] (float32, CPU; row 0 padding)."""
+    return model.item_embeddings().float().cpu()
+
+
+def retrieve(
+    user_emb: Tensor,
+    item_emb: Tensor,
+    seen: Sequence[np.ndarray],
+    k: int,
+    retrieval: RetrievalConfig = RetrievalConfig(),
+    batch_size: int = 4096,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores [U, k], item ids [U, k]) of the full catalog by faiss, seen items removed."""
+    index = build_index(
+        item_emb.numpy(), kind=retrieval.index, nlist=retrieval.nlist,
+        nprobe=retrieval.nprobe, use_gpu=retrieval.use_gpu,
+    )  # fmt: skip
+    users = user_emb.numpy()
+    scores = np.empty((len(users), k), dtype=np.float32)
+    items = np.empty((len(users), k), dtype=np.int64)
+    for rows in _batches(len(users), batch_size, progress, "retrieving top-k"):
+        scores[rows], items[rows] = search(index, users[rows], k, seen[rows])
+    return scores, items
+
+
+def per_user_ranking(ranked: np.ndarray, targets: Sequence[np.ndarray], ks: Sequence[int]) -> dict:
+    """Per-user hr@k, recall@k, ndcg@k for each k, and mrr (within the ranked list) [U]."""
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        out[f"hr@{k}"] = metrics.hit_rate_at_k(ranked, targets, k)
+        out[f"recall@{k}"] = metrics.recall_at_k(ranked, targets, k)
+        out[f"ndcg@{k}"] = metrics.ndcg_at_k(ranked, targets, k)
+    out["mrr"] = metrics.mrr(ranked, targets)
+    return out
+
+
+def beyond_accuracy(
+    ranked: np.ndarray, ks: Sequence[int], item_counts: np.ndarray, head_fraction: float
+) -> dict[str, float]:
+    """coverage@k, avg_popularity@k, gini@k and tail_share@k of the top-k lists, each k."""
+    n_items = len(item_counts)
+    out = {}
+    for k in ks:
+        out[f"coverage@{k}"] = metrics.coverage_at_k(ranked, k, n_items)
+        out[f"avg_popularity@{k}"] = metrics.average_popularity(ranked, k, item_counts)
+        out[f"gini@{k}"] = metrics.gini_index(ranked, k, n_items)
+        out[f"tail_share@{k}"] = metrics.tail_share(ranked, k, item_counts, head_fraction)
+    return out
+
+
+def train_popularity(data: PreparedDataset) -> np.ndarray:
+    """Positives per item idx 0..n_items-1 in the train split (the popularity the model saw)."""
+    items = data.events("train").filter(pl.col("clicked"))[ITEM_IDX].to_numpy()
+    return np.bincount(items.astype(np.int64), minlength=data.n_items)[: data.n_items]
+
+
+def _gather_scores(
+    user_emb: Tensor, item_emb: Tensor, rows: np.ndarray, items: np.ndarray
+) -> np.ndarray:
+    """s(u, i) = <user_emb[row], item_emb[item]> for aligned rows and items (Recommender.score)."""
+    u, v = user_emb[torch.tensor(rows)], item_emb[torch.tensor(items)]
+    return (u * v).sum(-1).numpy().astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Impressions:
+    """The shown items of the split's requests that have a click: one row per shown item."""
+
+    request_id: np.ndarray  # [R] the request of each row
+    query_row: np.ndarray  # [R] the row of its user in `Queries`
+    item_idx: np.ndarray  # [R]
+    clicked: np.ndarray  # [R] bool
+
+    def __len__(self) -> int:
+        return len(self.item_idx)
+
+
+def build_impressions(data: PreparedDataset, queries: Queries) -> Impressions | None:
+    """The impression rows of the split (None without request_id). The user's context is the
+    query context: their positives before the split, so no click of the split leaks in."""
+    events = data.events(queries.split)
+    if "request_id" not in events.columns:
+        return None
+    rows = (
+        events.filter(pl.col("request_id").is_not_null())
+        .filter(pl.col("clicked").any().over("request_id"))
+        .select("request_id", pl.col(USER_IDX).cast(pl.Int64), pl.col(ITEM_IDX).cast(pl.Int64),
+                "clicked")  # fmt: skip
+    )
+    if rows.height == 0:
+        return None
+    query_row = np.searchsorted(queries.user_idx, rows[USER_IDX].to_numpy())
+    return Impressions(
+        request_id=rows["request_id"].to_numpy(),
+        query_row=query_row,
+        item_idx=rows[ITEM_IDX].to_numpy(),
+        clicked=rows["clicked"].to_numpy().astype(bool),
+    )
+
+
+def per_request_metrics(scores: np.ndarray, imp: Impressions) -> dict[str, np.ndarray]:
+    """auc, mrr, ndcg@5, ndcg@10 per request, in np.unique(request_id) order."""
+    out = {
+        "auc": metrics.impression_auc(scores, imp.clicked, imp.request_id),
+        "mrr": metrics.impression_mrr(scores, imp.clicked, imp.request_id),
+    }
+    for k in IMPRESSION_NDCG_K:
+        out[f"ndcg@{k}"] = metrics.impression_ndcg_at_k(scores, imp.clicked, imp.request_id, k)
+    return out
+
+
+@dataclass(frozen=True)
+class PairScores:
+    """A model's scores of the split's pairs: chosen [P], rejected [P, K] with mask [P, K]."""
+
+    chosen: np.ndarray
+    rejected: np.ndarray
+    mask: np.ndarray
+
+
+@torch.no_grad()
+def score_pairs(
+    model: Recommender, pairs: pl.DataFrame, batch_size: int = 1024, progress: bool = False
+) -> PairScores:
+    """Each pair's chosen and rejected items scored by the model at the pair's own context."""
+    device = next(model.parameters()).device
+    context = Ragged.from_lists(pairs["context"], int(model.config["max_len"]), left=True)
+    width = int(pairs["rejected"].list.len().max())
+    rejected = Ragged.from_lists(pairs["rejected"], width, left=False)
+    users = torch.from_numpy(pairs[USER_IDX].to_numpy().astype(np.int64))
+    chosen = torch.from_numpy(pairs["chosen"].to_numpy().astype(np.int64))
+    out_c = np.empty(len(users))
+    out_r = np.zeros((len(users), width))
+    mask = np.zeros((len(users), width), dtype=bool)
+    for rows in _batches(len(users), batch_size, progress, f"scoring pairs ({model.name})"):
+        index = torch.arange(len(users))[rows]
+        rej = rejected.take(index)
+        batch = {"user_idx": users[rows].to(device), "context": context.take(index).to(device)}
+        items = torch.cat([chosen[rows].unsqueeze(1), rej], dim=1).to(device)
+        scores = model.score(batch, items).double().cpu().numpy()
+        out_c[rows], out_r[rows], mask[rows] = scores[:, 0], scores[:, 1:], rej.numpy() != PAD_ITEM
+    return PairScores(out_c, out_r, mask)
+
+
+@dataclass
+class EvalResult:
+    """One model on one split. `per_user` has user_idx and one column per per-user metric,
+    `per_request` (impression logs) request_id and its metrics; `topk_*` [U, max k]."""
+
+    split: str
+    ks: list[int]
+    per_user: pl.DataFrame
+    aggregates: dict[str, float]
+    counts: dict[str, int]
+    topk_items: np.ndarray
+    topk_scores: np.ndarray
+    user_emb: Tensor
+    item_emb: Tensor
+    per_request: pl.DataFrame | None = None
+    pairs: PairScores | None = None
+
+
+def _entropy(user_emb: Tensor, item_emb: Tensor, chunk: int, batch_size: int) -> np.ndarray:
+    """Entropy of softmax_i <u, v_i> over the real items, per user, streamed over the catalog."""
+    parts = [
+        chunked_kl_entropy(user_emb[r], item_emb, user_emb[r], item_emb, chunk)[1]
+        for r in _batches(len(user_emb), batch_size, False, "")
+    ]
+    return torch.cat(parts).numpy().astype(np.float64)
+
+
+def _means(table: pl.DataFrame, key: str) -> dict[str, float]:
+    """Mean of each metric column over the rows that have it (NaN rows skipped)."""
+    return {c: metrics.user_mean(table[c].to_numpy())[0] for c in table.columns if c != key}
+
+
+def evaluate(
+    model: Recommender,
+    data: PreparedDataset | str | Path,
+    split: str = "test",
+    k: Sequence[int] = (10, 20, 50),
+    *,
+    retrieval: RetrievalConfig = RetrievalConfig(),
+    head_fraction: float = 0.2,
+    batch_size: int = 1024,
+    kl_chunk: int = 65536,
+    progress: bool = False,
+    queries: Queries | None = None,
+    what: str = "the model",
+) -> EvalResult:
+    """Evaluate `model` on `split` of a prepared dataset (protocol: module docstring).
+
+    Raises DataError for k outside [1, real items], a model of another catalog, users the model
+    cannot embed, or a split without positives.
+    """
+    data = data if isinstance(data, PreparedDataset) else load_prepared(data)
+    queries = queries if queries is not None else build_queries(data, split)
+    check_model(model, data, queries, what)
+    ks = check_k(k, data.n_items)
+    model.eval()
+    user_emb = embed_users(model, queries, batch_size, progress)
+    item_emb = item_vectors(model)
+    scores, ranked = retrieve(user_emb, item_emb, queries.seen, ks[-1], retrieval,
+                              batch_size, progress)  # fmt: skip
+    per_user = pl.DataFrame(
+        {USER_IDX: queries.user_idx, **per_user_ranking(ranked, queries.targets, ks),
+         "entropy": _entropy(user_emb, item_emb, kl_chunk, batch_size)}  # fmt: skip
+    )
+    aggregates = _means(per_user, USER_IDX)
+    aggregates |= beyond_accuracy(ranked, ks, train_popularity(data), head_fraction)
+    counts = {
+        "users": len(queries),
+        "users_no_history": queries.n_no_history,
+        "targets": int(sum(len(t) for t in queries.targets)),
+        "catalog_items": data.n_items - 1,
+    }
+    per_request = None
+    imp = build_impressions(data, queries)
+    if imp is not None:
+        imp_scores = _gather_scores(user_emb, item_emb, imp.query_row, imp.item_idx)
+        per_request = pl.DataFrame(
+            {"request_id": np.unique(imp.request_id), **per_request_metrics(imp_scores, imp)}
+        )
+        aggregates |= {f"impression/{c}": v for c, v in _means(per_request, "request_id").items()}
+        counts["requests"] = per_request.height
+    pair_scores = None
+    if data.has_pairs(split) and (pairs := data.pairs(split)).height:
+        pair_scores = score_pairs(model, pairs, batch_size, progress)
+        aggregates["preference_accuracy"] = metrics.preference_accuracy(
+            pair_scores.chosen, pair_scores.rejected, pair_scores.mask
+        )
+        counts["pairs"] = pairs.height
+    return EvalResult(split, ks, per_user, aggregates, counts, ranked, scores, user_emb,
+                      item_emb, per_request, pair_scores)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Delta:
+    """policy - reference of one metric: the mean paired difference and its bootstrap CI."""
+
+    mean: float
+    lo: float
+    hi: float
+
+    @property
+    def significant(self) -> bool:
+        """The CI excludes 0."""
+        return self.lo > 0 or self.hi < 0
+
+
+@dataclass
+class Comparison:
+    """Policy vs reference on the same queries. `per_user` joins both models' per-user metrics
+    (suffixes /policy, /reference), their deltas (/delta) and kl; `deltas` maps each per-user
+    (and `impression/` per-request) metric to its Delta."""
+
+    policy: EvalResult
+    reference: EvalResult
+    per_user: pl.DataFrame
+    deltas: dict[str, Delta]
+    aggregates: dict[str, float] = field(default_factory=dict)
+    ci: float = 0.95
+
+
+def _paired(
+    ref: pl.DataFrame, pol: pl.DataFrame, key: str, n_resamples: int, seed: int, ci: float
+) -> tuple[pl.DataFrame, dict[str, Delta]]:
+    """Both tables side by side with /delta columns, and the bootstrap Delta of each metric."""
+    names = [c for c in pol.columns if c != key]
+    table = pl.DataFrame({key: pol[key]})
+    deltas = {}
+    for name in names:
+        a, b = ref[name].to_numpy(), pol[name].to_numpy()
+        table = table.with_columns(
+            pl.Series(f"{name}/policy", b), pl.Series(f"{name}/reference", a),
+            pl.Series(f"{name}/delta", b - a),
+        )  # fmt: skip
+        if not np.isnan(b - a).all():
+            mean, lo, hi = metrics.paired_bootstrap_ci(a, b, n_resamples, seed, alpha=1 - ci)
+            deltas[name] = Delta(mean, lo, hi)
+    return table, deltas
+
+
+def compare(
+    policy: Recommender,
+    reference: Recommender,
+    data: PreparedDataset | str | Path,
+    split: str = "test",
+    k: Sequence[int] = (10, 20, 50),
+    n_resamples: int = 1000,
+    seed: int = 0,
+    *,
+    ci: float = 0.95,
+    **evaluate_kwargs: Any,
+) -> Comparison:
+    """Evaluate policy and reference on identical queries; paired bootstrap CIs of every
+    per-user (and per-request) metric difference, exact KL(policy || reference) per user, and
+    the mean implicit-reward margin on the split's pairs. `evaluate_kwargs` go to `evaluate`."""
+    data = data if isinstance(data, PreparedDataset) else load_prepared(data)
+    if policy.n_items != reference.n_items:
+        raise DataError(
+            f"the policy has n_items={policy.n_items} but the reference n_items="
+            f"{reference.n_items}: they were trained on different datasets"
+        )
+    run = dict(data=data, split=split, k=k, queries=build_queries(data, split), **evaluate_kwargs)
+    ref = evaluate(reference, what="the reference", **run)
+    pol = evaluate(policy, what="the policy", **run)
+    per_user, deltas = _paired(ref.per_user, pol.per_user, USER_IDX, n_resamples, seed, ci)
+    chunk = evaluate_kwargs.get("kl_chunk", 65536)
+    batch_size = evaluate_kwargs.get("batch_size", 1024)
+    kl = torch.cat([
+        chunked_kl_entropy(pol.user_emb[r], pol.item_emb, ref.user_emb[r], ref.item_emb, chunk)[0]
+        for r in _batches(len(pol.user_emb), batch_size, False, "")
+    ]).numpy().astype(np.float64)  # fmt: skip
+    per_user = per_user.with_columns(pl.Series("kl", kl))
+    aggregates = {"kl": float(kl.mean())}
+    if pol.per_request is not None and ref.per_request is not None:
+        _, request_deltas = _paired(ref.per_request, pol.per_request, "request_id",
+                                    n_resamples, seed, ci)  # fmt: skip
+        deltas |= {f"impression/{name}": d for name, d in request_deltas.items()}
+    if pol.pairs is not None and ref.pairs is not None:
+        aggregates["reward_margin"] = metrics.reward_margin_mean(
+            pol.pairs.chosen - ref.pairs.chosen, pol.pairs.rejected - ref.pairs.rejected,
+            pol.pairs.mask,
+        )  # fmt: skip
+    return Comparison(pol, ref, per_user, deltas, aggregates, ci)
