@@ -46,9 +46,9 @@ from recsys_dpo.training.reference_module import (
     read_checkpoint,
 )
 
-# Settings that change how a run is watched or resumed, not what it trains: a resumed run
-# keeps its directory, and turning MLflow off does not start a new one.
-UNHASHED = ("ckpt_path", "progress", "tracking")
+# Settings that change how a run is watched, resumed or evaluated, not what it trains: a
+# resumed run keeps its directory, and turning MLflow off does not start a new one.
+UNHASHED = ("ckpt_path", "progress", "tracking", "eval", "export", "force")
 
 
 @contextmanager
@@ -100,13 +100,16 @@ def run_dir(cfg: DictConfig, stage: str, name: str) -> Path:
 
 def mlflow_logger(cfg: DictConfig, run_name: str) -> MLFlowLogger | bool:
     """Lightning's MLFlowLogger with the seed and the whole resolved config as (flattened)
-    params and the config as a YAML artifact; False (no logger) when tracking is disabled."""
+    params and the config as a YAML artifact; False (no logger) when tracking is disabled.
+    `tracking.run_id` (set by the pipeline runner) logs into that existing run, e.g. a child
+    of the pipeline's parent run, instead of a new one."""
     if not cfg.tracking.enabled:
         return False
     logger = MLFlowLogger(
         experiment_name=cfg.tracking.experiment,
         tracking_uri=cfg.tracking.uri,
         run_name=run_name,
+        run_id=cfg.tracking.get("run_id"),
     )
     logger.log_hyperparams(plain(cfg))
     logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")

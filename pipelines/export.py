@@ -1,0 +1,46 @@
+"""Stage 5 of the pipeline alone: the A/B candidate bundle of an evaluated policy checkpoint.
+
+    python pipelines/export.py "export.ckpt='<policy.ckpt>'" export.evaluation=<eval dir> \
+        export.out=<bundle dir>
+
+The evaluation directory is the one `pipelines/evaluate.py` wrote for this checkpoint against its
+reference (metrics.json with CIs, topk.parquet); the dataset is `paths.prepared`. The bundle holds
+safetensors weights, model.json, vocab, user histories, a faiss index, the top-K lists and a
+model card (see recsys_dpo/export/bundle.py). `pipelines/run.py` runs this stage and also
+registers the bundle in MLflow.
+"""
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+from rich.console import Console
+
+from recsys_dpo.data.datamodule import load_prepared
+from recsys_dpo.errors import DataError
+from recsys_dpo.pipeline import export_bundle
+from recsys_dpo.stage import exits_cleanly_on_bad_input
+
+
+@exits_cleanly_on_bad_input
+def run(cfg: DictConfig) -> Path:
+    if cfg.export.ckpt is None or cfg.export.evaluation is None:
+        raise DataError("pass export.ckpt=<policy checkpoint> and export.evaluation=<the "
+                        "pipelines/evaluate.py output directory of that checkpoint>")  # fmt: skip
+    evaluation = Path(cfg.export.evaluation)
+    if not (evaluation / "metrics.json").is_file():
+        raise DataError(f"export.evaluation={evaluation}: no metrics.json (not an evaluation "
+                        "output directory, or an unfinished one)")  # fmt: skip
+    out = export_bundle(cfg, load_prepared(cfg.paths.prepared), str(cfg.export.ckpt), evaluation,
+                        Path(cfg.export.out))  # fmt: skip
+    Console().print(f"bundle written to [bold]{out}[/]", highlight=False)
+    return out
+
+
+@hydra.main(config_path="../conf", config_name="run", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""One command end to end: prepare -> reference -> preference -> evaluate -> export.
+
+`run_pipeline(cfg)` takes the config composed by `conf/run.yaml` (the root config plus a
+`pipeline` block and `force`) and runs each stage's library function on the previous stage's
+files. A stage is skipped when its output already exists for the same config hash (the prepared
+manifest, a training run directory's result.json, the evaluation and bundle manifests) unless
+`force=true`. MLflow gets one parent run per pipeline and one child per stage
+(`recsys_dpo.tracking.mlflow_utils`); the training stages log into their child through
+`tracking.run_id`. An unreachable tracking server stops the run before any work.
+
+The result (`PipelineResult`) is printed as a table, written as `pipeline_result.json` into the
+hydra job directory, and gathered by `SummaryCallback` into `summary.md` / `summary.json` at the
+end of a multirun sweep.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from rich.console import Console
+from rich.table import Table
+
+from recsys_dpo.artifacts import config_hash, read_manifest
+from recsys_dpo.data.datamodule import PreparedDataset, load_prepared
+from recsys_dpo.data.prepare import prepare_dataset
+from recsys_dpo.data.vocab import Vocab
+from recsys_dpo.errors import DataError
+from recsys_dpo.evaluation.evaluator import (
+    RetrievalConfig,
+    build_queries,
+    compare,
+    train_popularity,
+)
+from recsys_dpo.evaluation.report import summary_table, write_outputs
+from recsys_dpo.export.bundle import BundleModel, model_card, write_bundle
+from recsys_dpo.stage import plain
+from recsys_dpo.tracking.mlflow_utils import Tracker, check_reachable
+from recsys_dpo.training.reference_module import load_model
+from recsys_dpo.training.run import run_dir, train_preference, train_reference
+
+# Keys of conf/run.yaml that steer the runner only; the stages never see them.
+RUNNER_KEYS = ("pipeline", "force", "export")
+RESULT_FILE = "pipeline_result.json"
+
+
+@dataclass
+class PipelineResult:
+    """What one pipeline run produced: the candidate against its reference on the primary
+    metric (mean paired delta and CI), where everything went, and which stages ran."""
+
+    name: str
+    model: str
+    objective: str
+    beta: float | None
+    primary: str
+    reference: float
+    policy: float
+    delta: float
+    lo: float
+    hi: float
+    kl: float
+    candidate: bool
+    bundle: str
+    evaluation: str
+    parent_run_id: str | None
+    registered: str | None
+    ran: list[str]
+
+
+def stage_config(cfg: DictConfig, **updates: Any) -> DictConfig:
+    """A copy of cfg without the runner's keys, with dotted-key updates applied."""
+    out = OmegaConf.create({k: v for k, v in cfg.items() if k not in RUNNER_KEYS})
+    with open_dict(out):
+        for key, value in updates.items():
+            OmegaConf.update(out, key, value, merge=False)
+    return out
+
+
+def prepare_config(cfg: DictConfig) -> dict[str, Any]:
+    """What decides the prepared dataset (its manifest's config hash): data and seed only, so a
+    sweep over objectives reuses one dataset."""
+    return {"data": plain(cfg.data), "seed": cfg.seed}
+
+
+class Pipeline:
+    """The stages in order, each with its skip rule, tracked under one parent run."""
+
+    def __init__(self, cfg: DictConfig, tracker: Tracker, console: Console) -> None:
+        self.cfg = cfg
+        self.tracker = tracker
+        self.console = console
+        self.ran: list[str] = []
+
+    def _fresh(self, done: bool, stage: str, where: Path) -> bool:
+        """True when the stage must run; logs the skip otherwise."""
+        if done and not self.cfg.force:
+            self.console.print(f"[dim]{stage}: up to date, skipped ({where})[/]", highlight=False)
+            return False
+        self.ran.append(stage)
+        return True
+
+    def prepare(self) -> PreparedDataset:
+        cfg, out = self.cfg, Path(self.cfg.paths.prepared)
+        wanted = config_hash(prepare_config(cfg))
+        done = (out / "manifest.json").is_file() and read_manifest(out)["config_hash"] == wanted
+        with self.tracker.child("prepare") as run:
+            if self._fresh(done, "prepare", out):
+                reader = instantiate(cfg.data.reader, _partial_=True)
+                summary = prepare_dataset(
+                    reader(), source=str(cfg.data.reader.path), out_dir=out,
+                    validation=plain(cfg.data.validation), split=plain(cfg.data.split),
+                    pairs=plain(cfg.data.pairs), pair_splits=list(cfg.data.pair_splits),
+                    n_buckets=cfg.data.n_buckets, config=prepare_config(cfg),
+                    progress=cfg.progress,
+                )  # fmt: skip
+                self.console.print(summary.table())
+            self.tracker.set_tags(run, {"skipped": "prepare" not in self.ran})
+            data = load_prepared(out)
+            self.tracker.log_dataset(run, out, data.manifest)
+        return data
+
+    def train(self, stage: str, stage_cfg: DictConfig, name: str) -> dict[str, Any]:
+        """Run (or skip) one training stage; its result.json."""
+        out = run_dir(stage_cfg, stage, name)
+        done = (out / "result.json").is_file()
+        with self.tracker.child(stage) as run:
+            if self._fresh(done, stage, out):
+                with open_dict(stage_cfg):
+                    stage_cfg.tracking.run_id = run
+                out = (train_reference if stage == "reference" else train_preference)(stage_cfg)
+            result = json.loads((out / "result.json").read_text())
+            self.tracker.set_tags(run, {"skipped": stage not in self.ran, "run_dir": out,
+                                        "trained_in_run": result.get("mlflow_run_id")})  # fmt: skip
+        return result
+
+    def evaluate(self, data: PreparedDataset, policy: str, reference: str) -> Path:
+        """Policy vs reference on the test split (the evaluator's library), with its metrics,
+        report and plots on the child run."""
+        cfg = self.cfg
+        config = {**plain(cfg.eval), "ckpt": policy, "reference_ckpt": reference,
+                  "prepared": str(data.path), "seed": cfg.seed}  # fmt: skip
+        out = Path(cfg.eval.out_dir) / f"{Path(policy).parent.name}-{cfg.eval.split}"
+        done = (out / "manifest.json").is_file() and (
+            read_manifest(out).get("config_hash") == config_hash(config)
+        )
+        with self.tracker.child("evaluate") as run:
+            if self._fresh(done, "evaluate", out):
+                outcome = compare(
+                    load_model(policy), load_model(reference), data, split=cfg.eval.split,
+                    k=list(cfg.eval.k), n_resamples=cfg.eval.n_resamples, seed=cfg.seed,
+                    ci=cfg.eval.ci, retrieval=RetrievalConfig(cfg.eval.index, cfg.eval.nlist,
+                    cfg.eval.nprobe, cfg.eval.use_gpu), head_fraction=cfg.eval.head_fraction,
+                    batch_size=cfg.eval.batch_size, kl_chunk=cfg.eval.kl_chunk,
+                    progress=cfg.progress,
+                )  # fmt: skip
+                write_outputs(out, outcome, Vocab.load(data.path), train_popularity(data), config)
+                self.console.print(summary_table(outcome))
+            self.tracker.set_tags(run, {"skipped": "evaluate" not in self.ran})
+            self.tracker.log_metrics(
+                run, eval_metrics(json.loads((out / "metrics.json").read_text()))
+            )
+            self.tracker.log_artifacts(run, out, "evaluation")
+        return out
+
+    def export(
+        self, data: PreparedDataset, policy: str, evaluation: Path, better: bool
+    ) -> tuple[Path, str | None]:
+        """The candidate bundle, logged as a pyfunc model and registered; (bundle, version)."""
+        cfg = self.cfg
+        metrics = json.loads((evaluation / "metrics.json").read_text())
+        manifest = {
+            "policy_ckpt": policy,
+            "evaluation": str(evaluation),
+            "config_hash": config_hash([policy, metrics["config_hash"], better]),
+        }
+        out = Path(cfg.pipeline.bundle_dir) / Path(policy).parent.name
+        done = (out / "manifest.json").is_file() and (
+            read_manifest(out).get("config_hash") == manifest["config_hash"]
+        )
+        name = f"{cfg.pipeline.name}-{cfg.model.name}"
+        with self.tracker.child("export") as run:
+            if self._fresh(done, "export", out):
+                export_bundle(cfg, data, policy, evaluation, out, manifest)
+            self.tracker.set_tags(run, {"skipped": "export" not in self.ran, "bundle": out})
+            version = None
+            if run is not None:
+                info = _log_pyfunc(out, name)
+                version = str(info.registered_model_version)
+                self.tracker.mark_candidate(name, version, better)
+        return out, version
+
+
+def export_bundle(
+    cfg: DictConfig,
+    data: PreparedDataset,
+    policy: str,
+    evaluation: Path,
+    out: Path,
+    manifest: dict[str, Any] | None = None,
+) -> Path:
+    """Write the candidate bundle of the `policy` checkpoint, its evaluation directory
+    (metrics.json, topk.parquet) and prepared dataset into `out`."""
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    primary = cfg.pipeline.primary_metric
+    card = model_card(f"{cfg.pipeline.name}-{cfg.model.name}", plain(cfg.data),
+                      plain(cfg.objective), metrics, primary, decide(metrics, primary))  # fmt: skip
+    manifest = manifest or {"policy_ckpt": policy, "evaluation": str(evaluation)}
+    return write_bundle(out, load_model(policy), Vocab.load(data.path), user_histories(data),
+                        evaluation / "topk.parquet", card, manifest)  # fmt: skip
+
+
+def _log_pyfunc(bundle: Path, name: str) -> Any:
+    """Log the bundle as a pyfunc model on the active run and register it as `name`."""
+    import mlflow.pyfunc
+
+    # Explicit requirements: inferring them would start a subprocess that imports the model.
+    return mlflow.pyfunc.log_model(
+        name="candidate", python_model=BundleModel(), artifacts={"bundle": str(bundle)},
+        registered_model_name=name, pip_requirements=["recsys-dpo"],
+    )  # fmt: skip
+
+
+def eval_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """metrics.json -> flat MLflow metrics: <model>/<metric>, delta/<metric> with _lo/_hi."""
+    out = {
+        f"{role}/{n}": v for role, values in metrics["models"].items() for n, v in values.items()
+    }
+    out |= {f"comparison/{n}": v for n, v in metrics.get("comparison", {}).items()}
+    for name, d in metrics.get("deltas", {}).items():
+        out |= {
+            f"delta/{name}": d["mean"],
+            f"delta_lo/{name}": d["lo"],
+            f"delta_hi/{name}": d["hi"],
+        }
+    return out
+
+
+def user_histories(data: PreparedDataset) -> pl.DataFrame:
+    """user_id, history (item ids): each test user's positives before the test split, the
+    context the evaluator ranked them with."""
+    queries = build_queries(data, "test")
+    values = queries.history.values.numpy()
+    idx = [
+        values[s:e]
+        for s, e in zip(queries.history.starts.tolist(), queries.history.ends.tolist(), strict=True)
+    ]
+    vocab = Vocab.load(data.path)
+    item_ids = np.empty(vocab.n_items, dtype=object)
+    item_ids[vocab.items["item_idx"].to_numpy()] = vocab.items["item_id"].to_numpy()
+    users = vocab.users.sort("user_idx")["user_id"].to_numpy()
+    return pl.DataFrame({
+        "user_id": users[queries.user_idx].tolist(),
+        "history": [item_ids[h].tolist() for h in idx],
+    }, schema={"user_id": pl.Utf8, "history": pl.List(pl.Utf8)})  # fmt: skip
+
+
+def decide(metrics: dict[str, Any], primary: str) -> bool:
+    """The policy is a candidate when the lower CI bound of its paired delta on `primary` > 0."""
+    delta = metrics.get("deltas", {}).get(primary)
+    if delta is None:
+        raise DataError(f"pipeline.primary_metric={primary}: not among the evaluated deltas "
+                        f"{sorted(metrics.get('deltas', {}))}")  # fmt: skip
+    return delta["lo"] > 0
+
+
+def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResult:
+    """All five stages under one MLflow parent run (see the module docstring)."""
+    if cfg.tracking.enabled:
+        check_reachable(cfg.tracking.uri)
+    console = Console(quiet=not cfg.progress)
+    tracker = Tracker(cfg.tracking)
+    pipe = Pipeline(cfg, tracker, console)
+    name = f"{cfg.pipeline.name}-{cfg.model.name}-{cfg.objective.name}"
+    tags = {"pipeline": cfg.pipeline.name, "model": cfg.model.name, "objective": cfg.objective.name}
+    with tracker.parent(name, tags) as parent:
+        tracker.log_config(parent, cfg, list(overrides))
+        data = pipe.prepare()
+        tracker.log_dataset(parent, data.path, data.manifest)
+        ref_cfg = stage_config(cfg, objective=cfg.pipeline.reference.objective, mode="fresh",
+                               **{"trainer.max_epochs": cfg.pipeline.reference.max_epochs})  # fmt: skip
+        reference = pipe.train("reference", ref_cfg, f"{cfg.model.name}-{ref_cfg.objective.name}")
+        ref_ckpt = reference["best_ckpt"] or reference["last_ckpt"]
+        pref_cfg = stage_config(cfg, **{"reference.ckpt": ref_ckpt})
+        policy = pipe.train("preference", pref_cfg, f"{cfg.model.name}-{cfg.objective.name}")
+        pol_ckpt = policy["best_ckpt"] or policy["last_ckpt"]
+        evaluation = pipe.evaluate(data, pol_ckpt, ref_ckpt)
+        metrics = json.loads((evaluation / "metrics.json").read_text())
+        primary = cfg.pipeline.primary_metric
+        better = decide(metrics, primary)
+        bundle, version = pipe.export(data, pol_ckpt, evaluation, better)
+        delta = metrics["deltas"][primary]
+        result = PipelineResult(
+            name=cfg.pipeline.name, model=cfg.model.name, objective=cfg.objective.name,
+            beta=cfg.objective.get("beta"), primary=primary,
+            reference=metrics["models"]["reference"][primary],
+            policy=metrics["models"]["policy"][primary], delta=delta["mean"], lo=delta["lo"],
+            hi=delta["hi"], kl=metrics.get("comparison", {}).get("kl", float("nan")),
+            candidate=better, bundle=str(bundle), evaluation=str(evaluation),
+            parent_run_id=parent, registered=None if version is None else
+            f"{cfg.pipeline.name}-{cfg.model.name}/{version}", ran=pipe.ran,
+        )  # fmt: skip
+        tracker.log_metrics(parent, eval_metrics(metrics))
+        tracker.set_tags(parent, {"candidate": "better" if better else "not_better",
+                                  "bundle": bundle})  # fmt: skip
+    return result
+
+
+def summary(results: Sequence[PipelineResult], title: str = "candidates") -> Table:
+    """One row per pipeline run: the candidate against its reference on the primary metric."""
+    table = Table(title=title)
+    for column in ("run", "objective", "beta", "reference", "policy", "delta [95% CI]", "KL",
+                   "candidate"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("run", "objective") else "right")
+    for r in results:
+        table.add_row(
+            f"{r.name}-{r.model}", r.objective, str(r.beta), f"{r.reference:.4f}",
+            f"{r.policy:.4f}", f"{r.delta:+.4f} [{r.lo:+.4f}, {r.hi:+.4f}]", f"{r.kl:.4f}",
+            "yes" if r.candidate else "not better",
+        )  # fmt: skip
+    return table
+
+
+def summary_markdown(results: Sequence[PipelineResult]) -> str:
+    """summary.md: the summary table as markdown, primary metric named in the header."""
+    primary = results[0].primary if results else "ndcg@10"
+    lines = [
+        f"# Candidates ({primary}, policy vs reference, paired bootstrap CI)", "",
+        "| run | objective | beta | reference | policy | delta | CI | KL | candidate | bundle |",
+        "|---|---|---:|---:|---:|---:|---|---:|---|---|",
+    ]  # fmt: skip
+    lines += [
+        f"| {r.name}-{r.model} | {r.objective} | {r.beta} | {r.reference:.4f} | {r.policy:.4f} | "
+        f"{r.delta:+.4f} | [{r.lo:+.4f}, {r.hi:+.4f}] | {r.kl:.4f} | "
+        f"{'yes' if r.candidate else 'not better'} | {r.bundle} |"
+        for r in results
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(directory: Path, results: Sequence[PipelineResult]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "summary.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    (directory / "summary.md").write_text(summary_markdown(results))
+
+
+def job_dir() -> Path | None:
+    """The hydra job's output directory (None outside a hydra app)."""
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def save_result(result: PipelineResult, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2))
+
+
+class SummaryCallback(Callback):
+    """At the end of a sweep, gather every job's pipeline_result.json into summary.md/json in
+    the sweep directory and print the comparison table."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        results = [PipelineResult(**json.loads(p.read_text()))
+                   for p in sorted(sweep.glob(f"*/{RESULT_FILE}"))]  # fmt: skip
+        if not results:
+            return
+        write_summary(sweep, results)
+        Console().print(summary(results, f"sweep {sweep}"))
+        Console().print(f"summary written to [bold]{sweep / 'summary.md'}[/]", highlight=False)
