@@ -42,6 +42,7 @@ PARAMS = {
     "hinge": {"beta": 0.5},
     "sdpo": {"beta": 0.5},
     "simpo": {"beta": 0.5, "gamma": 0.3},
+    "kto": {"beta": 0.5, "kl_ref": t(0.2)},
 }
 
 
@@ -376,6 +377,35 @@ def test_kto_gradient_pushes_desirable_up_and_undesirable_down():
         policy, t([-1.0, -1.0]), torch.tensor([True, False]), t(0.0), 1.0
     ).loss.backward()
     assert policy.grad[0] < 0 < policy.grad[1]
+
+
+def test_kto_pairs_is_kto_on_click_and_no_click_rows_sharing_the_row_weight():
+    """Row 0: chosen + 2 real rejected (one padded slot), weight 2; row 1: chosen + 1, weight 1.
+    By hand: 5 unpaired rows, the rejected ones weighted w_b / K_b."""
+    out = preference.kto_pairs(
+        t([-1.0, -2.0]),
+        t([[-2.0, -3.0, 9.0], [-1.5, 9.0, 9.0]]),
+        t([-1.2, -2.5]),
+        t([[-2.2, -2.0, 9.0], [-1.0, 9.0, 9.0]]),
+        torch.tensor([[True, True, False], [True, False, False]]),
+        t([2.0, 1.0]),
+        beta=0.5,
+        kl_ref=t(0.1),
+        lambda_u=2.0,
+    )
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # r: chosen [0.2, 0.5], rejected [[0.2, -1.0], [-0.5]]
+    rows = [  # (weight, loss)
+        (2.0, 1 - sig(0.5 * (0.2 - 0.1))),
+        (1.0, 1 - sig(0.5 * (0.5 - 0.1))),
+        (1.0, 2 * (1 - sig(0.5 * (0.1 - 0.2)))),
+        (1.0, 2 * (1 - sig(0.5 * (0.1 + 1.0)))),
+        (1.0, 2 * (1 - sig(0.5 * (0.1 + 0.5)))),
+    ]
+    expected = sum(w * v for w, v in rows) / sum(w for w, _ in rows)
+    assert out.loss.item() == pytest.approx(expected)
+    assert out.chosen_rewards.tolist() == pytest.approx([0.1, 0.25])
+    assert torch.allclose(out.rejected_rewards, t([[0.1, -0.5, 0.0], [-0.25, 0.0, 0.0]]))
 
 
 def test_sft_term_is_full_catalog_cross_entropy_on_chosen():

@@ -243,6 +243,26 @@ def test_at_the_reference_rewards_are_zero_and_dpo_is_log2(prepared, reference_c
     assert metrics["logps/chosen"] < 0
 
 
+def test_kto_at_the_reference_is_one_half_and_its_step_moves_the_policy(prepared, reference_ckpt):
+    """At policy == reference every r = 0 and the exact-KL reference point is 0, so each row's
+    loss is lambda - lambda sigma(0) = 1/2; a step then raises chosen over rejected."""
+    data = PairDataModule(prepared, max_len=8, batch_size=16)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    module = PreferenceModule(str(reference_ckpt), data.n_items, data.n_users, objective="kto",
+                              beta=1.0, lr=1e-2)  # fmt: skip
+    module.train()
+    loss, metrics = module.preference_step(batch)
+    assert loss.item() == pytest.approx(0.5, abs=1e-6)
+    assert metrics["kl/policy_ref"].item() == pytest.approx(0.0, abs=1e-6)
+    optimizer = module.configure_optimizers()
+    for _ in range(5):
+        optimizer.zero_grad()
+        module.preference_step(batch)[0].backward()
+        optimizer.step()
+    assert module.preference_step(batch)[1]["rewards/margins"] > 0
+
+
 def test_precomputed_reference_gives_the_same_loss(prepared, reference_ckpt):
     data = PairDataModule(prepared, max_len=8, batch_size=16)
     data.setup()
@@ -272,7 +292,9 @@ def test_mismatched_reference_is_refused(reference_ckpt):
     ("settings", "message"),
     [({"beta": 0.0}, "beta must be > 0"), ({"objective": "nope"}, "unknown objective"),
      ({"gamma": 0.5}, "does not use"), ({"objective": "cdpo", "label_smoothing": 0.7},
-                                        "label_smoothing"), ({"sft_alpha": -1.0}, "sft_alpha")],
+                                        "label_smoothing"), ({"sft_alpha": -1.0}, "sft_alpha"),
+     ({"lambda_u": 2.0}, "does not use"), ({"objective": "kto", "lambda_d": 0.0}, "lambda_d"),
+     ({"objective": "kto", "precompute": True}, "precompute=false")],
 )  # fmt: skip
 def test_invalid_objective_settings_fail_at_construction(reference_ckpt, settings, message):
     with pytest.raises(ValueError, match=message):

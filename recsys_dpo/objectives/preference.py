@@ -433,6 +433,49 @@ def kto(
     return KTOLoss(_weighted_mean(lambdas - value, weight), (beta * reward).detach())
 
 
+def kto_pairs(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    rejected_mask: Tensor | None = None,
+    weight: Tensor | None = None,
+    *,
+    beta: float,
+    kl_ref: Tensor,
+    lambda_d: float = 1.0,
+    lambda_u: float = 1.0,
+) -> PreferenceLoss:
+    """`kto` on pair rows taken apart: the chosen item is a desirable (click) row, each real
+    rejected item an undesirable (no-click) row, as TRL unpairs preference data for KTO.
+
+    Inputs as the paired losses, but NORMALISED log-probabilities (`catalog.logps`). A row's
+    undesirable items share its weight (w_b / K_b each), so clicks and no-clicks weigh the
+    same in total and lambda_d = lambda_u = 1 sits in the paper's advised range. kl_ref: the
+    reference point, e.g. the batch mean of `catalog.exact_kl`. Returns the rewards beta * r
+    as the paired losses do, so `reward_metrics` reads them the same way.
+    """
+    _check_beta("kto", beta)
+    mask, weight = _check_pairs(
+        "kto", policy_chosen, policy_rejected, ref_chosen, ref_rejected, rejected_mask, weight
+    )
+    real = mask.sum(dim=1, keepdim=True)
+    out = kto(
+        torch.cat([policy_chosen, policy_rejected[mask]]),
+        torch.cat([ref_chosen, ref_rejected[mask]]),
+        torch.cat([torch.ones_like(mask[:, 0]), torch.zeros_like(mask[mask])]),
+        kl_ref,
+        beta,
+        lambda_d,
+        lambda_u,
+        torch.cat([weight, (weight.unsqueeze(1) / real).expand_as(mask)[mask]]),
+    )
+    batch = policy_chosen.shape[0]
+    rejected_rewards = torch.zeros_like(policy_rejected, dtype=out.rewards.dtype)
+    rejected_rewards[mask] = out.rewards[batch:]
+    return PreferenceLoss(out.loss, out.rewards[:batch], rejected_rewards)
+
+
 def sft_term(logits: Tensor, chosen: Tensor) -> Tensor:
     """RPO's NLL term (Pang et al., NeurIPS 2024, "Iterative Reasoning Preference
     Optimization"): full-catalog cross-entropy -log pi_theta(chosen|u), padding excluded.
@@ -462,7 +505,8 @@ def reward_metrics(
 PairwiseLoss = Callable[..., PreferenceLoss]
 
 # Uniform signature: (policy_chosen, policy_rejected, ref_chosen, ref_rejected, rejected_mask,
-# weight, **params). KTO is unpaired and takes its own arguments, so it is not listed here.
+# weight, **params). `kto` is the exception: it also takes kl_ref (the reference point, a batch
+# statistic, not a setting) and wants normalised log-probabilities.
 LOSSES: dict[str, PairwiseLoss] = {
     "dpo": dpo,
     "cdpo": cdpo,
@@ -471,4 +515,5 @@ LOSSES: dict[str, PairwiseLoss] = {
     "hinge": hinge,
     "sdpo": sdpo,
     "simpo": simpo,
+    "kto": kto_pairs,
 }

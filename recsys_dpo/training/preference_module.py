@@ -22,41 +22,50 @@ from torch import Tensor
 
 from recsys_dpo.models import Recommender, build_model
 from recsys_dpo.models.base import Batch
-from recsys_dpo.objectives.catalog import entropy, exact_kl, log_softmax_catalog
+from recsys_dpo.objectives.catalog import entropy, exact_kl, logps
 from recsys_dpo.objectives.preference import LOSSES, reward_metrics, sft_term
 from recsys_dpo.training.ranking_eval import ranking_metrics
-from recsys_dpo.training.reference_module import model_spec, model_weights, read_checkpoint
+from recsys_dpo.training.reference_module import (
+    check_vocab,
+    model_spec,
+    model_weights,
+    read_checkpoint,
+)
+
+# Settings an objective may not use; each must then stay at this neutral value.
+NEUTRAL = {"label_smoothing": 0.0, "gamma": 0.0, "lambda_d": 1.0, "lambda_u": 1.0}
 
 
-def objective_params(
-    objective: str, beta: float, label_smoothing: float, gamma: float
-) -> dict[str, float]:
+def objective_params(objective: str, beta: float, **settings: float) -> dict[str, float]:
     """The keyword parameters `LOSSES[objective]` takes, checked now by a dry run of the loss.
 
-    A setting the objective ignores but that is not at its neutral value (e.g. gamma with DPO)
-    is refused, so a config typo cannot silently train something else.
+    settings: any of `NEUTRAL`. One the objective ignores but that is not at its neutral value
+    (e.g. gamma with DPO) is refused, so a config typo cannot silently train something else.
     """
     if objective not in LOSSES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {sorted(LOSSES)}")
     loss = LOSSES[objective]
     accepted = {
-        name for name, p in inspect.signature(loss).parameters.items() if p.kind == p.KEYWORD_ONLY
+        name
+        for name, p in inspect.signature(loss).parameters.items()
+        if p.kind == p.KEYWORD_ONLY and name != "kl_ref"
     }
-    given = {"beta": beta, "label_smoothing": label_smoothing, "gamma": gamma}
-    ignored = {name: v for name, v in given.items() if name not in accepted and v != 0}
+    given = {"beta": beta, **settings}
+    ignored = {n: v for n, v in given.items() if n not in accepted and v != NEUTRAL.get(n)}
     if ignored:
         raise ValueError(f"objective {objective!r} does not use {ignored}; it takes {accepted}")
     params = {name: v for name, v in given.items() if name in accepted}
     zero, zeros = torch.zeros(1), torch.zeros(1, 1)
-    loss(zero, zeros, zero, zeros, **params)  # its own checks raise ValueError (beta <= 0, ...)
+    batch_stats = {"kl_ref": zero} if objective == "kto" else {}
+    # Its own checks raise ValueError (beta <= 0, ...).
+    loss(zero, zeros, zero, zeros, **params, **batch_stats)
     return params
 
 
-def gather_logps(logp: Tensor, items: Tensor) -> Tensor:
-    """log pi(item|u) from catalog log-probabilities logp [B, N] for items [B] or [B, K]."""
-    if items.dim() == 1:
-        return logp.gather(1, items.unsqueeze(1)).squeeze(1)
-    return logp.gather(1, items)
+def pair_logps(logits: Tensor, chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
+    """log pi(chosen|u) [B] and log pi(rejected|u) [B, K] from catalog logits [B, N]."""
+    logp = logps(logits, torch.cat([chosen.unsqueeze(1), rejected], dim=1))
+    return logp[:, 0], logp[:, 1:]
 
 
 class PreferenceModule(LightningModule):
@@ -66,7 +75,10 @@ class PreferenceModule(LightningModule):
         reference_ckpt: the stage-1 checkpoint (policy initialisation and frozen reference).
         n_items, n_users: the data's vocab sizes; a reference built for others is refused.
         objective: a key of `recsys_dpo.objectives.preference.LOSSES` (dpo, cdpo, robust, ipo,
-            hinge, sdpo, simpo); beta, label_smoothing, gamma: its parameters.
+            hinge, sdpo, simpo, kto); beta, label_smoothing, gamma, lambda_d, lambda_u: its
+            parameters. kto takes the pairs apart into click / no-click rows; its reference
+            point is the exact KL(pi_theta || pi_ref) of the batch's users, so it needs the
+            live reference (not precompute).
         sft_alpha: weight of the RPO term, full-catalog cross-entropy on the chosen item.
         precompute: take reference log-probabilities from the batch, keep no reference model
             (then kl/policy_ref cannot be logged).
@@ -84,6 +96,8 @@ class PreferenceModule(LightningModule):
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         gamma: float = 0.0,
+        lambda_d: float = 1.0,
+        lambda_u: float = 1.0,
         sft_alpha: float = 0.0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
@@ -92,20 +106,26 @@ class PreferenceModule(LightningModule):
         k: int = 10,
     ) -> None:
         super().__init__()
-        self.loss_params = objective_params(objective, beta, label_smoothing, gamma)
+        self.loss_params = objective_params(
+            objective,
+            beta,
+            label_smoothing=label_smoothing,
+            gamma=gamma,
+            lambda_d=lambda_d,
+            lambda_u=lambda_u,
+        )
+        if objective == "kto" and precompute:
+            raise ValueError(
+                "kto takes its reference point from the exact KL to the live reference model: "
+                "set reference.precompute=false"
+            )
         if sft_alpha < 0:
             raise ValueError(f"sft_alpha must be >= 0, got {sft_alpha}")
         if lr <= 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
         self.save_hyperparameters()
         spec, state = model_weights(read_checkpoint(reference_ckpt))
-        for name, expected in (("n_items", n_items), ("n_users", n_users)):
-            if spec["config"].get(name) != expected:
-                raise ValueError(
-                    f"reference {reference_ckpt} was trained with {name}="
-                    f"{spec['config'].get(name)}, but the data has {name}={expected}: "
-                    "train the reference on this prepared dataset"
-                )
+        check_vocab(spec, f"reference {reference_ckpt}", n_items=n_items, n_users=n_users)
         config = dict(spec["config"])
         if disable_dropout and "dropout" in config:
             config["dropout"] = 0.0
@@ -137,9 +157,7 @@ class PreferenceModule(LightningModule):
         # Padded slots gather the chosen item instead of the padding column's -inf.
         rejected = torch.where(mask, batch["rejected"], chosen.unsqueeze(1))
         policy_logits = self.policy.full_scores(batch)
-        policy_logp = log_softmax_catalog(policy_logits)
-        policy_chosen = gather_logps(policy_logp, chosen)
-        policy_rejected = gather_logps(policy_logp, rejected)
+        policy_chosen, policy_rejected = pair_logps(policy_logits, chosen, rejected)
         ref_logits = None
         if self.hparams.precompute:
             if "ref_chosen" not in batch:
@@ -148,9 +166,9 @@ class PreferenceModule(LightningModule):
         else:
             with torch.no_grad():
                 ref_logits = self.reference.full_scores(batch)
-                ref_logp = log_softmax_catalog(ref_logits)
-                ref_chosen = gather_logps(ref_logp, chosen)
-                ref_rejected = gather_logps(ref_logp, rejected)
+                ref_chosen, ref_rejected = pair_logps(ref_logits, chosen, rejected)
+        kl = None if ref_logits is None else exact_kl(policy_logits.detach(), ref_logits)
+        batch_stats = {"kl_ref": kl.mean()} if self.hparams.objective == "kto" else {}
         out = LOSSES[self.hparams.objective](
             policy_chosen,
             policy_rejected,
@@ -159,6 +177,7 @@ class PreferenceModule(LightningModule):
             mask,
             batch["weight"],
             **self.loss_params,
+            **batch_stats,
         )
         loss = out.loss
         if self.hparams.sft_alpha > 0:
@@ -174,8 +193,8 @@ class PreferenceModule(LightningModule):
             .mean(),
             "entropy/policy": entropy(detached).mean(),
         }
-        if ref_logits is not None:
-            metrics["kl/policy_ref"] = exact_kl(detached, ref_logits).mean()
+        if kl is not None:
+            metrics["kl/policy_ref"] = kl.mean()
         return loss, metrics
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:

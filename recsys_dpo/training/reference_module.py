@@ -54,6 +54,17 @@ def model_weights(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     return spec, state
 
 
+def check_vocab(spec: dict[str, Any], what: str, **sizes: int) -> None:
+    """Refuse a model built for other vocab sizes (n_items=..., n_users=...) than the data's:
+    its item and user indices would mean other items and users."""
+    for name, expected in sizes.items():
+        if spec["config"].get(name) != expected:
+            raise ValueError(
+                f"{what} was trained with {name}={spec['config'].get(name)}, but the data has "
+                f"{name}={expected}: train the reference on this prepared dataset"
+            )
+
+
 def load_model(path: str | Path, **config_overrides: Any) -> Recommender:
     """Rebuild the recommender stored in a checkpoint of either stage (eval mode, on CPU).
 

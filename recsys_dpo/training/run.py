@@ -35,12 +35,12 @@ from recsys_dpo.data.datamodule import (
 )
 from recsys_dpo.errors import DataError
 from recsys_dpo.models import Recommender
-from recsys_dpo.objectives.catalog import log_softmax_catalog
 from recsys_dpo.stage import plain
 from recsys_dpo.training.callbacks import StepSeed
-from recsys_dpo.training.preference_module import PreferenceModule, gather_logps
+from recsys_dpo.training.preference_module import PreferenceModule, pair_logps
 from recsys_dpo.training.reference_module import (
     ReferenceModule,
+    check_vocab,
     load_model,
     model_weights,
     read_checkpoint,
@@ -79,15 +79,9 @@ def require_reference(cfg: DictConfig, n_items: int, n_users: int) -> dict[str, 
             "reference.ckpt is not set: pass reference.ckpt=<a checkpoint written by "
             "pipelines/train_reference.py on this dataset>"
         )
-    with bad_setting(f"reference.ckpt={path}"):
+    with bad_setting(f"reference.ckpt={path} on {cfg.paths.prepared}"):
         spec, _ = model_weights(read_checkpoint(path))
-    for name, expected in (("n_items", n_items), ("n_users", n_users)):
-        if spec["config"].get(name) != expected:
-            raise DataError(
-                f"reference.ckpt={path} was trained on data with {name}="
-                f"{spec['config'].get(name)}, but {cfg.paths.prepared} has {name}={expected}: "
-                "train the reference on this prepared dataset"
-            )
+        check_vocab(spec, "the reference", n_items=n_items, n_users=n_users)
     return spec
 
 
@@ -219,11 +213,10 @@ def attach_reference_logps(rows: RowsDataset, reference: Recommender, batch_size
     chosen, rejected = [], []
     for start in range(0, len(rows), batch_size):
         batch = rows.__getitems__(list(range(start, min(start + batch_size, len(rows)))))
-        mask = batch["rejected"] != 0
-        logp = log_softmax_catalog(reference.full_scores(batch))
-        chosen.append(gather_logps(logp, batch["chosen"]))
-        slots = torch.where(mask, batch["rejected"], batch["chosen"].unsqueeze(1))
-        rejected.append(gather_logps(logp, slots))
+        slots = torch.where(batch["rejected"] != 0, batch["rejected"], batch["chosen"].unsqueeze(1))
+        ref_chosen, ref_rejected = pair_logps(reference.full_scores(batch), batch["chosen"], slots)
+        chosen.append(ref_chosen)
+        rejected.append(ref_rejected)
     rows.columns["ref_chosen"] = torch.cat(chosen)
     rows.columns["ref_rejected"] = torch.cat(rejected)
 
@@ -251,6 +244,8 @@ def train_preference(cfg: DictConfig) -> Path:
             beta=objective.get("beta", 0.1),
             label_smoothing=objective.get("label_smoothing", 0.0),
             gamma=objective.get("gamma", 0.0),
+            lambda_d=objective.get("lambda_d", 1.0),
+            lambda_u=objective.get("lambda_u", 1.0),
             sft_alpha=objective.get("sft_alpha", 0.0),
             lr=cfg.train.lr,
             weight_decay=cfg.train.weight_decay,
