@@ -287,7 +287,8 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResu
         data = pipe.prepare()
         tracker.log_dataset(parent, data.path, data.manifest)
         ref_cfg = stage_config(cfg, objective=cfg.pipeline.reference.objective, mode="fresh",
-                               **{"trainer.max_epochs": cfg.pipeline.reference.max_epochs})  # fmt: skip
+                               **{"trainer.max_epochs": cfg.pipeline.reference.max_epochs,
+                                  "train.lr": cfg.pipeline.reference.lr})  # fmt: skip
         reference = pipe.train("reference", ref_cfg, f"{cfg.model.name}-{ref_cfg.objective.name}")
         ref_ckpt = reference["best_ckpt"] or reference["last_ckpt"]
         pref_cfg = stage_config(cfg, **{"reference.ckpt": ref_ckpt})
