@@ -158,6 +158,22 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(artifacts):
     assert any(not torch.equal(one_epoch[k], a["state_dict"][k]) for k in one_epoch)
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_ddp_strategy_with_bf16_trains_on_two_cpu_processes(artifacts, references, model, tmp_path):
+    """trainer=ddp as on GPUs, here on 2 CPU processes (gloo) in bf16 autocast: the launcher
+    re-runs the script per rank, the frozen reference stays outside DDP's wrapped module."""
+    done = run_pipeline("train_preference.py", f"paths.artifacts={artifacts}", *DATA,
+                        f"reference.ckpt={references[model]}", "trainer=ddp",
+                        "trainer.accelerator=cpu", "trainer.devices=2",
+                        "trainer.precision=bf16-mixed", "trainer.max_epochs=1", "progress=false",
+                        "tracking.enabled=false", f"paths.runs={tmp_path}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [run] = (tmp_path / "preference").iterdir()
+    policy, reference = load_model(result(run)["last_ckpt"]), load_model(references[model])
+    assert all(torch.isfinite(v).all() for v in policy.state_dict().values())
+    assert any(not torch.equal(policy.state_dict()[k], v) for k, v in reference.state_dict().items())
+
+
 def test_mlflow_records_params_and_metrics(artifacts, references, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = config("config", artifacts, f"reference.ckpt={references['sasrec']}", *SMALL,

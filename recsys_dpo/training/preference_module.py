@@ -216,7 +216,8 @@ class PreferenceModule(LightningModule):
             metrics = {
                 n: v.mean() for n, v in ranking_metrics(self.policy, batch, self.hparams.k).items()
             }
-        self.log_dict(metrics, batch_size=size, add_dataloader_idx=False)
+        # Under DDP each rank validates a shard: the best checkpoint needs the global mean.
+        self.log_dict(metrics, batch_size=size, add_dataloader_idx=False, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norms = grad_norm(self.policy, norm_type=2)

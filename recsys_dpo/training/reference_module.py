@@ -176,6 +176,8 @@ class ReferenceModule(LightningModule):
             batch_size=len(batch["user_idx"]),
             add_dataloader_idx=False,
             prog_bar=True,
+            # Under DDP each rank validates a shard: the best checkpoint needs the global mean.
+            sync_dist=True,
         )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
