@@ -16,10 +16,16 @@ from conftest import ROOT, run_pipeline
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from recsys_dpo.data.datamodule import PairDataModule
 from recsys_dpo.data.synthetic import load_truth, true_utility
 from recsys_dpo.errors import DataError
 from recsys_dpo.training.reference_module import ReferenceModule, load_model, read_checkpoint
-from recsys_dpo.training.run import reference_settings, train_preference, train_reference
+from recsys_dpo.training.run import (
+    reference_settings,
+    train_preference,
+    train_reference,
+    use_reference_hard_negatives,
+)
 
 MODELS = ("sasrec", "two_tower")
 REFERENCE_OBJECTIVES = ("ce", "sampled_softmax", "bce", "bpr")
@@ -127,6 +133,25 @@ def test_bad_settings_fail_before_training(artifacts, references, script, overri
     stage = train_reference if script == "train_reference" else train_preference
     with pytest.raises(DataError, match=message):
         stage(cfg)
+
+
+def test_reference_hard_pairs_train_and_exclude_the_users_positives(artifacts, references):
+    cfg = config("config", artifacts, f"reference.ckpt={references['sasrec']}",
+                 "reference.hard_negatives=3", "train.max_pairs_per_user=2", *SMALL)  # fmt: skip
+    assert result(train_preference(cfg))["last_ckpt"]
+    data = PairDataModule(artifacts / "prepared" / "synthetic", max_len=20,
+                          max_pairs_per_user=2)  # fmt: skip
+    data.setup()
+    use_reference_hard_negatives(data, load_model(references["sasrec"]), 3, progress=False)
+    positives = {u: set(items) for u, items in data.train_sequences.iter_rows()}
+    rejected, users = data.train_set.columns["rejected"], data.train_set.columns["user_idx"]
+    assert rejected.shape == (len(users), 3)
+    for user, row in zip(users.tolist(), rejected.tolist(), strict=True):
+        assert not positives[user] & set(row) and 0 not in row
+    bad = config("config", artifacts, f"reference.ckpt={references['sasrec']}",
+                 "reference.hard_negatives=500", *SMALL)  # fmt: skip
+    with pytest.raises(DataError, match="reference.hard_negatives=500: .*leaves no room"):
+        train_preference(bad)
 
 
 def test_reference_of_another_dataset_is_refused(artifacts, references, tmp_path):

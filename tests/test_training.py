@@ -1,6 +1,7 @@
 """DataModules, the reference and preference LightningModules, on tiny hand-made datasets."""
 
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -170,6 +171,22 @@ def test_pairs_are_padded_and_masked(prepared):
     capped = PairDataModule(prepared, max_negatives=2, batch_size=1000)
     capped.setup()
     assert next(iter(capped.train_dataloader()))["rejected"].shape == (N_USERS, 2)
+
+
+def test_max_pairs_per_user_keeps_each_users_most_recent_pairs(prepared, tmp_path):
+    root = tmp_path / "prepared"
+    shutil.copytree(prepared, root)
+    pairs = pl.read_parquet(prepared / "pairs_train.parquet")
+    older = pairs.with_columns(pl.col("timestamp") - 1, pl.col("chosen") % N_REAL + 1)
+    pl.concat([older, pairs]).write_parquet(root / "pairs_train.parquet")
+    data = PairDataModule(root, max_len=8, batch_size=1000, max_pairs_per_user=1)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    order = batch["user_idx"].argsort()
+    assert batch["user_idx"][order].tolist() == pairs["user_idx"].to_list()
+    assert batch["chosen"][order].tolist() == pairs["chosen"].to_list()
+    with pytest.raises(ValueError, match="max_pairs_per_user must be >= 1"):
+        PairDataModule(root, max_pairs_per_user=0)
 
 
 # --------------------------------------------------------------------------- ranking

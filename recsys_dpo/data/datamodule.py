@@ -367,20 +367,27 @@ class PairDataModule(_PreparedDataModule):
         batch_size: int = 256,
         seed: int = 0,
         num_workers: int = 0,
+        max_pairs_per_user: int | None = None,
     ) -> None:
         super().__init__(path, max_len, batch_size, seed, num_workers)
-        if max_negatives is not None and max_negatives < 1:
-            raise ValueError(f"max_negatives must be >= 1 or None, got {max_negatives}")
+        for name, value in (("max_negatives", max_negatives),
+                            ("max_pairs_per_user", max_pairs_per_user)):  # fmt: skip
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
         self.max_negatives = max_negatives
+        self.max_pairs_per_user = max_pairs_per_user
         self.valid_pairs: RowsDataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         self._build_ranking()
-        self.train_set = pair_examples(
-            self.dataset.pairs("train"), self.max_len, self.max_negatives
-        )
+        train = self.dataset.pairs("train")
+        if self.max_pairs_per_user is not None:
+            # The user's most recent pairs: a bounded fine-tuning set that keeps every user.
+            recency = pl.col("timestamp").rank("ordinal", descending=True).over(USER_IDX)
+            train = train.filter(recency <= self.max_pairs_per_user)
+        self.train_set = pair_examples(train, self.max_len, self.max_negatives)
         valid = self.dataset.pairs("valid") if self.dataset.has_pairs("valid") else None
         if valid is not None and valid.height > 0:
             self.valid_pairs = pair_examples(valid, self.max_len, self.max_negatives)

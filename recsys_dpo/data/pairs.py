@@ -11,8 +11,9 @@ Anything else a strategy reads from other rows (popularity, low ratings) comes f
 requested split and the splits before it (`SPLITS` order), never from later ones.
 
 Strategies live in `STRATEGIES`. `reference_hard` (items the frozen reference ranks top-K that
-the user did not choose) needs a trained reference model, so it registers there once the
-training stage can hand over reference scores.
+the user did not choose) needs a trained reference model, so it is not built here: the
+preference stage applies it to these pairs (`reference.hard_negatives=N`,
+`recsys_dpo/retrieval/hard_negatives.py`).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule, seed_everything
@@ -33,8 +34,10 @@ from recsys_dpo.data.datamodule import (
     RowsDataset,
     SequenceDataModule,
 )
+from recsys_dpo.data.schema import USER_IDX
 from recsys_dpo.errors import DataError
 from recsys_dpo.models import Recommender
+from recsys_dpo.retrieval.hard_negatives import reference_hard_negatives
 from recsys_dpo.stage import plain
 from recsys_dpo.training.callbacks import StepSeed
 from recsys_dpo.training.preference_module import PreferenceModule, pair_logps
@@ -221,6 +224,25 @@ def attach_reference_logps(rows: RowsDataset, reference: Recommender, batch_size
     rows.columns["ref_rejected"] = torch.cat(rejected)
 
 
+def use_reference_hard_negatives(
+    data: PairDataModule, reference: Recommender, num_negatives: int, progress: bool
+) -> None:
+    """Replace the rejected items of the train and valid pairs by the reference's top-N items
+    that are neither chosen nor among the user's train positives (`reference_hard`)."""
+    positives = {
+        user: np.asarray(items, dtype=np.int64)
+        for user, items in data.train_sequences.select(USER_IDX, "items").iter_rows()
+    }
+    none = np.zeros(0, dtype=np.int64)
+    for rows in (data.train_set, data.valid_pairs):
+        if rows is None:
+            continue
+        exclude = [positives.get(int(u), none) for u in rows.columns["user_idx"]]
+        rows.columns["rejected"] = reference_hard_negatives(
+            reference, rows, exclude, num_negatives, progress=progress
+        )
+
+
 def train_preference(cfg: DictConfig) -> Path:
     """Stage 2: fine-tune the reference of `reference.ckpt` under `cfg.objective`; the run dir."""
     require_stage(cfg, "preference")
@@ -229,6 +251,7 @@ def train_preference(cfg: DictConfig) -> Path:
         cfg.paths.prepared,
         max_len=cfg.data.max_len,
         max_negatives=cfg.train.max_negatives,
+        max_pairs_per_user=cfg.train.max_pairs_per_user,
         batch_size=cfg.train.batch_size,
         seed=cfg.seed,
         num_workers=cfg.train.num_workers,
@@ -252,9 +275,14 @@ def train_preference(cfg: DictConfig) -> Path:
             precompute=cfg.reference.precompute,
             k=cfg.train.k,
         )
-    if cfg.reference.precompute:
+    hard = cfg.reference.hard_negatives
+    if hard or cfg.reference.precompute:
         data.setup()
         reference = load_model(cfg.reference.ckpt, dropout=0.0)
+    if hard:
+        with bad_setting(f"reference.hard_negatives={hard}"):
+            use_reference_hard_negatives(data, reference, hard, cfg.progress)
+    if cfg.reference.precompute:
         for rows in (data.train_set, data.valid_pairs):
             if rows is not None:
                 attach_reference_logps(rows, reference, cfg.train.batch_size)

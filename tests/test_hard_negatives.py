@@ -1,0 +1,73 @@
+"""`reference_hard` negatives against a brute-force full-catalog ranking of the same model."""
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recsys_dpo.data.datamodule import pair_examples
+from recsys_dpo.models import build_model
+from recsys_dpo.retrieval.hard_negatives import reference_hard_negatives
+
+N_ITEMS = 40  # 39 real items
+
+
+def random_rows(seed: int, n_rows: int):
+    """Pair rows with random contexts and chosen items, and per-row random excluded items."""
+    rng = np.random.default_rng(seed)
+    frame = pl.DataFrame(
+        {"user_idx": rng.integers(0, 5, n_rows).tolist(),
+         "context": [rng.integers(1, N_ITEMS, rng.integers(1, 6)).tolist() for _ in range(n_rows)],
+         "chosen": rng.integers(1, N_ITEMS, n_rows).tolist(),
+         "rejected": [[1]] * n_rows, "weight": [1.0] * n_rows},
+        schema={"user_idx": pl.Int32, "context": pl.List(pl.Int32), "chosen": pl.Int32,
+                "rejected": pl.List(pl.Int32), "weight": pl.Float32},
+    )  # fmt: skip
+    exclude = [rng.choice(np.arange(1, N_ITEMS), rng.integers(0, 30), replace=False)
+               for _ in range(n_rows)]  # fmt: skip
+    return pair_examples(frame, max_len=6, max_negatives=None), exclude
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 1000), num=st.integers(1, 8), model=st.sampled_from(["sasrec", "two_tower"]))
+def test_reference_hard_is_the_top_of_the_unexcluded_catalog(seed, num, model):
+    torch.manual_seed(seed)
+    config = {"n_items": N_ITEMS, "n_users": 5, "dim": 8, "max_len": 6}
+    reference = build_model(model, **config).eval()
+    rows, exclude = random_rows(seed, 25)
+    got = reference_hard_negatives(reference, rows, exclude, num, batch_size=7)
+    batch = rows.__getitems__(list(range(len(rows))))
+    with torch.no_grad():
+        scores = reference.full_scores(batch).double()
+    for row in range(len(rows)):
+        banned = set(exclude[row].tolist()) | {int(batch["chosen"][row])}
+        allowed = [i for i in range(1, N_ITEMS) if i not in banned]
+        want = sorted(allowed, key=lambda i: (-scores[row, i].item(), i))[:num]
+        want += [0] * (num - len(want))  # fewer candidates than asked: padding
+        assert got[row].tolist() == want
+        assert not banned & set(got[row].tolist())
+
+
+def test_reference_hard_refuses_impossible_settings():
+    reference = build_model("two_tower", n_items=N_ITEMS, n_users=5, dim=8, max_len=6)
+    rows, exclude = random_rows(0, 3)
+    with pytest.raises(ValueError, match="num_negatives must be >= 1"):
+        reference_hard_negatives(reference, rows, exclude, 0)
+    with pytest.raises(ValueError, match="leaves no room"):
+        reference_hard_negatives(reference, rows, exclude, N_ITEMS - 1)
+    with pytest.raises(ValueError, match="exclude has 2 rows for 3 pairs"):
+        reference_hard_negatives(reference, rows, exclude[:2], 2)
+
+
+def test_rows_with_fewer_candidates_than_asked_are_padded():
+    torch.manual_seed(0)
+    reference = build_model("sasrec", n_items=N_ITEMS, n_users=5, dim=8, max_len=6).eval()
+    rows, _ = random_rows(1, 2)
+    chosen = rows.__getitems__([0, 1])["chosen"].tolist()
+    keep = [[i for i in range(1, N_ITEMS) if i != c][:2] for c in chosen]  # 2 items left
+    exclude = [np.array([i for i in range(1, N_ITEMS) if i not in k]) for k in keep]
+    got = reference_hard_negatives(reference, rows, exclude, 5)
+    for row, left in enumerate(keep):
+        assert sorted(got[row, :2].tolist()) == left and got[row, 2:].tolist() == [0, 0, 0]
