@@ -32,7 +32,7 @@ from rich.table import Table
 
 from recsys_dpo.artifacts import config_hash, read_manifest
 from recsys_dpo.data.datamodule import PreparedDataset, load_prepared
-from recsys_dpo.data.prepare import prepare_dataset
+from recsys_dpo.data.prepare import dataset_hash, prepare_dataset
 from recsys_dpo.data.vocab import Vocab
 from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.evaluator import (
@@ -111,7 +111,7 @@ class Pipeline:
 
     def prepare(self) -> PreparedDataset:
         cfg, out = self.cfg, Path(self.cfg.paths.prepared)
-        wanted = config_hash(prepare_config(cfg))
+        wanted = dataset_hash(prepare_config(cfg))
         done = (out / "manifest.json").is_file() and read_manifest(out)["config_hash"] == wanted
         with self.tracker.child("prepare") as run:
             if self._fresh(done, "prepare", out):

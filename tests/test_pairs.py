@@ -110,14 +110,26 @@ def test_next_item_pairs_match_brute_force(df, split, sampler, k, max_context):
     for e in rows:
         if not (e["clicked"] and e["split"] == split and brute_context(rows, e, 10**6)):
             continue
-        if candidates - positives(rows, e["user_idx"]):
+        if candidates - positives(rows, e["user_idx"], up_to(split)):
             context = brute_context(rows, e, max_context)
             expected.append((e["user_idx"], e["item_idx"], e["timestamp"], context, e["weight"]))
     assert keyed(pairs) == sorted(expected)
     for p in pairs.iter_rows(named=True):
-        allowed = candidates - positives(rows, p["user_idx"])
-        assert set(p["rejected"]) <= allowed  # never a positive of any split, never 0
+        allowed = candidates - positives(rows, p["user_idx"], up_to(split))
+        assert set(p["rejected"]) <= allowed  # never a positive known by then, never 0
         assert len(p["rejected"]) == min(k, len(allowed))
+
+
+@SETTINGS
+@given(logs(), st.sampled_from(SPLITS[:-1]), st.sampled_from(["uniform", "popularity"]))
+def test_next_item_pairs_do_not_depend_on_later_splits(df, split, sampler):
+    """No leakage: the held-out events change nothing in earlier splits' pairs, not even which
+    items may be sampled as negatives."""
+    n_items = int(df["item_idx"].max()) + 1
+    known = df.filter(pl.col("split").is_in(up_to(split)))
+    full = next_item_pairs(df, split, n_items=n_items, num_negatives=3, sampler=sampler)
+    cut = next_item_pairs(known, split, n_items=n_items, num_negatives=3, sampler=sampler)
+    assert full.equals(cut)
 
 
 @SETTINGS

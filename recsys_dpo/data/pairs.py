@@ -225,9 +225,10 @@ def next_item_pairs(
 
     Negatives come from 1..n_items-1, uniformly or ∝ popularity^alpha (Mikolov et al., 2013),
     where popularity counts positives in `split` and the splits before it (or is given, e.g.
-    computed once over the whole log by `write_pairs`); never padding, never any of the
-    user's positives in any split. Events with fewer than `min_context` earlier positives
-    are skipped.
+    computed once over the whole log by `write_pairs`); never padding, never one of the
+    user's positives in `split` or the splits before it. Later splits are not looked at: a
+    train pair that avoided the user's held-out items as negatives would leak them. Events
+    with fewer than `min_context` earlier positives are skipped.
     """
     events = _events(df, split, "next_item")
     if num_negatives < 1:
@@ -237,7 +238,7 @@ def next_item_pairs(
     if popularity is None:
         popularity = item_popularity(events, split, n_items)
     weights = _sampling_weights(sampler, alpha, popularity)
-    positives = events.filter(pl.col("clicked"))
+    positives = events.filter(pl.col("clicked") & pl.col("split").is_in(_splits_up_to(split)))
     excluded = np.unique(
         positives[USER_IDX].to_numpy().astype(np.int64) * n_items + positives[ITEM_IDX].to_numpy()
     )

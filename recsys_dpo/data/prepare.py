@@ -240,11 +240,17 @@ def prepare_dataset(
                 "validation": dict(report.as_rows()),
                 "n_buckets": n_buckets,
                 "config": dict(config or {}),
-                "config_hash": config_hash(dict(config or {})),
+                "config_hash": dataset_hash(dict(config or {})),
             },
         )
         bar.update(steps, description="done")
     return summary
+
+
+def dataset_hash(config: dict[str, Any]) -> str:
+    """The manifest's config hash: the config and the schema version, so a dataset written by
+    an older version of this stage is never mistaken for an up-to-date one."""
+    return config_hash({**config, "schema_version": SCHEMA_VERSION})
 
 
 def _count_pairs(directory: Path, pair_splits: Sequence[str]) -> dict[str, dict[str, int]]:

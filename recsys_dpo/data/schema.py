@@ -50,4 +50,5 @@ PAIRS_SCHEMA: dict[str, pl.DataType] = {
     "timestamp": pl.Int64(),
 }
 
-SCHEMA_VERSION = 1
+# 2: next_item negatives no longer avoid positives of later splits (they leaked held-out items).
+SCHEMA_VERSION = 2
