@@ -31,20 +31,25 @@ def random_rows(seed: int, n_rows: int):
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 1000), num=st.integers(1, 8), model=st.sampled_from(["sasrec", "two_tower"]))
-def test_reference_hard_is_the_top_of_the_unexcluded_catalog(seed, num, model):
+@given(
+    seed=st.integers(0, 1000),
+    num=st.integers(1, 8),
+    skip=st.integers(0, 3),
+    model=st.sampled_from(["sasrec", "two_tower"]),
+)
+def test_reference_hard_is_the_top_of_the_unexcluded_catalog(seed, num, skip, model):
     torch.manual_seed(seed)
     config = {"n_items": N_ITEMS, "n_users": 5, "dim": 8, "max_len": 6}
     reference = build_model(model, **config).eval()
     rows, exclude = random_rows(seed, 25)
-    got = reference_hard_negatives(reference, rows, exclude, num, batch_size=7)
+    got = reference_hard_negatives(reference, rows, exclude, num, skip, batch_size=7)
     batch = rows.__getitems__(list(range(len(rows))))
     with torch.no_grad():
         scores = reference.full_scores(batch).double()
     for row in range(len(rows)):
         banned = set(exclude[row].tolist()) | {int(batch["chosen"][row])}
         allowed = [i for i in range(1, N_ITEMS) if i not in banned]
-        want = sorted(allowed, key=lambda i: (-scores[row, i].item(), i))[:num]
+        want = sorted(allowed, key=lambda i: (-scores[row, i].item(), i))[skip : skip + num]
         want += [0] * (num - len(want))  # fewer candidates than asked: padding
         assert got[row].tolist() == want
         assert not banned & set(got[row].tolist())
@@ -53,10 +58,12 @@ def test_reference_hard_is_the_top_of_the_unexcluded_catalog(seed, num, model):
 def test_reference_hard_refuses_impossible_settings():
     reference = build_model("two_tower", n_items=N_ITEMS, n_users=5, dim=8, max_len=6)
     rows, exclude = random_rows(0, 3)
-    with pytest.raises(ValueError, match="num_negatives must be >= 1"):
+    with pytest.raises(ValueError, match="need num_negatives >= 1 and skip >= 0"):
         reference_hard_negatives(reference, rows, exclude, 0)
+    with pytest.raises(ValueError, match="need num_negatives >= 1 and skip >= 0"):
+        reference_hard_negatives(reference, rows, exclude, 2, skip=-1)
     with pytest.raises(ValueError, match="leaves no room"):
-        reference_hard_negatives(reference, rows, exclude, N_ITEMS - 1)
+        reference_hard_negatives(reference, rows, exclude, N_ITEMS - 3, skip=2)
     with pytest.raises(ValueError, match="exclude has 2 rows for 3 pairs"):
         reference_hard_negatives(reference, rows, exclude[:2], 2)
 

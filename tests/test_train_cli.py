@@ -142,7 +142,7 @@ def test_reference_hard_pairs_train_and_exclude_the_users_positives(artifacts, r
     data = PairDataModule(artifacts / "prepared" / "synthetic", max_len=20,
                           max_pairs_per_user=2)  # fmt: skip
     data.setup()
-    use_reference_hard_negatives(data, load_model(references["sasrec"]), 3, progress=False)
+    use_reference_hard_negatives(data, load_model(references["sasrec"]), 3, 0, progress=False)
     positives = {u: set(items) for u, items in data.train_sequences.iter_rows()}
     rejected, users = data.train_set.columns["rejected"], data.train_set.columns["user_idx"]
     assert rejected.shape == (len(users), 3)

@@ -28,24 +28,32 @@ def reference_hard_negatives(
     rows: RowsDataset,
     exclude: Sequence[np.ndarray],
     num_negatives: int,
+    skip: int = 0,
     batch_size: int = 1024,
     progress: bool = False,
 ) -> Tensor:
     """Rejected items [len(rows), num_negatives]: per pair row (user_idx, context, chosen), the
-    reference's top-`num_negatives` items by score, never `exclude[row]` nor the chosen item;
-    ordered by score descending. Slots with no candidate left hold the padding item 0.
+    reference's items ranked skip+1 .. skip+num_negatives by score among those that are neither
+    `exclude[row]` nor the chosen item; ordered by score descending. Slots with no candidate
+    left hold the padding item 0.
+
+    skip: the very top of the reference's ranking holds the items the user is about to choose
+    (for the latest train events, their held-out items), so pushing it down teaches the policy
+    to bury true positives; skipping a few ranks keeps the negatives hard but mostly true.
     """
-    if num_negatives < 1:
-        raise ValueError(f"reference_hard: num_negatives must be >= 1, got {num_negatives}")
+    if num_negatives < 1 or skip < 0:
+        raise ValueError(
+            f"reference_hard: need num_negatives >= 1 and skip >= 0, got {num_negatives}, {skip}"
+        )
     if len(exclude) != len(rows):
         raise ValueError(f"reference_hard: exclude has {len(exclude)} rows for {len(rows)} pairs")
     reference.eval()
     items = reference.item_embeddings().float().cpu().numpy()
     n_real = len(items) - 1
-    if num_negatives > n_real - 1:
+    if skip + num_negatives > n_real - 1:
         raise ValueError(
-            f"reference_hard: num_negatives={num_negatives} leaves no room for the chosen item "
-            f"in a catalog of {n_real} items"
+            f"reference_hard: skip + num_negatives = {skip + num_negatives} leaves no room for "
+            f"the chosen item in a catalog of {n_real} items"
         )
     index = build_index(items, kind="flat")
     out = torch.full((len(rows), num_negatives), PAD_ITEM, dtype=torch.long)
@@ -58,7 +66,8 @@ def reference_hard_negatives(
             np.append(exclude[i], int(chosen))
             for i, chosen in zip(idx, batch["chosen"], strict=True)
         ]
-        _, found = search(index, users, num_negatives, seen)
+        _, found = search(index, users, skip + num_negatives, seen)
+        found = found[:, skip:]
         out[start : start + len(idx)] = torch.from_numpy(
             np.where(found == EMPTY_ITEM, PAD_ITEM, found)
         )

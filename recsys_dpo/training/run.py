@@ -225,10 +225,11 @@ def attach_reference_logps(rows: RowsDataset, reference: Recommender, batch_size
 
 
 def use_reference_hard_negatives(
-    data: PairDataModule, reference: Recommender, num_negatives: int, progress: bool
+    data: PairDataModule, reference: Recommender, num_negatives: int, skip: int, progress: bool
 ) -> None:
     """Replace the rejected items of the train and valid pairs by the reference's top-N items
-    that are neither chosen nor among the user's train positives (`reference_hard`)."""
+    (after its first `skip`) that are neither chosen nor among the user's train positives
+    (`reference_hard`)."""
     positives = {
         user: np.asarray(items, dtype=np.int64)
         for user, items in data.train_sequences.select(USER_IDX, "items").iter_rows()
@@ -239,7 +240,7 @@ def use_reference_hard_negatives(
             continue
         exclude = [positives.get(int(u), none) for u in rows.columns["user_idx"]]
         rows.columns["rejected"] = reference_hard_negatives(
-            reference, rows, exclude, num_negatives, progress=progress
+            reference, rows, exclude, num_negatives, skip, progress=progress
         )
 
 
@@ -281,7 +282,9 @@ def train_preference(cfg: DictConfig) -> Path:
         reference = load_model(cfg.reference.ckpt, dropout=0.0)
     if hard:
         with bad_setting(f"reference.hard_negatives={hard}"):
-            use_reference_hard_negatives(data, reference, hard, cfg.progress)
+            use_reference_hard_negatives(
+                data, reference, hard, cfg.reference.hard_negatives_skip, cfg.progress
+            )
     if cfg.reference.precompute:
         for rows in (data.train_set, data.valid_pairs):
             if rows is not None:
