@@ -182,12 +182,12 @@ def main() -> None:
             row["speedup"] = row["pandas"]["seconds"] / row["polars"]["seconds"]
             print(f"{'':>12}  speed-up polars / pandas: {row['speedup']:.1f}x", flush=True)
         results.append(row)
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": {"cpus": mp.cpu_count(), "platform": platform.platform()},
-               "results": results}
-    args.out.write_text(json.dumps(payload, indent=2))
-    print(f"saved {args.out}")
+        # Saved after every size: a 50M run takes long enough to be worth keeping partial.
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"machine": {"cpus": mp.cpu_count(), "platform": platform.platform()},
+                   "results": results}
+        args.out.write_text(json.dumps(payload, indent=2))
+        print(f"saved {args.out}", flush=True)
 
 
 if __name__ == "__main__":
