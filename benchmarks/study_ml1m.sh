@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The ML-1M DPO study (issue 6), every row of its RESULTS.md table from one command each:
+#   bash benchmarks/study_ml1m.sh                     # all rows, seed 0
+#   SEED=1 REF_EPOCHS=200 bash benchmarks/study_ml1m.sh   # another seed, a longer reference
+#   DATA=synthetic ART=/tmp/s REF_EPOCHS=1 bash benchmarks/study_ml1m.sh   # a dry run in seconds
+# SASRec (dim 64, 2 blocks, 1 head, dropout 0.2, max_len 200) with full-catalog cross-entropy
+# as the reference; each preference row fine-tunes it on next-item pairs (each user's latest
+# PAIRS_PER_USER train events) for PREF_EPOCHS; the control trains the reference further with
+# its own loss for the same number of epochs. Every model is evaluated on the test split
+# (leave-one-out, full catalog, seen items removed) against the reference and the control.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+SEED=${SEED:-0}
+ART=${ART:-artifacts/study-ml1m}
+REF_EPOCHS=${REF_EPOCHS:-15}
+PREF_EPOCHS=${PREF_EPOCHS:-1}
+PAIRS_PER_USER=${PAIRS_PER_USER:-2}
+HARD=${HARD:-16}
+HARD_SKIP=${HARD_SKIP:-10}
+DATA=${DATA:-ml1m_sas}
+COMMON=("data=$DATA" "paths.artifacts=$ART" "seed=$SEED" progress=false
+        model=sasrec model.n_heads=1 model.dropout=0.2 train.batch_size=128)
+# Checkpoint names hold "=" (best-epoch=3-step=...), so ckpt overrides are quoted for hydra.
+run_dir() { ls -d "$ART/runs/$1"/*/*/ | head -1; }
+
+$PY pipelines/prepare.py "${COMMON[@]}"
+# The reference: REF=<ckpt> reuses one, else it is trained here (best valid NDCG@10 kept).
+if [ -z "${REF:-}" ]; then
+  [ -n "$(ls -d "$ART/runs/ref"/*/*/ 2>/dev/null)" ] ||
+    $PY pipelines/train_reference.py "${COMMON[@]}" train.lr=1e-3 \
+      "trainer.max_epochs=$REF_EPOCHS" "paths.runs=$ART/runs/ref"
+  REF=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['best_ckpt'])" \
+        "$(run_dir ref)result.json")
+fi
+
+# The compute-matched control: the reference trained further with its own loss.
+[ -n "$(ls -d "$ART/runs/control"/*/*/ 2>/dev/null)" ] ||
+  $PY pipelines/train_reference.py "${COMMON[@]}" mode=continue "reference.ckpt='$REF'" \
+    train.lr=1e-3 "trainer.max_epochs=$PREF_EPOCHS" "paths.runs=$ART/runs/control"
+CONTROL="$(run_dir control)last.ckpt"
+
+evaluate() {  # name, model ckpt, baseline name, baseline ckpt (skipped when already done)
+  [ -f "$ART/eval/$1-vs-$3/metrics.json" ] ||
+    $PY pipelines/evaluate.py "${COMMON[@]}" "eval.ckpt='$2'" "reference.ckpt='$4'" \
+      "eval.name=$1-vs-$3"
+}
+evaluate control "$CONTROL" ref "$REF"
+
+preference() {  # name, overrides...
+  local name=$1; shift
+  [ -n "$(ls -d "$ART/runs/$name"/*/*/ 2>/dev/null)" ] ||
+    $PY pipelines/train_preference.py "${COMMON[@]}" "reference.ckpt='$REF'" train.lr=1e-4 \
+      "trainer.max_epochs=$PREF_EPOCHS" "train.max_pairs_per_user=$PAIRS_PER_USER" \
+      "paths.runs=$ART/runs/$name" "$@"
+  evaluate "$name" "$(run_dir "$name")last.ckpt" ref "$REF"
+  evaluate "$name" "$(run_dir "$name")last.ckpt" control "$CONTROL"
+}
+preference dpo-popularity objective=dpo objective.beta=0.1
+preference dpo-hard objective=dpo objective.beta=0.1 "reference.hard_negatives=$HARD"
+preference sdpo-hard objective=sdpo objective.beta=0.1 "reference.hard_negatives=$HARD"
+preference ipo-hard objective=ipo objective.beta=0.1 "reference.hard_negatives=$HARD"
+preference dpo-sft-hard objective=dpo objective.beta=0.1 objective.sft_alpha=1.0 \
+  "reference.hard_negatives=$HARD"
+# The same with the reference's first HARD_SKIP ranks skipped (its likeliest false negatives).
+preference dpo-hard-skip objective=dpo objective.beta=0.1 "reference.hard_negatives=$HARD" \
+  "reference.hard_negatives_skip=$HARD_SKIP"
+preference dpo-sft-hard-skip objective=dpo objective.beta=0.1 objective.sft_alpha=1.0 \
+  "reference.hard_negatives=$HARD" "reference.hard_negatives_skip=$HARD_SKIP"
+
+$PY benchmarks/study_table.py "$ART/eval" --out "benchmarks/results/study_${DATA}_seed$SEED.json"
