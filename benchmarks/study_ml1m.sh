@@ -3,6 +3,7 @@
 #   bash benchmarks/study_ml1m.sh                     # all rows, seed 0
 #   SEED=1 REF_EPOCHS=200 bash benchmarks/study_ml1m.sh   # another seed, a longer reference
 #   DATA=synthetic ART=/tmp/s REF_EPOCHS=1 bash benchmarks/study_ml1m.sh   # a dry run in seconds
+#   SEED=1 ART=artifacts/study-ml1m-seed1 REF=<ckpt> ROWS="dpo-sft-hard-skip" bash ...  # some rows
 # SASRec (dim 64, 2 blocks, 1 head, dropout 0.2, max_len 200) with full-catalog cross-entropy
 # as the reference; each preference row fine-tunes it on next-item pairs (each user's latest
 # PAIRS_PER_USER train events) for PREF_EPOCHS; the control trains the reference further with
@@ -18,6 +19,7 @@ PREF_EPOCHS=${PREF_EPOCHS:-1}
 PAIRS_PER_USER=${PAIRS_PER_USER:-2}
 HARD=${HARD:-16}
 HARD_SKIP=${HARD_SKIP:-10}
+ROWS=${ROWS:-all}
 DATA=${DATA:-ml1m_sas}
 COMMON=("data=$DATA" "paths.artifacts=$ART" "seed=$SEED" progress=false
         model=sasrec model.n_heads=1 model.dropout=0.2 train.batch_size=128)
@@ -49,6 +51,7 @@ evaluate control "$CONTROL" ref "$REF"
 
 preference() {  # name, overrides...
   local name=$1; shift
+  [ "$ROWS" = all ] || [[ " $ROWS " == *" $name "* ]] || return 0
   [ -n "$(ls -d "$ART/runs/$name"/*/*/ 2>/dev/null)" ] ||
     $PY pipelines/train_preference.py "${COMMON[@]}" "reference.ckpt='$REF'" train.lr=1e-4 \
       "trainer.max_epochs=$PREF_EPOCHS" "train.max_pairs_per_user=$PAIRS_PER_USER" \

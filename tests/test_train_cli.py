@@ -87,6 +87,7 @@ def test_every_reference_objective_trains(artifacts, model, objective):
     assert run.name.startswith(f"{model}-{objective}-")
     out = result(run)
     assert Path(out["best_ckpt"]).is_file() and Path(out["last_ckpt"]).is_file()
+    assert "=" not in Path(out["best_ckpt"]).name  # usable as a hydra override value unquoted
     assert 0.0 <= out["val/ndcg@10"] <= 1.0 and out["seed"] == 0
     saved = read_checkpoint(out["last_ckpt"])
     assert saved["hyper_parameters"]["loss"] == objective

@@ -120,7 +120,8 @@ def fit(
     monitor = f"val/ndcg@{cfg.train.k}"
     checkpoint = ModelCheckpoint(
         dirpath=out,
-        filename="best-epoch={epoch}-step={step}",
+        # No '=' in the name: the path is passed back as a hydra override (reference.ckpt=...).
+        filename="best-epoch{epoch}-step{step}",
         auto_insert_metric_name=False,
         monitor=monitor,
         mode="max",
