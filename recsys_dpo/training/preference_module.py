@@ -20,6 +20,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
+from recsys_dpo.data.schema import PAD_ITEM
 from recsys_dpo.models import Recommender, build_model
 from recsys_dpo.models.base import Batch
 from recsys_dpo.objectives.catalog import entropy, exact_kl, logps
@@ -63,7 +64,12 @@ def objective_params(objective: str, beta: float, **settings: float) -> dict[str
 
 
 def pair_logps(logits: Tensor, chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
-    """log pi(chosen|u) [B] and log pi(rejected|u) [B, K] from catalog logits [B, N]."""
+    """log pi(chosen|u) [B] and log pi(rejected|u) [B, K] from catalog logits [B, N].
+
+    Padded rejected slots (item 0) get the chosen item's value instead of the padding column's
+    -inf, so they stay finite; the losses mask them out.
+    """
+    rejected = torch.where(rejected != PAD_ITEM, rejected, chosen.unsqueeze(1))
     logp = logps(logits, torch.cat([chosen.unsqueeze(1), rejected], dim=1))
     return logp[:, 0], logp[:, 1:]
 
@@ -153,9 +159,7 @@ class PreferenceModule(LightningModule):
 
     def preference_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss, detached metrics) of a pairs batch; see the module docstring for the names."""
-        chosen, mask = batch["chosen"], batch["rejected_mask"]
-        # Padded slots gather the chosen item instead of the padding column's -inf.
-        rejected = torch.where(mask, batch["rejected"], chosen.unsqueeze(1))
+        chosen, rejected, mask = batch["chosen"], batch["rejected"], batch["rejected_mask"]
         policy_logits = self.policy.full_scores(batch)
         policy_chosen, policy_rejected = pair_logps(policy_logits, chosen, rejected)
         ref_logits = None

@@ -217,8 +217,9 @@ def attach_reference_logps(rows: RowsDataset, reference: Recommender, batch_size
     chosen, rejected = [], []
     for start in range(0, len(rows), batch_size):
         batch = rows.__getitems__(list(range(start, min(start + batch_size, len(rows)))))
-        slots = torch.where(batch["rejected"] != 0, batch["rejected"], batch["chosen"].unsqueeze(1))
-        ref_chosen, ref_rejected = pair_logps(reference.full_scores(batch), batch["chosen"], slots)
+        ref_chosen, ref_rejected = pair_logps(
+            reference.full_scores(batch), batch["chosen"], batch["rejected"]
+        )
         chosen.append(ref_chosen)
         rejected.append(ref_rejected)
     rows.columns["ref_chosen"] = torch.cat(chosen)
