@@ -52,7 +52,6 @@ def test_reference_hard_is_the_top_of_the_unexcluded_catalog(seed, num, skip, mo
         want = sorted(allowed, key=lambda i: (-scores[row, i].item(), i))[skip : skip + num]
         want += [0] * (num - len(want))  # fewer candidates than asked: padding
         assert got[row].tolist() == want
-        assert not banned & set(got[row].tolist())
 
 
 def test_reference_hard_refuses_impossible_settings():

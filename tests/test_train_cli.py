@@ -16,7 +16,7 @@ from conftest import ROOT, run_pipeline
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from recsys_dpo.data.datamodule import PairDataModule
+from recsys_dpo.data.datamodule import PairDataModule, pair_examples
 from recsys_dpo.data.synthetic import load_truth, true_utility
 from recsys_dpo.errors import DataError
 from recsys_dpo.training.reference_module import ReferenceModule, load_model, read_checkpoint
@@ -256,21 +256,23 @@ def heldout_true_agreement(artifacts: Path, ckpt: Path) -> float:
     fraction the model orders as the true utility does (ties count as disagreement)."""
     prepared = artifacts / "prepared" / "synthetic"
     pairs = pl.concat([pl.read_parquet(prepared / f"pairs_{s}.parquet") for s in ("valid", "test")])
+    rows = pair_examples(pairs, max_len=20, max_negatives=None)
+    batch = rows.__getitems__(list(range(len(rows))))
+    with torch.no_grad():
+        scores = load_model(ckpt).full_scores(batch).double()
+    real = batch["rejected"] != 0
+    chosen_score = scores.gather(1, batch["chosen"][:, None])
+    model_margin = (chosen_score - scores.gather(1, batch["rejected"]))[real]
     users = pl.read_parquet(prepared / "vocab_users.parquet").sort("user_idx")["user_id"]
     items = pl.read_parquet(prepared / "vocab_items.parquet").sort("item_idx")["item_id"]
-    rows = pairs.explode("rejected")
-    user_ids = users.gather(rows["user_idx"]).to_list()
+    user_ids = users.gather(batch["user_idx"].unsqueeze(1).expand_as(real)[real].numpy()).to_list()
+    chosen = items.gather(batch["chosen"].unsqueeze(1).expand_as(real)[real].numpy() - 1)
+    rejected = items.gather(batch["rejected"][real].numpy() - 1)
     truth = load_truth(artifacts / "raw" / "synthetic")
-    true_margin = (true_utility(truth, user_ids, items.gather(rows["chosen"] - 1).to_list())
-                   - true_utility(truth, user_ids, items.gather(rows["rejected"] - 1).to_list()))  # fmt: skip
-    model, agree = load_model(ckpt), []
-    for row, true in zip(rows.iter_rows(named=True), true_margin, strict=True):
-        context = torch.tensor(row["context"][-20:] or [0]).view(1, -1)
-        batch = {"user_idx": torch.tensor([row["user_idx"]]), "context": context}
-        with torch.no_grad():
-            scores = model.full_scores(batch)[0]
-        agree.append(float(torch.sign(scores[row["chosen"]] - scores[row["rejected"]])) == np.sign(true))
-    return float(np.mean(agree))
+    true_margin = (true_utility(truth, user_ids, chosen.to_list())
+                   - true_utility(truth, user_ids, rejected.to_list()))  # fmt: skip
+    agree = torch.sign(model_margin).numpy() == np.sign(true_margin)
+    return float(agree.mean())
 
 
 @pytest.mark.parametrize("model", MODELS)
