@@ -4,8 +4,10 @@
 #   SEED=1 REF_EPOCHS=200 bash benchmarks/study_ml1m.sh   # another seed, a longer reference
 #   DATA=synthetic ART=/tmp/s REF_EPOCHS=1 bash benchmarks/study_ml1m.sh   # a dry run in seconds
 #   SEED=1 ART=artifacts/study-ml1m-seed1 REF=<ckpt> ROWS="dpo-sft-hard-skip" bash ...  # some rows
-# SASRec (dim 64, 2 blocks, 1 head, dropout 0.2, max_len 200) with full-catalog cross-entropy
-# as the reference; each preference row fine-tunes it on next-item pairs (each user's latest
+#   MODEL=two_tower ART=artifacts/study-ml1m-two-tower bash benchmarks/study_ml1m.sh  # two-tower
+# SASRec (dim 64, 2 blocks, 1 head, dropout 0.2, max_len 200) or the two-tower model (dim 64,
+# one hidden layer of 128, mean of the last 50 history items, reference batch 1024) with
+# full-catalog cross-entropy as the reference; each preference row fine-tunes it on next-item pairs (each user's latest
 # PAIRS_PER_USER train events) for PREF_EPOCHS; the control trains the reference further with
 # its own loss for the same number of epochs. Every model is evaluated on the test split
 # (leave-one-out, full catalog, seen items removed) against the reference and the control.
@@ -19,11 +21,20 @@ PREF_EPOCHS=${PREF_EPOCHS:-1}
 PAIRS_PER_USER=${PAIRS_PER_USER:-2}
 HARD=${HARD:-16}
 HARD_SKIP=${HARD_SKIP:-10}
+FAR_SKIP=${FAR_SKIP:-50}
+BETAS=${BETAS:-0.03 0.3 1.0}
 ROWS=${ROWS:-all}
 DATA=${DATA:-ml1m_sas}
-COMMON=("data=$DATA" "paths.artifacts=$ART" "seed=$SEED" progress=false
-        model=sasrec model.n_heads=1 model.dropout=0.2 train.batch_size=128)
-# Checkpoint names hold "=" (best-epoch=3-step=...), so ckpt overrides are quoted for hydra.
+MODEL=${MODEL:-sasrec}
+case $MODEL in
+  sasrec) MODEL_ARGS=(model=sasrec model.n_heads=1 model.dropout=0.2); REF_BATCH=128
+          TAG=$DATA ;;
+  two_tower) MODEL_ARGS=(model=two_tower model.max_len=50); REF_BATCH=1024; TAG=${DATA}_two_tower ;;
+  *) echo "MODEL=$MODEL: expected sasrec or two_tower" >&2; exit 2 ;;
+esac
+COMMON=("data=$DATA" "paths.artifacts=$ART" "seed=$SEED" progress=false "${MODEL_ARGS[@]}"
+        train.batch_size=128)
+# Older checkpoint names hold "=" (best-epoch=3-step=...), so ckpt overrides are quoted.
 run_dir() { ls -d "$ART/runs/$1"/*/*/ | head -1; }
 
 $PY pipelines/prepare.py "${COMMON[@]}"
@@ -31,7 +42,7 @@ $PY pipelines/prepare.py "${COMMON[@]}"
 if [ -z "${REF:-}" ]; then
   [ -n "$(ls -d "$ART/runs/ref"/*/*/ 2>/dev/null)" ] ||
     $PY pipelines/train_reference.py "${COMMON[@]}" train.lr=1e-3 \
-      "trainer.max_epochs=$REF_EPOCHS" "paths.runs=$ART/runs/ref"
+      "train.batch_size=$REF_BATCH" "trainer.max_epochs=$REF_EPOCHS" "paths.runs=$ART/runs/ref"
   REF=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['best_ckpt'])" \
         "$(run_dir ref)result.json")
 fi
@@ -39,7 +50,8 @@ fi
 # The compute-matched control: the reference trained further with its own loss.
 [ -n "$(ls -d "$ART/runs/control"/*/*/ 2>/dev/null)" ] ||
   $PY pipelines/train_reference.py "${COMMON[@]}" mode=continue "reference.ckpt='$REF'" \
-    train.lr=1e-3 "trainer.max_epochs=$PREF_EPOCHS" "paths.runs=$ART/runs/control"
+    train.lr=1e-3 "train.batch_size=$REF_BATCH" "trainer.max_epochs=$PREF_EPOCHS" \
+    "paths.runs=$ART/runs/control"
 CONTROL="$(run_dir control)last.ckpt"
 
 evaluate() {  # name, model ckpt, baseline name, baseline ckpt (skipped when already done)
@@ -70,5 +82,13 @@ preference dpo-hard-skip objective=dpo objective.beta=0.1 "reference.hard_negati
   "reference.hard_negatives_skip=$HARD_SKIP"
 preference dpo-sft-hard-skip objective=dpo objective.beta=0.1 objective.sft_alpha=1.0 \
   "reference.hard_negatives=$HARD" "reference.hard_negatives_skip=$HARD_SKIP"
+# Skipping FAR_SKIP ranks: fewer false negatives (benchmarks/hard_negative_hits.py counts them).
+preference dpo-hard-skip$FAR_SKIP objective=dpo objective.beta=0.1 \
+  "reference.hard_negatives=$HARD" "reference.hard_negatives_skip=$FAR_SKIP"
+# The beta grid of the best row (beta 0.1 above).
+for beta in $BETAS; do
+  preference "dpo-sft-hard-skip-beta$beta" objective=dpo "objective.beta=$beta" \
+    objective.sft_alpha=1.0 "reference.hard_negatives=$HARD" "reference.hard_negatives_skip=$HARD_SKIP"
+done
 
-$PY benchmarks/study_table.py "$ART/eval" --out "benchmarks/results/study_${DATA}_seed$SEED.json"
+$PY benchmarks/study_table.py "$ART/eval" --out "benchmarks/results/study_${TAG}_seed$SEED.json"
