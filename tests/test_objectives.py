@@ -43,6 +43,7 @@ PARAMS = {
     "sdpo": {"beta": 0.5},
     "simpo": {"beta": 0.5, "gamma": 0.3},
     "kto": {"beta": 0.5, "kl_ref": t(0.2)},
+    "sft": {"beta": 0.5},
 }
 
 
@@ -218,6 +219,13 @@ def test_simpo_closed_form_ignores_reference():
     assert out.chosen_rewards.tolist() == pytest.approx([BETA * 1.0])
 
 
+def test_sft_has_no_preference_term_but_logs_dpo_rewards():
+    out = call("sft", ROW)
+    assert out.loss.item() == 0.0
+    assert out.chosen_rewards.tolist() == pytest.approx([BETA * 0.8])
+    assert out.rejected_rewards.tolist()[0] == pytest.approx([BETA * 0.1, BETA * -0.3])
+
+
 def test_rewards_are_beta_times_log_ratio_detached_and_zero_at_padding():
     inputs = {**ROW, "rejected_mask": torch.tensor([[True, False]])}
     inputs["policy_chosen"] = inputs["policy_chosen"].clone().requires_grad_()
@@ -329,10 +337,15 @@ def test_padded_negatives_change_neither_loss_nor_gradient(name, seed, batch, k,
     loss_plain, loss_padded = call(name, plain).loss, call(name, padded).loss
     loss_plain.backward()
     loss_padded.backward()
+
+    def grad(inputs: dict, key: str) -> torch.Tensor:  # sft's loss does not use the negatives
+        g = inputs[key].grad
+        return torch.zeros_like(inputs[key]) if g is None else g
+
     assert loss_padded.item() == pytest.approx(loss_plain.item(), rel=1e-9)
-    assert torch.allclose(plain["policy_chosen"].grad, padded["policy_chosen"].grad)
-    grad_rejected = padded["policy_rejected"].grad
-    assert torch.allclose(plain["policy_rejected"].grad, grad_rejected[:, :k])
+    assert torch.allclose(grad(plain, "policy_chosen"), grad(padded, "policy_chosen"))
+    grad_rejected = grad(padded, "policy_rejected")
+    assert torch.allclose(grad(plain, "policy_rejected"), grad_rejected[:, :k])
     assert (grad_rejected[:, k:] == 0).all()
 
 

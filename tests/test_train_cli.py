@@ -29,7 +29,7 @@ from recsys_dpo.training.run import (
 
 MODELS = ("sasrec", "two_tower")
 REFERENCE_OBJECTIVES = ("ce", "sampled_softmax", "bce", "bpr")
-PREFERENCE_OBJECTIVES = ("dpo", "cdpo", "ipo", "hinge", "sdpo", "simpo", "kto")
+PREFERENCE_OBJECTIVES = ("dpo", "cdpo", "ipo", "hinge", "sdpo", "simpo", "kto", "sft")
 DATA = ("data.reader.n_users=200", "data.reader.n_items=60", "data.max_len=20")
 SMALL = ("model.dim=16", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
          "+trainer.limit_val_batches=2", "+trainer.num_sanity_val_steps=0",

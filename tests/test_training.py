@@ -260,6 +260,20 @@ def test_at_the_reference_rewards_are_zero_and_dpo_is_log2(prepared, reference_c
     assert metrics["logps/chosen"] < 0
 
 
+def test_sft_objective_is_alpha_times_the_catalog_cross_entropy_of_chosen(prepared, reference_ckpt):
+    data = PairDataModule(prepared, max_len=8, batch_size=16)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    module = PreferenceModule(str(reference_ckpt), data.n_items, data.n_users, objective="sft",
+                              sft_alpha=0.7)  # fmt: skip
+    module.train()
+    loss, _ = module.preference_step(batch)
+    with torch.no_grad():
+        real_items = module.policy.full_scores(batch)[:, 1:]  # column 0 is padding
+        nll = -real_items.log_softmax(-1).gather(1, (batch["chosen"] - 1).unsqueeze(1)).mean()
+    assert loss.item() == pytest.approx(0.7 * nll.item(), rel=1e-5)
+
+
 def test_kto_at_the_reference_is_one_half_and_its_step_moves_the_policy(prepared, reference_ckpt):
     """At policy == reference every r = 0 and the exact-KL reference point is 0, so each row's
     loss is lambda - lambda sigma(0) = 1/2; a step then raises chosen over rejected."""
@@ -311,7 +325,8 @@ def test_mismatched_reference_is_refused(reference_ckpt):
      ({"gamma": 0.5}, "does not use"), ({"objective": "cdpo", "label_smoothing": 0.7},
                                         "label_smoothing"), ({"sft_alpha": -1.0}, "sft_alpha"),
      ({"lambda_u": 2.0}, "does not use"), ({"objective": "kto", "lambda_d": 0.0}, "lambda_d"),
-     ({"objective": "kto", "precompute": True}, "precompute=false")],
+     ({"objective": "kto", "precompute": True}, "precompute=false"),
+     ({"objective": "sft"}, "sft_alpha > 0")],
 )  # fmt: skip
 def test_invalid_objective_settings_fail_at_construction(reference_ckpt, settings, message):
     with pytest.raises(ValueError, match=message):

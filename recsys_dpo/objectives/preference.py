@@ -476,6 +476,28 @@ def kto_pairs(
     return PreferenceLoss(out.loss, out.rewards[:batch], rejected_rewards)
 
 
+def sft(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    rejected_mask: Tensor | None = None,
+    weight: Tensor | None = None,
+    *,
+    beta: float,
+) -> PreferenceLoss:
+    """No preference term: l = 0, rewards beta * log ratio as for DPO (logged only).
+
+    With `sft_alpha > 0` the preference stage then trains the SFT term alone on the chosen
+    items: the SFT baseline of Rafailov et al. (NeurIPS 2023), which tells a gain of the
+    preference term from a gain of fine-tuning on the same (recent) events.
+    """
+    pairs = _prepare(
+        "sft", beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected, rejected_mask, weight
+    )
+    return _result(0.0 * pairs.chosen, pairs, beta)  # zero, yet part of the graph (grad 0)
+
+
 def sft_term(logits: Tensor, chosen: Tensor) -> Tensor:
     """RPO's NLL term (Pang et al., NeurIPS 2024, "Iterative Reasoning Preference
     Optimization"): full-catalog cross-entropy -log pi_theta(chosen|u), padding excluded.
@@ -516,4 +538,5 @@ LOSSES: dict[str, PairwiseLoss] = {
     "sdpo": sdpo,
     "simpo": simpo,
     "kto": kto_pairs,
+    "sft": sft,
 }

@@ -81,8 +81,8 @@ class PreferenceModule(LightningModule):
         reference_ckpt: the stage-1 checkpoint (policy initialisation and frozen reference).
         n_items, n_users: the data's vocab sizes; a reference built for others is refused.
         objective: a key of `recsys_dpo.objectives.preference.LOSSES` (dpo, cdpo, robust, ipo,
-            hinge, sdpo, simpo, kto); beta, label_smoothing, gamma, lambda_d, lambda_u: its
-            parameters. kto takes the pairs apart into click / no-click rows; its reference
+            hinge, sdpo, simpo, kto, sft); beta, label_smoothing, gamma, lambda_d, lambda_u: its
+            parameters. sft has no preference term (the SFT-only baseline; needs sft_alpha > 0). kto takes the pairs apart into click / no-click rows; its reference
             point is the exact KL(pi_theta || pi_ref) of the batch's users, so it needs the
             live reference (not precompute).
         sft_alpha: weight of the RPO term, full-catalog cross-entropy on the chosen item.
@@ -127,6 +127,8 @@ class PreferenceModule(LightningModule):
             )
         if sft_alpha < 0:
             raise ValueError(f"sft_alpha must be >= 0, got {sft_alpha}")
+        if objective == "sft" and sft_alpha <= 0:
+            raise ValueError("objective=sft trains the SFT term alone: set sft_alpha > 0")
         if lr <= 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
         self.save_hyperparameters()
