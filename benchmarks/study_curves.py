@@ -32,6 +32,8 @@ def main() -> None:
     if not results:
         raise SystemExit(f"no runs/*/preference/*/result.json under {args.art}")
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
+    for ax in axes:  # up to 20 rows, each its own colour
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for result in results:
         row = result.parent.parent.parent.name
         run_id = json.loads(result.read_text())["mlflow_run_id"]

@@ -1,28 +1,30 @@
 #!/usr/bin/env bash
-# The ML-1M DPO study (issue 6), every row of its RESULTS.md table from one command each:
-#   bash benchmarks/study_ml1m.sh                     # all rows, seed 0
-#   SEED=1 REF_EPOCHS=200 bash benchmarks/study_ml1m.sh   # another seed, a longer reference
-#   DATA=synthetic ART=/tmp/s REF_EPOCHS=1 bash benchmarks/study_ml1m.sh   # a dry run in seconds
+# The ML-1M DPO study (issue 6): every row of its benchmarks/RESULTS.md tables, one command each.
+#   bash benchmarks/study_ml1m.sh                        # all rows, seed 0
+#   SEED=1 REF_EPOCHS=200 bash benchmarks/study_ml1m.sh  # another seed, a longer reference
 #   SEED=1 ART=artifacts/study-ml1m-seed1 REF=<ckpt> ROWS="dpo-sft-hard-skip" bash ...  # some rows
-#   MODEL=two_tower ART=artifacts/study-ml1m-two-tower bash benchmarks/study_ml1m.sh  # two-tower
-# SASRec (dim 64, 2 blocks, 1 head, dropout 0.2, max_len 200) or the two-tower model (dim 64,
-# one hidden layer of 128, mean of the last 50 history items, reference batch 1024) with
-# full-catalog cross-entropy as the reference; each preference row fine-tunes it on next-item pairs (each user's latest
-# PAIRS_PER_USER train events) for PREF_EPOCHS; the control trains the reference further with
-# its own loss for the same number of epochs. Every model is evaluated on the test split
-# (leave-one-out, full catalog, seen items removed) against the reference and the control.
+#   MODEL=two_tower ART=artifacts/study-ml1m-two-tower bash benchmarks/study_ml1m.sh    # two-tower
+#   DATA=synthetic ART=/tmp/s REF_EPOCHS=1 bash benchmarks/study_ml1m.sh  # a dry run, minutes
+#   OUT=x.json ...                                       # where the table's JSON goes
+# Several at once on one CPU box: OMP_NUM_THREADS=1 each (README, "GPU and several GPUs").
+# The reference: SASRec (dim 64, 2 blocks, 1 head, dropout 0.2, max_len 200) or the two-tower
+# model (dim 64, one hidden layer of 128, mean of the last 50 history items, batch 1024), with
+# full-catalog cross-entropy. Each preference row fine-tunes it on next-item pairs (each user's
+# latest PAIRS_PER_USER train events) for PREF_EPOCHS; the control trains the reference further
+# with its own loss for as many epochs. Every model is evaluated on the test split (leave-one-out,
+# full catalog, seen items removed) against the reference and the control.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 SEED=${SEED:-0}
 ART=${ART:-artifacts/study-ml1m}
-REF_EPOCHS=${REF_EPOCHS:-15}
+REF_EPOCHS=${REF_EPOCHS:-34}
 PREF_EPOCHS=${PREF_EPOCHS:-1}
 PAIRS_PER_USER=${PAIRS_PER_USER:-2}
 HARD=${HARD:-16}
 HARD_SKIP=${HARD_SKIP:-10}
 FAR_SKIP=${FAR_SKIP:-50}
-BETAS=${BETAS:-0.03 0.3 1.0}
+BETAS=${BETAS:-0.03 0.3 1.0 3.0}
 ROWS=${ROWS:-all}
 DATA=${DATA:-ml1m_sas}
 MODEL=${MODEL:-sasrec}
@@ -82,6 +84,8 @@ preference dpo-hard-skip objective=dpo objective.beta=0.1 "reference.hard_negati
   "reference.hard_negatives_skip=$HARD_SKIP"
 preference dpo-sft-hard-skip objective=dpo objective.beta=0.1 objective.sft_alpha=1.0 \
   "reference.hard_negatives=$HARD" "reference.hard_negatives_skip=$HARD_SKIP"
+# The SFT term alone on the same chosen items: what fine-tuning on recent events gives by itself.
+preference sft objective=sft
 # Skipping FAR_SKIP ranks: fewer false negatives (benchmarks/hard_negative_hits.py counts them).
 preference dpo-hard-skip$FAR_SKIP objective=dpo objective.beta=0.1 \
   "reference.hard_negatives=$HARD" "reference.hard_negatives_skip=$FAR_SKIP"
@@ -91,4 +95,4 @@ for beta in $BETAS; do
     objective.sft_alpha=1.0 "reference.hard_negatives=$HARD" "reference.hard_negatives_skip=$HARD_SKIP"
 done
 
-$PY benchmarks/study_table.py "$ART/eval" --out "benchmarks/results/study_${TAG}_seed$SEED.json"
+$PY benchmarks/study_table.py "$ART/eval" --out "${OUT:-benchmarks/results/study_${TAG}_seed$SEED.json}"
