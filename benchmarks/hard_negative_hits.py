@@ -29,7 +29,7 @@ def held_out_items(data: PairDataModule) -> torch.Tensor:
     """[n_users, h] item indices of each user's valid and test events, -1 padded."""
     events = pl.concat([data.dataset.events("valid"), data.dataset.events("test")])
     lists = events.group_by(USER_IDX).agg(pl.col(ITEM_IDX))
-    width = max(1, int(lists[ITEM_IDX].list.len().max() or 1))
+    width = int(lists[ITEM_IDX].list.len().max() or 1)
     out = torch.full((data.n_users, width), -1, dtype=torch.long)
     for user, items in lists.iter_rows():
         out[user, : len(items)] = torch.tensor(items)

@@ -495,7 +495,7 @@ def sft(
     pairs = _prepare(
         "sft", beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected, rejected_mask, weight
     )
-    return _result(0.0 * pairs.chosen, pairs, beta)  # zero, yet part of the graph (grad 0)
+    return _pairwise(lambda m: 0.0 * m, pairs, beta)  # zero, yet in the graph (gradient 0)
 
 
 def sft_term(logits: Tensor, chosen: Tensor) -> Tensor:

@@ -82,9 +82,10 @@ class PreferenceModule(LightningModule):
         n_items, n_users: the data's vocab sizes; a reference built for others is refused.
         objective: a key of `recsys_dpo.objectives.preference.LOSSES` (dpo, cdpo, robust, ipo,
             hinge, sdpo, simpo, kto, sft); beta, label_smoothing, gamma, lambda_d, lambda_u: its
-            parameters. sft has no preference term (the SFT-only baseline; needs sft_alpha > 0). kto takes the pairs apart into click / no-click rows; its reference
+            parameters. kto takes the pairs apart into click / no-click rows; its reference
             point is the exact KL(pi_theta || pi_ref) of the batch's users, so it needs the
-            live reference (not precompute).
+            live reference (not precompute). sft has no preference term: the SFT-only
+            baseline, which needs sft_alpha > 0.
         sft_alpha: weight of the RPO term, full-catalog cross-entropy on the chosen item.
         precompute: take reference log-probabilities from the batch, keep no reference model
             (then kl/policy_ref cannot be logged).
