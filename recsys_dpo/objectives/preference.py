@@ -9,6 +9,7 @@ Inputs of the paired losses, one row per context:
     policy_chosen [B], policy_rejected [B, K] (K >= 1), ref_chosen [B], ref_rejected [B, K],
     rejected_mask [B, K] bool (True = a real negative, False = padding; None = all real),
     weight [B] (>= 0; None = all 1).
+The reference inputs are detached inside every loss (no gradient ever reaches them).
 The loss is the weighted mean sum_b w_b l_b / sum_b w_b. For a pairwise loss with K > 1
 negatives, l_b is the mean of the pairwise loss over the row's real negatives; S-DPO is
 listwise instead. Every loss returns `PreferenceLoss` with the rewards TRL logs,
@@ -122,9 +123,13 @@ class _Pairs(NamedTuple):
 
 
 def _log_ratio(name: str, policy: Tensor, ref: Tensor | None, label: str) -> Tensor:
-    """r = s_theta - s_ref, subtracted in >= fp32: near the reference r is a tiny difference."""
+    """r = s_theta - s_ref, subtracted in >= fp32: near the reference r is a tiny difference.
+
+    The reference is detached here, in the one helper every loss uses: it is frozen by
+    definition, so a caller that passes live reference scores must not train it.
+    """
     _require(name, ref is not None, f"{label} is required (the loss is not reference-free)")
-    return at_least_fp32(policy) - at_least_fp32(ref)
+    return at_least_fp32(policy) - at_least_fp32(ref.detach())
 
 
 def _prepare(
