@@ -165,7 +165,7 @@ def test_compare_with_itself_is_exactly_zero(data):
         assert (delta.mean, delta.lo, delta.hi) == (0.0, 0.0, 0.0), name
         assert not delta.significant
     assert (result.per_user["kl"].to_numpy() == 0).all()
-    assert result.aggregates["reward_margin"] == 0.0
+    assert result.aggregates["log_ratio_margin"] == 0.0
 
 
 def test_compare_detects_a_better_policy(data):

@@ -12,7 +12,9 @@
 import numpy as np
 import pytest
 import torch
+from test_evaluator import TableModel, prepare
 
+from recsys_dpo.evaluation.evaluator import compare
 from recsys_dpo.objectives import preference
 
 # --------------------------------------------------------------------------- d. detach
@@ -58,3 +60,31 @@ def test_unpaired_kto_never_sends_gradient_into_the_reference():
     out = preference.kto(policy, ref, torch.tensor([True, False, True]), torch.tensor(0.1), 0.5)
     out.loss.backward()
     assert ref.grad is None and policy.grad is not None and np.isfinite(policy.grad).all()
+
+
+# --------------------------------------------------------------------------- f. margin
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A hand-made click log prepared by the real prepare stage (test_evaluator's)."""
+    return prepare(tmp_path_factory.mktemp("small") / "prepared", n_items=40)
+
+
+def test_compare_reports_the_unscaled_log_ratio_margin(small):
+    gen = torch.Generator().manual_seed(0)
+    users, items = torch.randn(small.n_users, 4, generator=gen), torch.randn(small.n_items, 4)
+    shift = torch.randn(small.n_items, 4, generator=gen)
+    reference, policy = TableModel(users, items), TableModel(users, items + shift)
+    result = compare(policy, reference, small, "test", k=[5], n_resamples=50)
+    pairs = small.pairs("test")
+    u = users[pairs["user_idx"].to_numpy()].numpy()
+    ratio = u @ shift.numpy().T  # s_pol - s_ref of every item, per pair row
+    rows = np.arange(pairs.height)
+    chosen = ratio[rows, pairs["chosen"].to_numpy()]
+    margins = [
+        np.mean(chosen[r] - ratio[r, rejected])
+        for r, rejected in enumerate(pairs["rejected"].to_list())
+    ]
+    assert result.aggregates["log_ratio_margin"] == pytest.approx(np.mean(margins), rel=1e-5)
+    assert "reward_margin" not in result.aggregates

@@ -17,9 +17,10 @@ tail share of the top-K lists (popularity = train positives); impression-level A
 nDCG@5/10 when S has request_id; preference accuracy on the split's pairs.
 
 `compare` evaluates policy and reference on the same queries and adds per-user deltas with paired
-bootstrap CIs, the exact KL(policy || reference) per user, and the mean implicit-reward margin
-(s_pol - s_ref)(chosen) - (s_pol - s_ref)(rejected) on the pairs (the log-partitions cancel within
-a context, so score differences are log-probability differences).
+bootstrap CIs, the exact KL(policy || reference) per user, and `log_ratio_margin`, the mean
+UNSCALED implicit-reward margin (s_pol - s_ref)(chosen) - (s_pol - s_ref)(rejected) on the pairs (no
+beta; the log-partitions cancel within a context, so score differences are log-probability
+differences).
 """
 
 from __future__ import annotations
@@ -476,7 +477,8 @@ def compare(
 ) -> Comparison:
     """Evaluate policy and reference on identical queries; paired bootstrap CIs of every
     per-user (and per-request) metric difference, exact KL(policy || reference) per user, and
-    the mean implicit-reward margin on the split's pairs. `evaluate_kwargs` go to `evaluate`."""
+    the mean unscaled log-ratio margin on the split's pairs (`log_ratio_margin`).
+    `evaluate_kwargs` go to `evaluate`."""
     data = data if isinstance(data, PreparedDataset) else load_prepared(data)
     if policy.n_items != reference.n_items:
         raise DataError(
@@ -500,7 +502,7 @@ def compare(
                                     n_resamples, seed, ci)  # fmt: skip
         deltas |= {f"impression/{name}": d for name, d in request_deltas.items()}
     if pol.pairs is not None and ref.pairs is not None:
-        aggregates["reward_margin"] = metrics.reward_margin_mean(
+        aggregates["log_ratio_margin"] = metrics.reward_margin_mean(
             pol.pairs.chosen - ref.pairs.chosen, pol.pairs.rejected - ref.pairs.rejected,
             pol.pairs.mask,
         )  # fmt: skip

@@ -259,8 +259,11 @@ def preference_accuracy(
 def reward_margin_mean(
     chosen_rewards: np.ndarray, rejected_rewards: np.ndarray, mask: np.ndarray | None = None
 ) -> float:
-    """Mean reward margin r(chosen) - r(rejected) over valid rejected items, per pair then over
-    pairs (TRL's rewards/margins), with r = beta * (s_theta - s_ref) computed by the caller."""
+    """Mean margin r(chosen) - r(rejected) over valid rejected items, per pair then over pairs
+    (the form of TRL's rewards/margins), for whatever per-item r the caller passes. The
+    evaluator passes the UNSCALED log-ratio r = s_theta - s_ref (no beta: it does not know the
+    training beta, and an unscaled margin compares across betas) and reports it as
+    `log_ratio_margin`; TRL's beta-scaled margin is beta times it."""
     chosen = np.asarray(chosen_rewards, dtype=np.float64)[:, None]
     return _pair_mean(chosen - np.asarray(rejected_rewards, dtype=np.float64), mask)
 
