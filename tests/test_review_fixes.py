@@ -10,10 +10,16 @@
 """
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_evaluator import TableModel, prepare
+from test_training import write_prepared
 
+from recsys_dpo.data.datamodule import PairDataModule
+from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.evaluator import compare
 from recsys_dpo.objectives import preference
 
@@ -88,3 +94,57 @@ def test_compare_reports_the_unscaled_log_ratio_margin(small):
     ]
     assert result.aggregates["log_ratio_margin"] == pytest.approx(np.mean(margins), rel=1e-5)
     assert "reward_margin" not in result.aggregates
+
+
+# --------------------------------------------------------------------------- a. latest events
+
+# (user, timestamp, pair rows) per event; few users and timestamps, so ties are common.
+EVENTS = st.lists(
+    st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(1, 3)), min_size=1, max_size=25
+)
+
+
+@pytest.fixture(scope="module")
+def pair_root(tmp_path_factory):
+    return write_prepared(tmp_path_factory.mktemp("pairs") / "prepared", n_users=4)
+
+
+def _pairs_of(events: list[tuple[int, int, int]], order: list[int]) -> pl.DataFrame:
+    """One pair row per (event, source); `weight` names the row, seq is the event's log row."""
+    rows = [(u, t, seq) for seq, (u, t, n) in enumerate(events) for _ in range(n)]
+    rows = [rows[i] for i in order if i < len(rows)]  # order: a permutation of range(75)
+    users, times, seqs = zip(*rows, strict=True)
+    return pl.DataFrame(
+        {"user_idx": users, "context": [[1]] * len(rows), "chosen": [2] * len(rows),
+         "rejected": [[3]] * len(rows), "weight": [float(i + 1) for i in range(len(rows))],
+         "source": ["next_item"] * len(rows), "timestamp": times, "seq": seqs},
+        schema={"user_idx": pl.Int32, "context": pl.List(pl.Int32), "chosen": pl.Int32,
+                "rejected": pl.List(pl.Int32), "weight": pl.Float32, "source": pl.Utf8,
+                "timestamp": pl.Int64, "seq": pl.Int64},
+    )  # fmt: skip
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(events=EVENTS, n=st.integers(1, 4), order=st.permutations(range(75)))
+def test_max_pairs_per_user_keeps_all_rows_of_the_latest_events(pair_root, events, n, order):
+    pairs = _pairs_of(events, order)
+    pairs.write_parquet(pair_root / "pairs_train.parquet")
+    data = PairDataModule(pair_root, max_len=4, batch_size=10_000, max_pairs_per_user=n)
+    data.setup()
+    got = sorted(next(iter(data.train_dataloader()))["weight"].tolist())
+    # Brute force: per user, the events sorted by (timestamp, seq), the last n kept.
+    want = []
+    for user in set(pairs["user_idx"]):
+        mine = pairs.filter(pl.col("user_idx") == user)
+        latest = sorted(set(zip(mine["timestamp"], mine["seq"], strict=True)))[-n:]
+        want += [w for t, q, w in mine.select("timestamp", "seq", "weight").iter_rows()
+                 if (t, q) in latest]  # fmt: skip
+    assert got == sorted(want)
+
+
+def test_max_pairs_per_user_refuses_pairs_without_seq(pair_root):
+    _pairs_of([(0, 1, 1)], []).drop("seq").write_parquet(pair_root / "pairs_train.parquet")
+    with pytest.raises(DataError, match="pairs_train.parquet: the pairs have no seq column"):
+        PairDataModule(pair_root, max_pairs_per_user=1).setup()

@@ -56,10 +56,10 @@ def pairs_frame(users: range, rng: np.random.Generator) -> pl.DataFrame:
     return pl.DataFrame(
         {"user_idx": u, "context": ctx, "chosen": ch, "rejected": rej,
          "weight": [1.0] * len(rows), "source": ["next_item"] * len(rows),
-         "timestamp": [TRAIN_LEN] * len(rows)},
+         "timestamp": [TRAIN_LEN] * len(rows), "seq": list(u)},
         schema={"user_idx": pl.Int32, "context": pl.List(pl.Int32), "chosen": pl.Int32,
                 "rejected": pl.List(pl.Int32), "weight": pl.Float32, "source": pl.Utf8,
-                "timestamp": pl.Int64},
+                "timestamp": pl.Int64, "seq": pl.Int64},
     )  # fmt: skip
 
 

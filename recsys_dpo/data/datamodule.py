@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recsys_dpo.artifacts import read_manifest
 from recsys_dpo.data.schema import ITEM_IDX, PAD_ITEM, USER_IDX
+from recsys_dpo.data.sequences import EVENT_ORDER
 from recsys_dpo.errors import DataError
 
 Batch = dict[str, Tensor]
@@ -276,6 +277,29 @@ def pair_examples(pairs: pl.DataFrame, max_len: int, max_negatives: int | None) 
     return RowsDataset(columns)
 
 
+def latest_events(pairs: pl.DataFrame, n: int, where: Path | str = "pairs") -> pl.DataFrame:
+    """The pair rows of each user's latest `n` chosen EVENTS, in their file order.
+
+    An event is (user_idx, timestamp, seq): every strategy's rows of one event count once, and
+    equal timestamps are ordered by seq (the log's row order), the later row being the more
+    recent, as everywhere else (`sequences.EVENT_ORDER`). A bounded fine-tuning set that
+    keeps every user.
+    """
+    if "seq" not in pairs.columns:
+        raise DataError(
+            f"{where}: the pairs have no seq column (written before schema version 3), so "
+            "their events cannot be told apart; re-run the prepare stage"
+        )
+    events = [USER_IDX, *EVENT_ORDER]
+    latest = (
+        pairs.select(events)
+        .unique()
+        .sort(events, descending=True)
+        .filter(pl.int_range(pl.len()).over(USER_IDX) < n)
+    )
+    return pairs.join(latest, on=events, how="semi", maintain_order="left")
+
+
 class _PreparedDataModule(LightningDataModule):
     """Shared plumbing: the dataset handle, the validation ranking rows, dataloaders."""
 
@@ -384,9 +408,8 @@ class PairDataModule(_PreparedDataModule):
         self._build_ranking()
         train = self.dataset.pairs("train")
         if self.max_pairs_per_user is not None:
-            # The user's most recent pairs: a bounded fine-tuning set that keeps every user.
-            recency = pl.col("timestamp").rank("ordinal", descending=True).over(USER_IDX)
-            train = train.filter(recency <= self.max_pairs_per_user)
+            where = self.dataset.path / "pairs_train.parquet"
+            train = latest_events(train, self.max_pairs_per_user, where)
         self.train_set = pair_examples(train, self.max_len, self.max_negatives)
         valid = self.dataset.pairs("valid") if self.dataset.has_pairs("valid") else None
         if valid is not None and valid.height > 0:

@@ -3,7 +3,8 @@
 One row per chosen event, schema `PAIRS_SCHEMA`: the user's context (their positive items
 strictly before the chosen event in (timestamp, seq) order, most recent last, the last
 `max_context` kept), the chosen item, >= 1 rejected items (never the chosen one), the event's
-weight (its `weight` column, else 1.0), the strategy name as `source`, and its timestamp.
+weight (its `weight` column, else 1.0), the strategy name as `source`, and its timestamp and
+seq (the event's row: every strategy's rows of one event share them).
 
 The chosen events come from one split; a context may use positives of every split because
 they precede the event (a test pair's context holds the train history, as at serving time).
@@ -84,6 +85,7 @@ def _finish(
         weight.alias("weight"),
         pl.lit(source).alias("source"),
         "timestamp",
+        "seq",
     ).cast(PAIRS_SCHEMA)
 
 

@@ -48,7 +48,9 @@ PAIRS_SCHEMA: dict[str, pl.DataType] = {
     "weight": pl.Float32(),
     "source": pl.Utf8(),
     "timestamp": pl.Int64(),
+    "seq": pl.Int64(),  # the chosen event's row: (timestamp, seq) orders and names the event
 }
 
 # 2: next_item negatives no longer avoid positives of later splits (they leaked held-out items).
-SCHEMA_VERSION = 2
+# 3: pairs carry the chosen event's seq (max_pairs_per_user counts events, ties by row order).
+SCHEMA_VERSION = 3
