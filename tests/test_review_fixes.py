@@ -19,6 +19,8 @@ from test_evaluator import TableModel, prepare
 from test_training import write_prepared
 
 from recsys_dpo.data.datamodule import PairDataModule
+from recsys_dpo.data.splits import leave_one_out
+from recsys_dpo.data.vocab import build_vocab, encode
 from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.evaluator import compare
 from recsys_dpo.objectives import preference
@@ -148,3 +150,66 @@ def test_max_pairs_per_user_refuses_pairs_without_seq(pair_root):
     _pairs_of([(0, 1, 1)], []).drop("seq").write_parquet(pair_root / "pairs_train.parquet")
     with pytest.raises(DataError, match="pairs_train.parquet: the pairs have no seq column"):
         PairDataModule(pair_root, max_pairs_per_user=1).setup()
+
+
+# --------------------------------------------------------------------------- b. loo requests
+
+
+@st.composite
+def request_logs(draw: st.DrawFn) -> pl.DataFrame:
+    """Small impression logs: each user's rows in a few requests (or none), few timestamps
+    (many ties), clicks and impressions mixed, seq a permutation (the tie-break)."""
+    n = draw(st.integers(1, 40))
+    row = st.tuples(
+        st.sampled_from(["u1", "u2", "u3"]),
+        st.sampled_from(["a", "b", "c", "d", "e"]),
+        st.integers(0, 4),
+        st.booleans(),
+        st.sampled_from(["r1", "r2", "r3", "r4", None]),
+    )
+    rows = draw(st.lists(row, min_size=n, max_size=n))
+    rows = [(u, i, t, c, None if r is None else f"{u}/{r}") for u, i, t, c, r in rows]
+    df = pl.DataFrame(
+        rows, schema=["user_id", "item_id", "timestamp", "clicked", "request_id"], orient="row"
+    )
+    seq = draw(st.permutations(list(range(n))))
+    return df.with_columns(pl.Series("seq", seq, dtype=pl.Int64))
+
+
+def _expected_loo(rows: list[dict]) -> list[str]:
+    """Brute force for one user: units (a request, or a row outside requests) by their first
+    row's (timestamp, seq); the last unit with a click is test, the one before valid."""
+    key = [(r["timestamp"], r["seq"]) for r in rows]
+    unit = [r["request_id"] or ("row", i) for i, r in enumerate(rows)]
+    start = {u: min(k for k, v in zip(key, unit, strict=True) if v == u) for u in unit}
+    clicked = sorted({start[u] for u, r in zip(unit, rows, strict=True) if r["clicked"]})
+    if len(clicked) < 3:
+        return ["train"] * len(rows)
+    return [
+        "test" if start[u] >= clicked[-1] else "valid" if start[u] >= clicked[-2] else "train"
+        for u in unit
+    ]
+
+
+@settings(max_examples=80, deadline=None)
+@given(request_logs())
+def test_leave_one_out_keeps_each_request_whole(df):
+    out = leave_one_out(encode(df, build_vocab(df)))
+    assert out.select(df.columns).equals(df)
+    requests = out.filter(pl.col("request_id").is_not_null()).group_by("request_id")
+    assert requests.agg(pl.col("split").n_unique())["split"].max() in (None, 1)
+    rank = {"train": 0, "valid": 1, "test": 2}
+    for user in df["user_id"].unique():
+        rows = out.filter(pl.col("user_id") == user)
+        assert rows["split"].to_list() == _expected_loo(rows.to_dicts())
+        # No future leakage: every click of a later split starts a later unit.
+        start = rows.with_columns(
+            pl.when(pl.col("request_id").is_null())
+            .then(pl.struct("timestamp", "seq"))
+            .otherwise(pl.struct("timestamp", "seq").sort().first().over("request_id"))
+            .alias("start")
+        ).filter(pl.col("clicked"))
+        starts = [
+            (s["timestamp"], s["seq"], rank[x]) for s, x in start.select("start", "split").rows()
+        ]
+        assert [x for *_, x in sorted(starts)] == sorted(x for *_, x in starts)

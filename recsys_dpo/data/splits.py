@@ -32,41 +32,49 @@ def _assign(key: pl.Expr, valid_start: pl.Expr | int, test_start: pl.Expr | int)
 
 
 def leave_one_out(df: pl.DataFrame) -> pl.DataFrame:
-    """Per user: last positive -> test, second-to-last -> valid, earlier positives -> train.
+    """Per user: the last unit with a positive -> test, the one before -> valid, earlier -> train.
 
-    Event order is (timestamp, seq). Users with fewer than 3 positives keep all their rows in
-    train: holding out one of one or two positives would leave nothing to learn them from.
-    A non-positive row follows the time window it falls in for its user: at or after the test
-    positive -> test, at or after the valid positive -> valid, else train.
+    A unit is an impression request (the rows sharing a request_id) or, for a row outside any
+    request, that row alone; units are ordered by their first row in (timestamp, seq) event
+    order. A request is never cut: every row of it shares its split, so the items shown
+    together with a held-out click (its impressions, or a second click) are held out with it.
+    Users with fewer than 3 units with a positive keep all their rows in train: holding out
+    one of one or two would leave nothing to learn them from. A row outside any request
+    follows the window it falls in for its user: at or after the test unit's start -> test,
+    at or after the valid unit's start -> valid, else train.
     """
     ranked = df.with_columns(event_rank().alias("_ord"))
+    unit = _unit_start(ranked.columns, pl.col("_ord"), by=[USER_IDX, "request_id"])
+    ranked = ranked.with_columns(unit.alias("_unit"))
     cuts = (
         ranked.filter(pl.col("clicked"))
         .group_by(USER_IDX)
-        .agg(
-            pl.len().alias("_n"),
-            pl.col("_ord").max().alias("_test"),
-            pl.col("_ord").sort().tail(2).first().alias("_valid"),
+        .agg(pl.col("_unit").unique().sort().alias("_units"))
+        .filter(pl.col("_units").list.len() >= MIN_LOO_POSITIVES)
+        .select(
+            USER_IDX,
+            pl.col("_units").list.get(-2).alias("_valid"),
+            pl.col("_units").list.last().alias("_test"),
         )
-        .filter(pl.col("_n") >= MIN_LOO_POSITIVES)
-        .drop("_n")
     )
     return (
         ranked.join(cuts, on=USER_IDX, how="left", maintain_order="left")
-        .with_columns(_assign(pl.col("_ord"), pl.col("_valid"), pl.col("_test")))
-        .drop("_ord", "_valid", "_test")
+        .with_columns(_assign(pl.col("_unit"), pl.col("_valid"), pl.col("_test")))
+        .drop("_ord", "_unit", "_valid", "_test")
     )
+
+
+def _unit_start(columns: Sequence[str], key: pl.Expr, by: Sequence[str]) -> pl.Expr:
+    """`key` of a row's unit: the smallest `key` of its request (the rows sharing the `by`
+    columns), or its own for a row outside any request."""
+    if "request_id" not in columns:
+        return key
+    return pl.when(pl.col("request_id").is_null()).then(key).otherwise(key.min().over(by))
 
 
 def _request_time(columns: Sequence[str]) -> pl.Expr:
     """A row's split time: its request's first timestamp, so a request never straddles a cut."""
-    if "request_id" not in columns:
-        return pl.col("timestamp")
-    return (
-        pl.when(pl.col("request_id").is_null())
-        .then(pl.col("timestamp"))
-        .otherwise(pl.col("timestamp").min().over("request_id"))
-    )
+    return _unit_start(columns, pl.col("timestamp"), by=["request_id"])
 
 
 def _cut(sorted_times: np.ndarray, frac_after: float) -> int:

@@ -2,8 +2,9 @@
 
 Protocol, for split S in {valid, test} of a prepared dataset:
 
-- the queries are the users with a positive in S; their targets are those positives (one item
-  under leave-one-out, every positive of the window under a temporal split);
+- the queries are the users with a positive in S; their targets are those positives (under
+  leave-one-out the held-out event's item, or every click of the held-out request; every
+  positive of the window under a temporal split);
 - a user's history is their positives in the splits before S (train; train + valid for test), in
   event order; the model's query context is its last `max_len` items, so nothing at or after the
   held-out event is ever seen by the model;
@@ -44,6 +45,7 @@ from recsys_dpo.evaluation import metrics
 from recsys_dpo.models.base import Recommender
 from recsys_dpo.objectives.catalog import chunked_kl_entropy
 from recsys_dpo.retrieval.index import build_index, search
+from recsys_dpo.training.guards import NonFinite, require_finite
 
 SPLITS_BEFORE = {"valid": ("train",), "test": ("train", "valid")}
 IMPRESSION_NDCG_K = (5, 10)
@@ -203,6 +205,26 @@ def retrieve(
     for rows in _batches(len(users), batch_size, progress, "retrieving top-k"):
         scores[rows], items[rows] = search(index, users[rows], k, seen[rows])
     return scores, items
+
+
+def check_finite(
+    user_emb: Tensor, item_emb: Tensor, topk_scores: np.ndarray, queries: Queries, what: str
+) -> None:
+    """DataError naming `what` when its user or item vectors, its top-k scores (the -inf of
+    padded rows aside) or its targets' scores hold a NaN or an infinity: faiss would rank them
+    arbitrarily and every metric would be silently wrong."""
+    rows = np.repeat(np.arange(len(queries)), [len(t) for t in queries.targets])
+    try:
+        require_finite(user_emb, "its user vectors")
+        require_finite(item_emb, "its item vectors")
+        require_finite(np.where(topk_scores == -np.inf, 0.0, topk_scores), "its top-k scores")
+        targets = _gather_scores(user_emb, item_emb, rows, np.concatenate(queries.targets))
+        require_finite(targets, "its scores of the held-out items")
+    except NonFinite as err:
+        raise DataError(
+            f"{what} cannot be evaluated: {err} (its training diverged; re-train it with a "
+            "lower train.lr)"
+        ) from err
 
 
 def per_user_ranking(ranked: np.ndarray, targets: Sequence[np.ndarray], ks: Sequence[int]) -> dict:
@@ -372,8 +394,9 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate `model` on `split` of a prepared dataset (protocol: module docstring).
 
-    Raises DataError for k outside [1, real items], a model of another catalog, users the model
-    cannot embed, or a split without positives.
+    Raises DataError (naming the model `what`) for k outside [1, real items], a model of
+    another catalog, users the model cannot embed, non-finite scores, or a split without
+    positives.
     """
     data = data if isinstance(data, PreparedDataset) else load_prepared(data)
     queries = queries if queries is not None else build_queries(data, split)
@@ -384,6 +407,7 @@ def evaluate(
     item_emb = item_vectors(model)
     scores, ranked = retrieve(user_emb, item_emb, queries.seen, ks[-1], retrieval,
                               batch_size, progress)  # fmt: skip
+    check_finite(user_emb, item_emb, scores, queries, what)
     per_user = pl.DataFrame(
         {USER_IDX: queries.user_idx, **per_user_ranking(ranked, queries.targets, ks),
          "entropy": _entropy(user_emb, item_emb, kl_chunk, batch_size)}  # fmt: skip
@@ -473,11 +497,13 @@ def compare(
     seed: int = 0,
     *,
     ci: float = 0.95,
+    names: tuple[str, str] = ("the policy", "the reference"),
     **evaluate_kwargs: Any,
 ) -> Comparison:
     """Evaluate policy and reference on identical queries; paired bootstrap CIs of every
     per-user (and per-request) metric difference, exact KL(policy || reference) per user, and
-    the mean unscaled log-ratio margin on the split's pairs (`log_ratio_margin`).
+    the mean unscaled log-ratio margin on the split's pairs (`log_ratio_margin`). `names`
+    (policy, reference) name the models in errors, e.g. by their checkpoints;
     `evaluate_kwargs` go to `evaluate`."""
     data = data if isinstance(data, PreparedDataset) else load_prepared(data)
     if policy.n_items != reference.n_items:
@@ -486,8 +512,8 @@ def compare(
             f"{reference.n_items}: they were trained on different datasets"
         )
     run = dict(data=data, split=split, k=k, queries=build_queries(data, split), **evaluate_kwargs)
-    ref = evaluate(reference, what="the reference", **run)
-    pol = evaluate(policy, what="the policy", **run)
+    ref = evaluate(reference, what=names[1], **run)
+    pol = evaluate(policy, what=names[0], **run)
     per_user, deltas = _paired(ref.per_user, pol.per_user, USER_IDX, n_resamples, seed, ci)
     chunk = evaluate_kwargs.get("kl_chunk", 65536)
     batch_size = evaluate_kwargs.get("batch_size", 1024)
