@@ -1,0 +1,31 @@
+"""A study, one command: references, grid runs selected on valid, one test read-out, matched
+controls, the popularity baseline, CIs across references (recsys_dpo/study/runner.py).
+
+    python pipelines/study.py study=ml1m_sasrec
+    python pipelines/study.py study=synthetic_tiny paths.artifacts=/tmp/s
+    python pipelines/study.py study=ml1m_sasrec study.publish=benchmarks/results/study_ml1m_sasrec.json
+
+Runs and evaluations are cached by config hash: a second run trains nothing. Bad settings
+(e.g. study.selection.split=test) print one message and exit with status 2.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from recsys_dpo.stage import exits_cleanly_on_bad_input
+from recsys_dpo.study.runner import run_study, template_of
+from recsys_dpo.study.spec import study_spec
+
+
+@exits_cleanly_on_bad_input
+def run(cfg: DictConfig) -> None:
+    run_study(study_spec(cfg.study, list(cfg.eval.k)), template_of(cfg))
+
+
+@hydra.main(config_path="../conf", config_name="run_study", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

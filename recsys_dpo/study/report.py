@@ -1,0 +1,181 @@
+"""The study's output: study.json and table.md in the study's output directory.
+
+Every entry (baseline, references, each row at its selected point, its matched controls) has
+valid and test figures, mean +- sd across references (each reference's figure the mean over its
+fine-tuning seeds). Differences are paired per user on test: the CI shown is the two-level
+bootstrap over references and users (`stats.hierarchical_bootstrap_ci`); the per-reference
+paired bootstrap over users (`metrics.paired_bootstrap_ci`) is listed below the main table and
+in the JSON. The table says which figures were used for selection (valid, rows only) and which
+are the test read-out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from rich.console import Console
+
+from recsys_dpo.artifacts import atomic_dir
+from recsys_dpo.data.schema import USER_IDX
+from recsys_dpo.evaluation.metrics import paired_bootstrap_ci
+from recsys_dpo.study.spec import SELECTION_SPLIT, StudySpec
+from recsys_dpo.study.stats import hierarchical_bootstrap_ci, mean_sd
+
+if TYPE_CHECKING:
+    from recsys_dpo.study.runner import Entry, Grid2, Ledger
+
+# The bootstrap's seed: fixed, so the same evaluations always give the same CIs.
+BOOTSTRAP_SEED = 0
+CI_SHOWN = ("two-level (hierarchical) bootstrap: references resampled with replacement, then "
+            "users within each drawn reference, of the paired per-user test difference")  # fmt: skip
+
+
+def per_user(evals: Grid2, metric: str) -> np.ndarray:
+    """Values [R, U]: per reference, the mean over its seeds of each user's metric. Every
+    evaluation of one split covers the same users in the same order (checked)."""
+    users = evals[0][0].per_user[USER_IDX].to_numpy()
+    rows = []
+    for seeds in evals:
+        for e in seeds:
+            if not np.array_equal(e.per_user[USER_IDX].to_numpy(), users):
+                raise RuntimeError(f"{e.model}: its {e.split} users differ from the others'")
+        rows.append(np.mean([e.per_user[metric].to_numpy() for e in seeds], axis=0))
+    return np.stack(rows)
+
+
+def figures(evals: Grid2, metric: str) -> dict[str, Any]:
+    """mean, sd and the per-reference values of an aggregate metric."""
+    per_ref = [float(np.mean([e.aggregates[metric] for e in seeds])) for seeds in evals]
+    mean, sd = mean_sd(per_ref)
+    return {"mean": mean, "sd": sd, "per_reference": per_ref}
+
+
+def delta(entry: Entry, other: Entry, metric: str, n_resamples: int, ci: float) -> dict[str, Any]:
+    """entry - other on test, paired per user: mean, sd across references, the two-level CI
+    (lo, hi) and each reference's paired bootstrap CI."""
+    a, b = per_user(other.test, metric), per_user(entry.test, metric)
+    alpha = 1 - ci
+    mean, lo, hi = hierarchical_bootstrap_ci(b - a, n_resamples, BOOTSTRAP_SEED, alpha)
+    per_ref = [
+        dict(zip(("mean", "lo", "hi"),
+                 paired_bootstrap_ci(a[r], b[r], n_resamples, BOOTSTRAP_SEED, alpha), strict=True))
+        for r in range(len(a))
+    ]  # fmt: skip
+    sd = mean_sd([p["mean"] for p in per_ref])[1]
+    return {"mean": mean, "sd": sd, "lo": lo, "hi": hi, "per_reference": per_ref}
+
+
+def entry_json(entry: Entry, spec: StudySpec) -> dict[str, Any]:
+    metrics = list(dict.fromkeys([spec.selection_metric, *spec.metrics]))
+    return {
+        "name": entry.name, "kind": entry.kind, "of": entry.of, "selected": entry.selected,
+        "grid": entry.grid, "runs": entry.runs, "steps": entry.steps,
+        "valid": {m: figures(entry.valid, m) for m in metrics},
+        "test": {m: figures(entry.test, m) for m in metrics},
+        "deltas": {f"vs {what}": {"vs": other.name, **{m: delta(entry, other, m, spec.n_resamples,
+                                                                spec.ci) for m in metrics}}
+                   for what, other in entry.compare_with.items()},
+    }  # fmt: skip
+
+
+def _fig(f: dict[str, Any]) -> str:
+    return f"{f['mean']:.4f} ± {f['sd']:.4f}"
+
+
+def _ci(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return ""
+    mark = "*" if d["lo"] > 0 or d["hi"] < 0 else ""
+    return f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]{mark}"
+
+
+def _point(point: dict[str, Any] | None) -> str:
+    return "" if not point else ", ".join(f"{k}={v}" for k, v in point.items())
+
+
+def markdown(result: dict[str, Any], spec: StudySpec) -> str:
+    """table.md: the main table, the selection grids, the per-reference CIs, the cache."""
+    m, sel = spec.metrics[0], spec.selection_metric
+    n_refs, n_seeds = len(spec.reference_seeds), len(spec.seeds)
+    level = f"{spec.ci:.0%}"
+    out = [
+        f"# Study {spec.name}", "",
+        f"Selection: each row's hyperparameters were chosen on **{SELECTION_SPLIT} {sel}** only "
+        f"(best mean over {n_refs} references x {n_seeds} fine-tuning seed(s)); **test** was "
+        "read once, for the selected recipe, its matched controls, the references and the "
+        "baseline. Column `valid` of a row is the figure it was selected by; `test` columns "
+        "are the read-out. Figures: mean ± sd across references.", "",
+        f"CI shown ({level}): {CI_SHOWN}; `*` where it excludes 0. The per-reference paired "
+        "bootstrap CIs over users follow the main table.", "",
+        f"| entry | selected on valid | valid {sel} | test {sel} | "
+        + " | ".join(f"test {x}" for x in spec.metrics if x != sel)
+        + f" | Δ test {m} vs reference | Δ vs sft | Δ vs continue |",
+        "|---|---|---:|---:|" + "---:|" * len([x for x in spec.metrics if x != sel])
+        + "---|---|---|",
+    ]  # fmt: skip
+    for e in result["rows"]:
+        d = e["deltas"]
+        cells = [e["name"], _point(e["selected"]) if e["kind"] == "row" else "(fixed)",
+                 _fig(e["valid"][sel]), _fig(e["test"][sel]),
+                 *(_fig(e["test"][x]) for x in spec.metrics if x != sel),
+                 *(_ci(d.get(f"vs {w}", {}).get(m)) for w in ("reference", "sft", "continue"))]  # fmt: skip
+        out.append("| " + " | ".join(cells) + " |")
+    out += [
+        "",
+        f"## Selection grids ({SELECTION_SPLIT} {sel}, mean ± sd over references x seeds)",
+        "",
+    ]
+    for e in result["rows"]:
+        if e["kind"] != "row":
+            continue
+        out += [f"### {e['name']}", "", "| point | valid | selected |", "|---|---:|---|"]
+        out += [f"| {_point(g['point']) or '(no grid)'} | {_fig(g['valid'])} | "
+                f"{'yes' if g['selected'] else ''} |" for g in e["grid"]]  # fmt: skip
+        out.append("")
+    out += [f"## Per-reference paired bootstrap CIs (test {m}, {level})", "",
+            "| entry | vs | " + " | ".join(f"reference {i + 1}" for i in range(n_refs)) + " |",
+            "|---|---|" + "---|" * n_refs]  # fmt: skip
+    for e in result["rows"]:
+        for what, d in e["deltas"].items():
+            out.append(f"| {e['name']} | {what.removeprefix('vs ')} ({d['vs']}) | "
+                       + " | ".join(_ci(p) for p in d[m]["per_reference"]) + " |")  # fmt: skip
+    cache = result["cache"]
+    out += ["", f"Cache: {len(cache['trained'])} run(s) trained, {len(cache['reused'])} reused; "
+            f"{len(cache['evaluated'])} evaluation(s) computed, {len(cache['eval_reused'])} "
+            "reused."]  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+def write_report(spec: StudySpec, lines: list[Entry], ledger: Ledger, test_reads: list[str],
+                 console: Console) -> Path:  # fmt: skip
+    """study.json and table.md into spec.out_dir (atomically), study.json also to
+    spec.publish when set; the output directory."""
+    result = {
+        "study": spec.name,
+        "selection": {"split": SELECTION_SPLIT, "metric": spec.selection_metric,
+                      "rule": "best mean valid metric across references and seeds, per row"},
+        "ci": {"level": spec.ci, "shown": CI_SHOWN, "n_resamples": spec.n_resamples,
+               "per_reference": "paired bootstrap over users (deltas.*.<metric>.per_reference)"},
+        "reference_seeds": list(spec.reference_seeds), "seeds": list(spec.seeds),
+        "rows": [entry_json(e, spec) for e in lines],
+        "cache": {"trained": ledger.trained, "reused": ledger.reused,
+                  "evaluated": ledger.evaluated, "eval_reused": ledger.eval_reused},
+        "test_reads": test_reads,
+    }  # fmt: skip
+    text = json.dumps(result, indent=2)
+    table = markdown(result, spec)
+    with atomic_dir(spec.out_dir) as tmp:
+        (tmp / "study.json").write_text(text)
+        (tmp / "table.md").write_text(table)
+    if spec.publish is not None:
+        spec.publish.parent.mkdir(parents=True, exist_ok=True)
+        tmp_file = spec.publish.with_name(f".{spec.publish.name}.tmp-{os.getpid()}")
+        tmp_file.write_text(text)
+        os.replace(tmp_file, spec.publish)
+    console.print(table, highlight=False, markup=False)
+    console.print(f"study written to {spec.out_dir}", highlight=False)
+    return spec.out_dir

@@ -1,0 +1,344 @@
+"""The study runner: plan -> cached runs -> selection on valid -> one test read-out -> table.
+
+    run_study(spec, template)   `template` is the composed root config without its `study`
+                                block: the dataset, model, trainer and eval settings every run
+                                of the study starts from
+
+1. The dataset is prepared (skipped when up to date), then one reference per reference seed.
+2. Every row is fine-tuned from every reference at every grid point (and fine-tuning seed);
+   each run is evaluated on valid. The selected point of a row is the one with the best mean
+   valid metric across references and seeds (the first in grid order on a tie): one recipe per
+   row, not one per reference.
+3. Test is read only now, once per selected recipe and reference; with the references, the
+   most-popular-unseen baseline and each row's matched controls, built at its selected point:
+   `sft` (same chosen events, steps, lr, epochs, seed and start point, no preference term) and
+   `continue-<N>steps` (stage-1 training continued from the same reference for the N optimizer
+   steps the row took, at its lr). Every entry has valid and test figures.
+4. study.json and table.md go to `spec.out_dir` (and study.json to `spec.publish` if set).
+
+Caching is by configuration, never by name: a training run is the run directory of its config
+hash (`recsys_dpo.training.run.run_dir`, trained only when it has no result.json, through the
+pipeline's own `Pipeline.train`); an evaluation is `<eval_cache>/<key>`, key = hash of (the
+checkpoint's sha256, the prepared dataset's manifest, the eval settings, the split). A second
+run of the same study trains and evaluates nothing; a changed setting re-runs what it changes.
+
+Test evaluations can only be asked for recipes that `select` returned (and the references,
+baseline and controls); `check_test_reads` audits that before anything is written.
+
+Hyperparameters are searched on a grid, not with hydra's Optuna sweeper: that plugin holds
+optuna below 3 (2.10.1, 2021), and a hydra sweeper runs one job per trial that hands back one
+float, so it could neither select per row across references nor guarantee the single test
+read-out after selection; on grids of a few points Optuna's GridSampler enumerates the same.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from recsys_dpo.artifacts import atomic_dir, config_hash, file_sha256, read_manifest, write_manifest
+from recsys_dpo.data.datamodule import PreparedDataset
+from recsys_dpo.evaluation.evaluator import RetrievalConfig, evaluate, train_popularity
+from recsys_dpo.models import Recommender
+from recsys_dpo.pipeline import Pipeline, stage_config
+from recsys_dpo.stage import plain
+from recsys_dpo.study.popularity import MostPopular
+from recsys_dpo.study.report import write_report
+from recsys_dpo.study.spec import SELECTION_SPLIT, SFT, Row, StudySpec
+from recsys_dpo.study.stats import mean_sd
+from recsys_dpo.tracking.mlflow_utils import Tracker, check_reachable
+from recsys_dpo.training.reference_module import load_model, read_checkpoint
+
+POPULARITY = "most_popular"
+# Eval settings that name or place an output, or set the CI, not what a model scores.
+EVAL_UNHASHED = ("ckpt", "split", "name", "out_dir", "n_resamples", "ci")
+# A continued stage-1 run stops at max_steps; its epoch cap must never bind first.
+UNBOUNDED_EPOCHS = 1_000_000
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished training run: its directory and the checkpoint evaluated (best on valid)."""
+
+    run_dir: str
+    ckpt: str
+    last_ckpt: str
+    lr: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One model on one split: per-user metrics (by user_idx) and the aggregates."""
+
+    key: str
+    split: str
+    model: str
+    per_user: pl.DataFrame
+    aggregates: dict[str, float]
+
+
+# Evaluations of one entry: [reference][fine-tuning seed].
+Grid2 = list[list[Evaluation]]
+
+
+@dataclass
+class Ledger:
+    """What this invocation did: runs trained vs reused, evaluations computed vs reused."""
+
+    trained: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    evaluated: list[str] = field(default_factory=list)
+    eval_reused: list[str] = field(default_factory=list)
+
+
+def select_point(valid_scores: list[list[float]]) -> int:
+    """The index of the grid point with the best mean valid score across references and seeds
+    (the first on ties). Only valid figures ever reach it."""
+    means = [float(np.mean(s)) for s in valid_scores]
+    return int(np.argmax(means))
+
+
+class EvalCache:
+    """Evaluations keyed by (checkpoint sha256, dataset manifest, eval settings, split)."""
+
+    def __init__(self, root: Path, data: PreparedDataset, eval_cfg: DictConfig, ledger: Ledger,
+                 console: Console) -> None:  # fmt: skip
+        manifest = read_manifest(data.path)
+        self.root, self.data, self.ledger, self.console = root, data, ledger, console
+        self.dataset = config_hash({"config": manifest["config_hash"], "files": manifest["files"]})
+        self.settings = {k: v for k, v in plain(eval_cfg).items() if k not in EVAL_UNHASHED}
+        self.k = list(eval_cfg.k)
+        self.retrieval = RetrievalConfig(eval_cfg.index, eval_cfg.nlist, eval_cfg.nprobe,
+                                         eval_cfg.use_gpu)  # fmt: skip
+        self.head_fraction, self.batch_size = eval_cfg.head_fraction, eval_cfg.batch_size
+        self.kl_chunk = eval_cfg.kl_chunk
+
+    def get(self, model: str, identity: str, load: Callable[[], Recommender],
+            split: str) -> Evaluation:  # fmt: skip
+        """The evaluation of `model` (identity: its checkpoint sha256) on `split`."""
+        key = config_hash({"model": identity, "dataset": self.dataset, "eval": self.settings,
+                           "split": split})  # fmt: skip
+        out = self.root / key
+        if not (out / "manifest.json").is_file():
+            result = evaluate(load(), self.data, split, self.k, retrieval=self.retrieval,
+                              head_fraction=self.head_fraction, batch_size=self.batch_size,
+                              kl_chunk=self.kl_chunk)  # fmt: skip
+            with atomic_dir(out) as tmp:
+                result.per_user.write_parquet(tmp / "per_user.parquet")
+                (tmp / "metrics.json").write_text(json.dumps(result.aggregates, indent=2))
+                write_manifest(tmp, {"config_hash": key, "model": model, "split": split,
+                                     "dataset": self.dataset, "eval": self.settings})  # fmt: skip
+            self.ledger.evaluated.append(f"{split}:{model}")
+            self.console.print(f"[dim]evaluated {model} on {split} -> {out}[/]", highlight=False)
+        else:
+            self.ledger.eval_reused.append(f"{split}:{model}")
+        return Evaluation(key, split, model, pl.read_parquet(out / "per_user.parquet"),
+                          json.loads((out / "metrics.json").read_text()))  # fmt: skip
+
+
+class Study:
+    """One study's runs, evaluations and the guard on test reads."""
+
+    def __init__(self, spec: StudySpec, template: DictConfig, pipe: Pipeline,
+                 data: PreparedDataset, console: Console) -> None:  # fmt: skip
+        self.spec, self.template, self.pipe = spec, template, pipe
+        self.ledger = Ledger()
+        self.cache = EvalCache(spec.eval_cache, data, template.eval, self.ledger, console)
+        self.popularity = train_popularity(data)
+        self.model_name = template.model.name
+        # Models whose test figures may be read: extended only by the read-out step.
+        self.test_allowed: set[str] = set()
+        self.test_reads: list[str] = []
+
+    def train(self, stage: str, cfg: DictConfig, objective: str, suffix: str = "") -> Run:
+        """Train (or reuse, same config hash) one run, by the pipeline's own skip rule."""
+        before = len(self.pipe.ran)
+        result = self.pipe.train(stage, cfg, f"{self.model_name}-{objective}{suffix}")
+        ckpt = result["best_ckpt"] or result["last_ckpt"]
+        run = Run(str(Path(ckpt).parent), ckpt, result["last_ckpt"], float(cfg.train.lr))
+        trained = len(self.pipe.ran) > before
+        (self.ledger.trained if trained else self.ledger.reused).append(run.run_dir)
+        return run
+
+    def _objective(self, name: str) -> dict[str, Any]:
+        return dict(self.spec.objectives[name])
+
+    def reference(self, seed: int) -> Run:
+        recipe = self.spec.reference
+        cfg = stage_config(self.template, objective=self._objective(recipe.objective),
+                           mode="fresh", seed=seed, **recipe.updates())  # fmt: skip
+        return self.train("reference", cfg, self.spec.objectives[recipe.objective]["name"])
+
+    def fine_tune(self, row: Row, point: dict[str, Any], ref: Run, seed: int) -> Run:
+        updates = {"reference.ckpt": ref.ckpt, **self.spec.fine_tune, **row.overrides, **point}
+        cfg = stage_config(self.template, objective=self._objective(row.objective), seed=seed,
+                           **updates)  # fmt: skip
+        return self.train("preference", cfg, cfg.objective.name)
+
+    def sft_control(self, row: Row, point: dict[str, Any], ref: Run, seed: int) -> Run:
+        """`sft` matched to the row at `point`: the same settings without the preference
+        objective's. Its hard negatives are dropped too: the SFT loss never reads rejected
+        items, and without them rows that share chosen events, lr and epochs share one run."""
+        updates = {k: v for k, v in {**row.overrides, **point}.items()
+                   if not k.startswith(("objective.", "reference.hard_negatives"))}  # fmt: skip
+        sft = Row(f"sft @ {row.name}", SFT, updates, {})
+        return self.fine_tune(sft, {}, ref, seed)
+
+    def continue_control(self, run: Run, ref: Run, seed: int) -> tuple[Run, int]:
+        """Stage-1 training continued from `ref` for as many optimizer steps as `run` took
+        (its last checkpoint's global_step), at `run`'s lr; (the run, the steps)."""
+        steps = int(read_checkpoint(run.last_ckpt)["global_step"])
+        recipe = self.spec.reference
+        updates = {**recipe.updates(), "reference.ckpt": ref.ckpt, "train.lr": run.lr,
+                   "trainer.max_steps": steps, "trainer.max_epochs": UNBOUNDED_EPOCHS,
+                   "train.early_stopping_patience": None}  # fmt: skip
+        cfg = stage_config(self.template, objective=self._objective(recipe.objective),
+                           mode="continue", seed=seed, **updates)  # fmt: skip
+        name = self.spec.objectives[recipe.objective]["name"]
+        return self.train("reference", cfg, name, "-continue"), steps
+
+    def read(self, run: Run | None, split: str) -> Evaluation:
+        """A model's figures on a split (run None: the popularity baseline). Figures of any
+        split but valid only for what the read-out step allowed."""
+        model = POPULARITY if run is None else run.ckpt
+        if split != SELECTION_SPLIT:
+            if model not in self.test_allowed:
+                raise RuntimeError(f"refusing a {split} read of {model}: it is not a selected "
+                                   "recipe, a reference, a baseline or a matched control")  # fmt: skip
+            self.test_reads.append(model)
+        if run is None:
+            identity = config_hash({POPULARITY: self.popularity.tolist()})
+            return self.cache.get(model, identity, lambda: MostPopular(self.popularity), split)
+        return self.cache.get(model, file_sha256(Path(run.ckpt)), lambda: load_model(run.ckpt),
+                              split)  # fmt: skip
+
+    def read_out(self, name: str, kind: str, models: list[list[Run | None]],
+                 **info: Any) -> Entry:  # fmt: skip
+        """An entry read on valid and test; `models` [reference][seed] (None: the popularity
+        baseline) are allowed a test read from now on."""
+        self.test_allowed |= {POPULARITY if r is None else r.ckpt for s in models for r in s}
+        return Entry(name, kind, [[self.read(r, "valid") for r in s] for s in models],
+                     [[self.read(r, "test") for r in s] for s in models], **info)  # fmt: skip
+
+
+@dataclass
+class Entry:
+    """One line of the study table: valid and test evaluations [reference][seed]."""
+
+    name: str
+    kind: str  # baseline | reference | row | control
+    valid: Grid2
+    test: Grid2
+    of: str | None = None
+    selected: dict[str, Any] | None = None
+    grid: list[dict[str, Any]] | None = None
+    runs: list[list[str]] | None = None
+    steps: list[int] | None = None
+    compare_with: dict[str, Entry] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Selected:
+    """A row's grid searched on valid: every point's valid mean and sd, the chosen point and
+    its runs [reference][seed]."""
+
+    row: Row
+    grid: list[dict[str, Any]]
+    point: dict[str, Any]
+    runs: list[list[Run]]
+    unselected: list[str]
+
+
+def search_row(study: Study, row: Row, refs: list[Run], seeds: tuple[int, ...],
+               metric: str) -> Selected:  # fmt: skip
+    """Fine-tune and evaluate on valid every grid point from every reference; select."""
+    points = row.points()
+    runs = [[[study.fine_tune(row, p, ref, s) for s in seeds] for ref in refs] for p in points]
+    scores = [[study.read(r, SELECTION_SPLIT).aggregates[metric] for per_ref in point
+               for r in per_ref] for point in runs]  # fmt: skip
+    best = select_point(scores)
+    grid = [{"point": p, "valid": dict(zip(("mean", "sd"), mean_sd(s), strict=True)),
+             "selected": i == best, "runs": [[r.run_dir for r in per_ref] for per_ref in point]}
+            for i, (p, s, point) in enumerate(zip(points, scores, runs, strict=True))]  # fmt: skip
+    unselected = [r.ckpt for i, point in enumerate(runs) if i != best
+                  for per_ref in point for r in per_ref]  # fmt: skip
+    return Selected(row, grid, points[best], runs[best], unselected)
+
+
+def check_test_reads(study: Study, unselected: list[str], lines: list[Entry]) -> None:
+    """Every test read is of a model the read-out allowed, and none is of a grid point that
+    was not selected, unless that very run is also a matched control (e.g. the `sft` row's
+    other point is the `sft` control of another row). Raises before anything is written."""
+    controls = {e.model for line in lines if line.kind == "control" for s in line.test for e in s}
+    leaked = sorted((set(study.test_reads) & set(unselected)) - controls)
+    if leaked or not set(study.test_reads) <= study.test_allowed:
+        raise RuntimeError(f"test figures were read for non-selected runs: {leaked}")
+
+
+def template_of(cfg: DictConfig) -> DictConfig:
+    """The composed root config without its `study` block, resolved once: what every run of
+    the study starts from. Resolving pins the data settings that interpolate `seed` (reader,
+    pair sampling) to the root seed, so a reference seed varies training, not the dataset."""
+    return OmegaConf.create({k: v for k, v in plain(cfg).items() if k != "study"})
+
+
+def run_study(spec: StudySpec, template: DictConfig, console: Console | None = None) -> Path:
+    """Run the study (module docstring); the directory holding study.json and table.md."""
+    console = console or Console(quiet=not template.progress)
+    if template.tracking.enabled:
+        check_reachable(template.tracking.uri)
+    tracker = Tracker(template.tracking)
+    pipe = Pipeline(template, tracker, console)
+    with tracker.parent(f"study-{spec.name}", {"study": spec.name}):
+        data = pipe.prepare()
+        study = Study(spec, template, pipe, data, console)
+        refs = [study.reference(s) for s in spec.reference_seeds]
+        searched = [search_row(study, row, refs, spec.seeds, spec.selection_metric)
+                    for row in spec.rows]  # fmt: skip
+        # The read-out: the only place test figures are read, for the selected recipes.
+        lines = []
+        if spec.popularity:
+            lines.append(study.read_out("most-popular-unseen", "baseline", [[None]] * len(refs)))
+        reference = study.read_out("reference", "reference", [[r] for r in refs],
+                                   runs=[[r.run_dir] for r in refs])  # fmt: skip
+        lines.append(reference)
+        for sel in searched:
+            row = study.read_out(sel.row.name, "row", sel.runs, selected=sel.point, grid=sel.grid,
+                                 runs=[[r.run_dir for r in s] for s in sel.runs])  # fmt: skip
+            row.compare_with["reference"] = reference
+            lines.append(row)
+            pairs = [(ref, seed, run) for ref, per_ref in zip(refs, sel.runs, strict=True)
+                     for seed, run in zip(spec.seeds, per_ref, strict=True)]  # fmt: skip
+            n_seeds = len(spec.seeds)
+            if spec.sft_control and spec.objectives[sel.row.objective]["name"] != SFT:
+                made = [study.sft_control(sel.row, sel.point, ref, seed) for ref, seed, _ in pairs]
+                lines.append(_control(study, f"sft @ {row.name}", row, "sft", made, n_seeds))
+                lines[-1].compare_with["reference"] = reference
+            if spec.continue_control:
+                made = [study.continue_control(run, ref, seed) for ref, seed, run in pairs]
+                steps = sorted({n for _, n in made})
+                name = f"continue-{'/'.join(map(str, steps))}steps @ {row.name}"
+                lines.append(_control(study, name, row, "continue", [r for r, _ in made],
+                                      n_seeds, steps=steps))  # fmt: skip
+                lines[-1].compare_with["reference"] = reference
+        check_test_reads(study, [c for sel in searched for c in sel.unselected], lines)
+    return write_report(spec, lines, study.ledger, sorted(set(study.test_reads)), console)
+
+
+def _control(study: Study, name: str, row: Entry, what: str, made: list[Run], n_seeds: int,
+             **info: Any) -> Entry:  # fmt: skip
+    """The matched control `what` of `row`, its runs [reference][seed]; the row is compared
+    with it."""
+    runs = [made[i : i + n_seeds] for i in range(0, len(made), n_seeds)]
+    line = study.read_out(name, "control", runs, of=row.name,
+                          runs=[[r.run_dir for r in s] for s in runs], **info)  # fmt: skip
+    row.compare_with[what] = line
+    return line

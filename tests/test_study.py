@@ -1,0 +1,196 @@
+"""The study runner (recsys_dpo/study/): the two-level bootstrap against closed forms and
+simulation, selection on valid only (test-based selection refused, exit 2; no test read of a
+grid point that was not selected), and the tiny synthetic study end to end through
+`pipelines/study.py`: valid and test for every entry, matched controls, popularity, and the
+cache (a re-run trains nothing; a changed grid value re-trains only its runs)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_pipeline
+from omegaconf import OmegaConf
+from scipy import stats as scipy_stats
+
+from recsys_dpo.errors import DataError
+from recsys_dpo.evaluation.metrics import paired_bootstrap_ci
+from recsys_dpo.study.runner import select_point
+from recsys_dpo.study.spec import study_spec
+from recsys_dpo.study.stats import hierarchical_bootstrap_ci, mean_sd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_one_reference_is_exactly_the_paired_bootstrap():
+    rng = np.random.default_rng(3)
+    a, b = rng.random(257), rng.random(257) + 0.05
+    for chunk in (10_000_000, 1000):  # one chunk, and several
+        ours = hierarchical_bootstrap_ci((b - a)[None], 500, 7, 0.1, chunk_elements=chunk)
+        plain = paired_bootstrap_ci(a, b, 500, 7, 0.1, chunk_elements=chunk)
+        np.testing.assert_allclose(ours, plain, rtol=0, atol=1e-12)
+
+
+def test_one_reference_matches_scipys_percentile_bootstrap():
+    d = np.random.default_rng(0).normal(0.02, 0.1, 400)
+    ours = hierarchical_bootstrap_ci(d[None], 4000, 0)
+    ref = scipy_stats.bootstrap((d,), np.mean, n_resamples=4000, method="percentile",
+                                random_state=1).confidence_interval  # fmt: skip
+    width = ref.high - ref.low
+    assert abs(ours[1] - ref.low) < 0.1 * width and abs(ours[2] - ref.high) < 0.1 * width
+
+
+def test_two_level_ci_covers_the_mean_over_references_where_users_alone_do_not():
+    """Simulated gains whose reference-to-reference spread (sd 0.02 over 8 references) is
+    larger than the user noise's standard error (0.05 / sqrt(8 * 60)): the two-level CI covers
+    the true mean 0.01 about as often as it claims, a bootstrap over users alone (references
+    pooled) about half the time."""
+    rng = np.random.default_rng(11)
+    hits_two, hits_users, trials = 0, 0, 150
+    for t in range(trials):
+        d = rng.normal(0.01, 0.02, (8, 1))[:, [0] * 60] + rng.normal(0, 0.05, (8, 60))
+        _, lo, hi = hierarchical_bootstrap_ci(d, 400, t)
+        hits_two += lo <= 0.01 <= hi
+        _, lo, hi = hierarchical_bootstrap_ci(d.reshape(1, -1), 400, t)
+        hits_users += lo <= 0.01 <= hi
+    assert hits_two / trials >= 0.85
+    assert hits_users / trials <= 0.6
+
+
+def test_mean_sd_and_selection_rule():
+    assert mean_sd([1.0]) == (1.0, 0.0)
+    assert mean_sd([1.0, 3.0]) == (2.0, pytest.approx(np.sqrt(2)))
+    # The best mean across references wins, not the best single reference; first on ties.
+    assert select_point([[0.30, 0.10], [0.21, 0.21], [0.21, 0.21]]) == 1
+
+
+def tiny_study(**changes) -> OmegaConf:
+    study = OmegaConf.load(ROOT / "conf/study/synthetic_tiny.yaml")["study"]
+    root = OmegaConf.load(ROOT / "conf/run_study.yaml")["study"]
+    objectives = {
+        n: OmegaConf.load(ROOT / f"conf/objective/{n}.yaml") for n in ("ce", "dpo", "sft")
+    }
+    cfg = OmegaConf.merge(
+        root, study, {"objectives": objectives, "out_dir": "o", "eval_cache": "e"}
+    )
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+def test_spec_refuses_selection_on_test_and_unknown_objectives():
+    assert study_spec(tiny_study(), [10, 20]).rows[0].points() == [
+        {"objective.beta": 0.1}, {"objective.beta": 1.0}]  # fmt: skip
+    with pytest.raises(DataError, match=r"study.selection.split='test'.*valid split only"):
+        study_spec(tiny_study(**{"selection.split": "test"}), [10, 20])
+    with pytest.raises(DataError, match=r"study.rows.rpo.objective: objective 'ipo'"):
+        study_spec(tiny_study(**{"rows.rpo.objective": "ipo"}), [10, 20])
+    with pytest.raises(DataError, match=r"study.selection.metric='ndcg@5'"):
+        study_spec(tiny_study(**{"selection.metric": "ndcg@5"}), [10, 20])
+
+
+def study(tmp: Path, job: str, *overrides: str):
+    return run_pipeline("study.py", "study=synthetic_tiny", f"paths.artifacts={tmp / 'art'}",
+                        f"hydra.run.dir={tmp / job}", *overrides, cwd=tmp)  # fmt: skip
+
+
+def test_selecting_on_test_exits_2_before_any_work(tmp_path):
+    done = study(tmp_path, "job", "study.selection.split=test")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "study.selection.split='test'" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "art").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("study")
+    done = study(tmp, "job1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp / "art" / "studies" / "synthetic_tiny"
+    return tmp, json.loads((out / "study.json").read_text())
+
+
+def test_every_entry_has_valid_and_test_and_the_row_its_controls(tiny):
+    tmp, result = tiny
+    names = [r["name"] for r in result["rows"]]
+    assert names[:3] == ["most-popular-unseen", "reference", "rpo"]
+    assert names[3] == "sft @ rpo" and names[4].startswith("continue-")
+    steps = result["rows"][4]["steps"]
+    assert names[4] == f"continue-{steps[0]}steps @ rpo" and steps[0] > 0
+    for row in result["rows"]:
+        for split in ("valid", "test"):
+            figure = row[split]["ndcg@10"]
+            assert len(figure["per_reference"]) == 2 and 0 <= figure["mean"] <= 1
+    rpo = result["rows"][2]
+    assert set(rpo["deltas"]) == {"vs reference", "vs sft", "vs continue"}
+    d = rpo["deltas"]["vs sft"]["ndcg@10"]
+    assert d["lo"] <= d["mean"] <= d["hi"] and len(d["per_reference"]) == 2
+    assert [g["selected"] for g in rpo["grid"]].count(True) == 1
+    best = max(rpo["grid"], key=lambda g: g["valid"]["mean"])
+    assert best["selected"] and rpo["selected"] == best["point"]
+    table = (tmp / "art" / "studies" / "synthetic_tiny" / "table.md").read_text()
+    assert "chosen on **valid ndcg@10** only" in table and "two-level" in table
+    assert "| rpo | objective.beta=" in table
+
+
+def test_continue_control_takes_the_rows_optimizer_steps(tiny):
+    import torch
+
+    _, result = tiny
+    rows = {r["name"]: r for r in result["rows"]}
+    cont = next(r for n, r in rows.items() if n.startswith("continue-"))
+    for pref_dirs, cont_dirs in zip(rows["rpo"]["runs"], cont["runs"], strict=True):
+        pref = torch.load(Path(pref_dirs[0]) / "last.ckpt", weights_only=True)["global_step"]
+        ctrl = torch.load(Path(cont_dirs[0]) / "last.ckpt", weights_only=True)["global_step"]
+        assert ctrl == pref == cont["steps"][0]
+
+
+def test_no_test_evaluation_of_a_grid_point_that_was_not_selected(tiny):
+    tmp, result = tiny
+    rpo = next(r for r in result["rows"] if r["name"] == "rpo")
+    unselected = {d for g in rpo["grid"] if not g["selected"] for s in g["runs"] for d in s}
+    assert len(unselected) == 2
+    evaluated = [
+        json.loads(m.read_text()) for m in (tmp / "art" / "study_evals").glob("*/manifest.json")
+    ]
+    by_split = {s: {str(Path(e["model"]).parent) for e in evaluated if e["split"] == s}
+                for s in ("valid", "test")}  # fmt: skip
+    assert unselected <= by_split["valid"]  # they were evaluated, on valid only
+    assert not unselected & by_split["test"]
+    selected = {d for s in rpo["runs"] for d in s}
+    assert selected <= by_split["test"]
+
+
+def test_second_run_trains_and_evaluates_nothing(tiny):
+    tmp, first = tiny
+    assert len(first["cache"]["trained"]) == 2 + 4 + 2 + 2  # refs, grid, sft, continue
+    done = study(tmp, "job2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads((tmp / "art" / "studies" / "synthetic_tiny" / "study.json").read_text())
+    assert again["cache"]["trained"] == [] and again["cache"]["evaluated"] == []
+    assert again["rows"] == first["rows"]
+
+
+def test_a_changed_grid_value_retrains_only_its_runs(tiny):
+    tmp, first = tiny
+    done = study(tmp, "job3", "study.rows.rpo.grid.objective.beta=[0.1,0.5]")
+    assert done.returncode == 0, done.stderr[-3000:]
+    changed = json.loads((tmp / "art" / "studies" / "synthetic_tiny" / "study.json").read_text())
+    rpo = next(r for r in changed["rows"] if r["name"] == "rpo")
+    new_point = next(g for g in rpo["grid"] if g["point"] == {"objective.beta": 0.5})
+    trained = changed["cache"]["trained"]
+    assert sorted(trained) == sorted(d for s in new_point["runs"] for d in s)
+    refs = {d for s in first["rows"][1]["runs"] for d in s}
+    assert refs <= set(changed["cache"]["reused"])
+
+
+def test_recipe_from_fixes_every_row_at_its_selected_point(tiny, tmp_path):
+    _, result = tiny
+    path = tmp_path / "study.json"  # the first run's (later tests re-run the study)
+    path.write_text(json.dumps(result))
+    spec = study_spec(tiny_study(recipe_from=str(path)), [10, 20])
+    rpo = next(r for r in result["rows"] if r["name"] == "rpo")
+    assert spec.rows[0].points() == [rpo["selected"]]
+    with pytest.raises(DataError, match="no selected recipe for row"):
+        study_spec(tiny_study(recipe_from=str(path), **{"rows.other": {"objective": "dpo"}}),
+                   [10, 20])  # fmt: skip
