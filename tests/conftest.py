@@ -30,3 +30,12 @@ def run_pipeline(script: str, *overrides: str, cwd: Path) -> subprocess.Complete
         text=True,
         timeout=600,
     )
+
+
+def bad_input_message(result: subprocess.CompletedProcess) -> str:
+    """The error line of a stage that refused its input: exit 2, one line, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from recsys_dpo.data.pairs import (
     build_pairs,
+    check_impression_pairs,
     feedback_pairs,
     impression_pairs,
     item_popularity,
@@ -19,6 +20,8 @@ from recsys_dpo.data.schema import PAIRS_SCHEMA
 from recsys_dpo.data.splits import SPLITS, leave_one_out
 from recsys_dpo.data.vocab import build_vocab, encode
 from recsys_dpo.errors import DataError
+from tests.conftest import bad_input_message
+from tests.test_prepare import prepare_cli
 
 SETTINGS = settings(max_examples=100, deadline=None)
 
@@ -373,3 +376,46 @@ def test_build_pairs_errors():
     with pytest.raises(DataError, match="split"):
         impression_pairs(df, "holdout")
     assert build_pairs(df, "train", {}, n_items=500).schema == pl.Schema(PAIRS_SCHEMA)
+
+
+# --- impression pairs need a click signal (issue 15, item 6) ---------------------------------
+
+IMPRESSION_LOG = [
+    "uid,sku,ts,request_id,position",
+    *(f"a,x{k},{k // 3},r{k // 3},{k % 3}" for k in range(9)),
+    *(f"b,x{k},{k // 3},s{k // 3},{k % 3}" for k in range(9)),
+]
+IMPRESSIONS_ON = "+data.pairs.impressions={max_context: 50}"
+
+
+def test_cli_impressions_without_click_column_are_refused(tmp_path):
+    log = tmp_path / "shown.csv"
+    log.write_text("\n".join(IMPRESSION_LOG) + "\n")
+    msg = bad_input_message(prepare_cli(tmp_path, log, IMPRESSIONS_ON))
+    assert "shown.csv: impression pairs" in msg
+    assert "no 'clicked' column and no 'event' column" in msg
+    assert "'+data.reader.columns={clicked: " in msg
+    assert not (tmp_path / "artifacts" / "prepared" / "table").exists()
+
+
+def test_cli_impressions_all_clicked_give_no_pairs_and_are_refused(tmp_path):
+    log = tmp_path / "clicked.csv"
+    rows = [IMPRESSION_LOG[0] + ",clicked", *(f"{row},1" for row in IMPRESSION_LOG[1:])]
+    log.write_text("\n".join(rows) + "\n")
+    msg = bad_input_message(prepare_cli(tmp_path, log, IMPRESSIONS_ON))
+    assert "clicked.csv: impression pairs: none built" in msg
+    assert "all 18 shown item(s) are clicked" in msg
+    assert not (tmp_path / "artifacts" / "prepared" / "table").exists()
+
+
+def test_impression_pairs_refused_when_none_come_out():
+    clicks = IMPRESSIONS.with_columns(clicked=pl.lit(True))
+    counts = {"train": {"next_item": 3}, "valid": {}}
+    with pytest.raises(DataError, match=r"src: impression pairs: none built.*all 7 shown"):
+        check_impression_pairs(clicks.lazy(), counts, "src")
+    with pytest.raises(DataError, match=r"none of the 7 shown item\(s\) is clicked"):
+        check_impression_pairs(clicks.with_columns(clicked=False).lazy(), counts, "src")
+    mixed = IMPRESSIONS.with_columns(request_id=pl.format("{}", pl.col("item_idx")))
+    with pytest.raises(DataError, match="no request has both a clicked and a not-clicked item"):
+        check_impression_pairs(mixed.lazy(), counts, "src")
+    check_impression_pairs(IMPRESSIONS.lazy(), {"train": {"impressions": 1}}, "src")

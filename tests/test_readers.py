@@ -16,7 +16,8 @@ from recsys_dpo.data.readers import (
 )
 from recsys_dpo.data.validate import validate
 from recsys_dpo.errors import DataError
-from tests.conftest import shared_file
+from tests.conftest import bad_input_message, shared_file
+from tests.test_prepare import prepare_cli
 
 MAPPING = {"user_id": "uid", "item_id": "sku", "timestamp": "ts"}
 
@@ -43,15 +44,16 @@ def test_csv_with_mapping_renames_keeps_canonical_and_drops_the_rest(tmp_path):
     # id columns are read as text: leading zeros survive
     assert df["user_id"].to_list() == ["007", "8"]
     assert df["item_id"].to_list() == ["42", "043"]
-    assert df["timestamp"].to_list() == [100, 200]
-    assert df["rating"].to_list() == [4.5, 1.0]
+    # every CSV column is text; validate() converts (and names the rows that do not convert)
+    assert df["timestamp"].to_list() == ["100", "200"]
+    assert df["rating"].to_list() == ["4.5", "1.0"]
 
 
 def test_tsv_by_suffix_and_format_override(tmp_path):
     tsv = write_text(tmp_path / "log.tsv", "user_id\titem_id\ttimestamp\nu\ti\t5\n")
-    assert read_table(tsv).collect().rows() == [("u", "i", 5)]
+    assert read_table(tsv).collect().rows() == [("u", "i", "5")]
     txt = write_text(tmp_path / "log.txt", "user_id;item_id;timestamp\nu;i;5\n")
-    assert read_table(txt, format="csv", separator=";").collect().rows() == [("u", "i", 5)]
+    assert read_table(txt, format="csv", separator=";").collect().rows() == [("u", "i", "5")]
 
 
 def test_mapped_column_replaces_a_canonically_named_one(tmp_path):
@@ -274,3 +276,100 @@ def test_real_mind():
         history = df.filter(event="history")
         assert history["request_id"].null_count() == history.height
         assert history.select("user_id", "item_id").is_duplicated().sum() == 0
+
+
+# --- a log that does not fit: real header, bad file, timestamp row (issue 15, item 12) -------
+
+
+@pytest.mark.parametrize(("sep", "hint"), [(";", "separator=';'"), ("|", "separator='|'")])
+def test_csv_with_another_delimiter_shows_the_header_and_the_setting(tmp_path, sep, hint):
+    path = write_text(tmp_path / "log.csv", sep.join(["user_id", "item_id", "timestamp"]) + "\n")
+    with pytest.raises(DataError) as err:
+        read_table(path)
+    msg = str(err.value)
+    assert msg.startswith(
+        f"{path}: the header line {sep.join(['user_id', 'item_id', 'timestamp'])!r}"
+    )
+    assert f"data.reader.{hint}" in msg
+
+
+def test_tab_delimited_csv_suggests_the_tsv_format(tmp_path):
+    path = write_text(tmp_path / "log.csv", "uid\tsku\tts\nu\ti\t1\n")
+    with pytest.raises(DataError, match=r"'uid\\tsku\\tts'.*data\.reader\.format=tsv"):
+        read_table(path, columns=MAPPING)
+
+
+def test_unmapped_required_columns_name_the_files_columns(tmp_path):
+    path = write_text(tmp_path / "log.csv", "uid,item_id,when\nu,i,1\n")
+    with pytest.raises(DataError) as err:
+        read_table(path)
+    msg = str(err.value)
+    assert "missing required column(s) ['user_id', 'timestamp']" in msg
+    assert "the file has columns ['uid', 'item_id', 'when']" in msg
+    assert "data.reader.columns" in msg
+
+
+def _parquet_dir(root: Path) -> Path:
+    for day in (1, 2):
+        (root / f"day={day}").mkdir(parents=True)
+        pl.DataFrame({"uid": ["a", "b"], "sku": ["x", "y"], "ts": [day, day]}).write_parquet(
+            root / f"day={day}" / "part-0.parquet"
+        )
+    return root
+
+
+@pytest.mark.parametrize(
+    ("bad", "needle"),
+    [
+        (lambda p: p.write_text("not parquet at all"), "not a readable parquet file"),
+        (lambda p: p.write_bytes(b""), "not a readable parquet file"),
+        (
+            lambda p: pl.DataFrame({"uid": ["c"], "sku": ["z"], "ts": ["2"]}).write_parquet(p),
+            "ts: String",
+        ),
+        (lambda p: pl.DataFrame({"uid": ["c"], "sku": ["z"]}).write_parquet(p), "columns"),
+    ],
+    ids=["garbage", "empty", "other dtype", "missing column"],
+)
+def test_bad_file_in_a_parquet_directory_is_named(tmp_path, bad, needle):
+    root = _parquet_dir(tmp_path / "log")
+    bad(root / "day=2" / "part-1.parquet")
+    with pytest.raises(DataError) as err:
+        read_table(root, columns=MAPPING).collect()
+    msg = str(err.value)
+    assert msg.startswith(f"{root / 'day=2' / 'part-1.parquet'}: ")
+    assert needle in msg and f"one of the files of {root}" in msg
+
+
+def test_inferred_csv_types_never_fail_past_the_first_rows(tmp_path):
+    # polars infers types from the first 100 rows; a later misfit must reach validation as text
+    rows = ["user_id,item_id,timestamp,rating", *(f"u,i{k},{k},4" for k in range(150))]
+    path = write_text(tmp_path / "log.csv", "\n".join([*rows, "u,j,2024-01-01,4.5"]) + "\n")
+    df = read_table(path).collect()
+    assert df["timestamp"][-1] == "2024-01-01" and df["rating"][-1] == "4.5"
+
+
+def test_cli_semicolon_csv_names_header_and_separator_setting(tmp_path):
+    log = write_text(tmp_path / "semi.csv", "uid;sku;ts\na;x;1\na;y;2\na;z;3\n")
+    msg = bad_input_message(prepare_cli(tmp_path, log))
+    assert "semi.csv: the header line 'uid;sku;ts'" in msg
+    assert "data.reader.separator=';'" in msg
+
+
+def test_cli_bad_parquet_file_in_a_directory_is_named(tmp_path):
+    root = _parquet_dir(tmp_path / "log")
+    write_text(root / "day=2" / "part-1.parquet", "not parquet")
+    msg = bad_input_message(prepare_cli(tmp_path, root))
+    assert f"{root / 'day=2' / 'part-1.parquet'}: not a readable parquet file" in msg
+
+
+def test_cli_unparsable_timestamp_gives_row_value_and_setting(tmp_path):
+    rows = ["uid,sku,ts", *(f"u{k % 5},i{k % 7},{1_700_000_000 + k}" for k in range(150))]
+    log = write_text(tmp_path / "late.csv", "\n".join([*rows, "u1,i2,2024-01-02 at 10:00"]) + "\n")
+    msg = bad_input_message(prepare_cli(tmp_path, log))
+    assert "late.csv: column 'timestamp' has 1 value(s)" in msg
+    assert "row 150: '2024-01-02 at 10:00'" in msg
+    assert "data.validation.timestamp_format" in msg
+    assert "offset" not in msg and "infer_schema_length" not in msg
+    fixed = prepare_cli(tmp_path, log, "data.validation.timestamp_format='%Y-%m-%d at %H:%M'")
+    assert "row 0: '1700000000'" in bad_input_message(fixed)

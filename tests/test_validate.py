@@ -8,9 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
+from recsys_dpo.artifacts import read_manifest
 from recsys_dpo.data.schema import CANONICAL_DTYPES
+from recsys_dpo.data.splits import SPLITS
 from recsys_dpo.data.validate import ValidationReport, validate
 from recsys_dpo.errors import DataError
+from tests.conftest import bad_input_message
+from tests.test_prepare import prepare_cli
 
 SRC = "clicks.csv"
 
@@ -77,6 +81,11 @@ def test_unparsable_timestamp_strings_show_rows_and_values():
 def test_timestamp_format_mismatch_is_reported():
     with pytest.raises(DataError, match=r"not dates in format '%d\.%m\.%Y'.*row 1: '2020-01-02'"):
         validate(log(timestamp=["01.01.2020", "2020-01-02"]), SRC, timestamp_format="%d.%m.%Y")
+
+
+def test_unusable_timestamp_format_is_a_data_error():
+    with pytest.raises(DataError, match=r"timestamp_format='%Y %H': Invalid format string"):
+        validate(log(timestamp=["2020 01"]), SRC, timestamp_format="%Y %H")
 
 
 def test_uninferable_timestamp_strings():
@@ -264,12 +273,14 @@ def test_report_rows():
         "s",
         rows_in=10,
         rows_out=6,
+        non_finite_dropped=4,
         duplicates_dropped=1,
         short_users_dropped=2,
         short_user_rows_dropped=3,
     )
     assert report.as_rows() == [
         ("rows in", 10),
+        ("non-finite rows dropped", 4),
         ("duplicate rows dropped", 1),
         ("short users dropped", 2),
         ("short-user rows dropped", 3),
@@ -306,3 +317,86 @@ def test_without_duplicates_validate_keeps_every_row_and_is_idempotent(rows):
     again, report2 = validate(df.lazy(), SRC)
     assert report2.rows_out == df.height
     assert_frame_equal(again.drop("seq"), df.drop("seq"))
+
+
+# --- non-finite and out-of-range numbers (issue 15, item 4) ----------------------------------
+
+
+@pytest.mark.parametrize("column", ["rating", "weight"])
+def test_non_finite_numbers_are_refused_with_rows_and_values(column):
+    values = [4.0, float("nan"), 1.0, float("inf"), float("-inf"), None]
+    with pytest.raises(DataError) as err:
+        validate(log(**{column: values}), SRC)
+    msg = str(err.value)
+    assert msg.startswith(f"{SRC}: column {column!r} has 3 value(s) that are NaN or inf")
+    assert "(row 1: nan, row 3: inf, row 4: -inf) (rows are 0-based)" in msg
+    assert "data.validation.non_finite=drop" in msg
+
+
+def test_non_finite_rows_dropped_when_configured_and_counted():
+    lf = log(rating=[5.0, float("nan"), 1.0, 4.0], weight=[1.0, 1.0, float("inf"), 2.0])
+    df, report = validate(lf, SRC, non_finite="drop")
+    assert df["seq"].to_list() == [0, 3]
+    assert report.non_finite_dropped == 2 and report.rows_in == 4 and report.rows_out == 2
+    assert ("non-finite rows dropped", 2) in report.as_rows()
+    with pytest.raises(DataError, match=r"non_finite must be one of \['error', 'drop'\]"):
+        validate(lf, SRC, non_finite="ignore")
+
+
+def test_nan_text_in_a_csv_column_is_non_finite(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id,timestamp,rating\nu,a,1,5\nu,b,2,NaN\n")
+    with pytest.raises(
+        DataError, match=r"'rating' has 1 value\(s\) that are NaN or inf \(row 1: nan\)"
+    ):
+        validate(pl.scan_csv(path), str(path))
+
+
+def test_out_of_range_position_and_weight_are_refused():
+    with pytest.raises(
+        DataError, match=r"'position' has 1 value\(s\) that are below 0 \(row 2: -1\)"
+    ):
+        validate(log(position=[0, 1, -1]), SRC)
+    with pytest.raises(
+        DataError, match=r"'weight' has 2 value\(s\) that are below 0 \(row 0: -0.5, row 2: -2.0\)"
+    ):
+        validate(log(weight=[-0.5, 0.0, -2.0]), SRC, non_finite="drop")
+
+
+def _rated_log(path):
+    """User a's third event (row 2) is rated NaN between 5-star and 1-star events."""
+    rows = ["uid,sku,ts,rating"]
+    rows += [f"a,x{k},{k},{r}" for k, r in enumerate(["5", "1", "NaN", "5", "5", "4"])]
+    rows += [f"b,x{k},{k},{r}" for k, r in enumerate(["5", "1", "4", "5", "5"])]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+FEEDBACK = "+data.pairs.feedback={high: 4.0, low: 2.0}"
+
+
+def test_cli_nan_rating_is_refused_not_a_chosen_item(tmp_path):
+    result = prepare_cli(tmp_path, _rated_log(tmp_path / "rated.csv"), FEEDBACK)
+    msg = bad_input_message(result)
+    assert "rated.csv: column 'rating' has 1 value(s) that are NaN or inf" in msg
+    assert "row 2: nan" in msg and "data.validation.non_finite=drop" in msg
+    assert not (tmp_path / "artifacts" / "prepared" / "table").exists()
+
+
+def test_cli_nan_rating_dropped_when_configured(tmp_path):
+    result = prepare_cli(
+        tmp_path, _rated_log(tmp_path / "rated.csv"), FEEDBACK, "data.validation.non_finite=drop"
+    )
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "artifacts" / "prepared" / "table"
+    manifest = read_manifest(out)
+    assert manifest["validation"]["non-finite rows dropped"] == 1
+    assert manifest["validation"]["rows out"] == 10
+    users = pl.read_parquet(out / "vocab_users.parquet").filter(user_id="a")["user_idx"]
+    x2 = pl.read_parquet(out / "vocab_items.parquet").filter(item_id="x2")["item_idx"]
+    pairs = pl.concat(pl.read_parquet(out / f"pairs_{s}.parquet") for s in SPLITS)
+    feedback = pairs.filter(source="feedback")
+    assert feedback.height > 0
+    assert feedback.filter(user_idx=users[0], chosen=x2[0]).height == 0
+    events = pl.concat(pl.read_parquet(out / f"{s}.parquet") for s in SPLITS)
+    assert events.height == 10 and not events["rating"].is_nan().any()

@@ -126,6 +126,35 @@ def impression_pairs(
     return _finish(chosen, events, "impressions", max_context)
 
 
+def check_impression_pairs(
+    log: pl.LazyFrame, counts: Mapping[str, Mapping[str, int]], source: str
+) -> None:
+    """DataError when impression pairs were asked for and none came out, saying why.
+
+    `log` is the validated log (its `request_id` and `clicked`), `counts` the pairs built,
+    split -> source -> rows. No pair at all means no request holds both a click and a
+    shown-but-not-clicked item: all shown items clicked (a click column that is not one, or
+    none mapped), none clicked, or one item per request; an empty pairs file would only make
+    the preference stage fail later, or train on nothing.
+    """
+    if sum(by_source.get("impressions", 0) for by_source in counts.values()):
+        return
+    shown = log.filter(pl.col("request_id").is_not_null())
+    n, clicked = shown.select(pl.len(), pl.col("clicked").sum()).collect().row(0)
+    if not n:
+        why = "no row has a request_id; check the request_id column (or its mapping)"
+    elif clicked == n:
+        why = f"all {n:,} shown item(s) are clicked; check the clicked column (or its mapping)"
+    elif not clicked:
+        why = f"none of the {n:,} shown item(s) is clicked; check the clicked/event column"
+    else:
+        why = (
+            "no request has both a clicked and a not-clicked item (or, with skip_above, a "
+            "not-clicked one shown above a click); check the request_id column"
+        )
+    raise DataError(f"{source}: impression pairs: none built: {why}")
+
+
 def item_popularity(df: pl.DataFrame, split: str, n_items: int) -> np.ndarray:
     """Positive counts per item_idx (length n_items) over `split` and the splits before it."""
     items = df.filter(pl.col("clicked") & pl.col("split").is_in(_splits_up_to(split)))[ITEM_IDX]

@@ -29,7 +29,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from recsys_dpo.artifacts import atomic_dir, config_hash, write_manifest
-from recsys_dpo.data.pairs import build_pairs, item_popularity
+from recsys_dpo.data.pairs import build_pairs, check_impression_pairs, item_popularity
 from recsys_dpo.data.schema import SCHEMA_VERSION
 from recsys_dpo.data.splits import SPLITS, split_frame, temporal_cuts
 from recsys_dpo.data.validate import (
@@ -168,8 +168,11 @@ def prepare_dataset(
         steps = bar.add_task("validating", total=3 * n)
 
         reports = []
+        impressions = "impressions" in pairs  # which need clicks told from shown items
         for b, part in enumerate(parts):
-            df, report = validate(part, source, partial=n_buckets > 1, **validation)
+            df, report = validate(
+                part, source, partial=n_buckets > 1, require_click_signal=impressions, **validation
+            )
             df.write_parquet(work / f"validated_{b}.parquet")
             reports.append(report)
             bar.advance(steps)
@@ -217,6 +220,8 @@ def prepare_dataset(
         if not events["train"]:
             raise DataError(f"split {split['kind']!r}: the train split is empty")
         pair_counts = _count_pairs(tmp, pair_splits)
+        if impressions:
+            check_impression_pairs(validated, pair_counts, source)
         shutil.rmtree(work)
 
         summary = PrepareSummary(

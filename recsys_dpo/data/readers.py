@@ -2,9 +2,11 @@
 
 Each reader only maps a file format onto the names of `recsys_dpo.data.schema` (user_id,
 item_id, timestamp, and the optional columns the format has); checking values and dtypes is
-`validate.py`'s job. Ids are read as strings so that "007" stays "007". A path that does not
-exist, a format that cannot be read, or a column mapping that does not fit the file raises
-`DataError`.
+`validate.py`'s job. A CSV is read as text, every column, so that "007" stays "007" and a value
+that does not fit the type polars would guess from the first rows reaches validation, which
+names its row, instead of failing the scan at a byte offset. A path that does not exist, a
+format that cannot be read, a CSV split with another delimiter, a bad file among a directory's
+parquet files, or a column mapping that does not fit the file raises `DataError`.
 """
 
 import glob
@@ -14,12 +16,15 @@ from pathlib import Path
 import polars as pl
 
 from recsys_dpo.data.schema import OPTIONAL, REQUIRED
+from recsys_dpo.data.validate import MAPPING_HINT
 from recsys_dpo.errors import DataError
 
 CANONICAL = (*REQUIRED, *OPTIONAL)
-ID_COLUMNS = ("user_id", "item_id", "request_id")
 _FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv"}
 _GLOB_CHARS = frozenset("*?[")
+_PARQUET_SUFFIXES = tuple(s for s, f in _FORMATS.items() if f == "parquet")
+# Delimiters a CSV header split with another one than configured is checked for.
+_SEPARATORS = (",", ";", "\t", "|")
 # MIND behaviors.tsv stamps impressions like "11/12/2019 2:14:46 PM" (no time zone: read as UTC).
 MIND_TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"
 
@@ -58,12 +63,71 @@ def _schema(lf: pl.LazyFrame, path: Path) -> list[str]:
         raise DataError(f"{path}: cannot read it as a table: {exc}") from exc
 
 
-def _scan(path: Path, fmt: str, separator: str, strings: tuple[str, ...] = ()) -> pl.LazyFrame:
-    """Lazy scan of a parquet file / directory / glob, or of a CSV/TSV with `strings` as Utf8."""
+def _parquet_files(path: Path) -> list[Path]:
+    """The files polars reads for a directory (all files below it) or a glob, sorted."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file())
+    return sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+
+
+def _check_parquet_files(path: Path) -> None:
+    """DataError naming the first of a directory's / glob's files that polars cannot read with
+    the others: not parquet (or truncated), or with other columns or types than the first.
+
+    Only footers are read. polars skips empty files, so an empty `.parquet` (a write cut short)
+    is refused, an empty marker such as Spark's `_SUCCESS` is not.
+    """
+    first: tuple[Path, dict[str, pl.DataType]] | None = None
+    for file in _parquet_files(path):
+        if file.stat().st_size == 0 and not file.name.endswith(_PARQUET_SUFFIXES):
+            continue
+        try:
+            schema = dict(pl.read_parquet_schema(file))
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise DataError(
+                f"{file}: not a readable parquet file ({exc}); it is one of the files of {path}"
+            ) from exc
+        if first is None:
+            first = (file, schema)
+        elif schema != first[1]:
+            shown = ", ".join(f"{k}: {v}" for k, v in schema.items())
+            expected = ", ".join(f"{k}: {v}" for k, v in first[1].items())
+            raise DataError(
+                f"{file}: its columns ({shown}) differ from those of {first[0]} ({expected}); "
+                f"every file must have the same columns and types, it is one of the files of "
+                f"{path}"
+            )
+
+
+def _check_separator(path: Path, fmt: str, separator: str, available: list[str]) -> None:
+    """DataError when a CSV's header is one column holding another delimiter than `separator`,
+    showing the real header line and the setting to use (a tab or a comma is the format's)."""
+    if len(available) != 1:
+        return
+    with path.open(errors="replace") as fh:
+        header = fh.readline().rstrip("\r\n")
+    counts = {sep: header.count(sep) for sep in _SEPARATORS if sep != separator}
+    found = max(counts, key=counts.__getitem__)
+    if not counts[found]:
+        return
+    if found == "\t":
+        setting = "data.reader.format=tsv"  # a tab cannot be typed in a hydra override
+    elif found == "," and fmt == "tsv":
+        setting = "data.reader.format=csv"
+    else:
+        # quoted twice: the shell keeps the inner quotes, which hydra needs around ; and |
+        setting = f"\"data.reader.separator='{found}'\""
+    raise DataError(
+        f"{path}: the header line {header!r} has no {separator!r} (the separator in use) but "
+        f"{counts[found]} {found!r}: set {setting}"
+    )
+
+
+def _scan(path: Path, fmt: str, separator: str) -> pl.LazyFrame:
+    """Lazy scan of a parquet file / directory / glob, or of a CSV/TSV with every column text."""
     if fmt == "parquet":
         return pl.scan_parquet(str(path), hive_partitioning=True)
-    sep = "\t" if fmt == "tsv" and separator == "," else separator
-    return pl.scan_csv(path, separator=sep, schema_overrides=dict.fromkeys(strings, pl.Utf8))
+    return pl.scan_csv(path, separator=separator, infer_schema=False)
 
 
 def _column_plan(available: list[str], columns: Mapping[str, str], path: Path) -> dict[str, str]:
@@ -86,6 +150,12 @@ def _column_plan(available: list[str], columns: Mapping[str, str], path: Path) -
     for name in CANONICAL:
         if name in available and name not in plan and name not in used:
             plan[name] = name
+    unmapped = [c for c in REQUIRED if c not in plan]
+    if unmapped:
+        raise DataError(
+            f"{path}: missing required column(s) {unmapped}; the file has columns {available}; "
+            f"{MAPPING_HINT}, e.g. '+data.reader.columns={{{unmapped[0]}: <your column>}}'"
+        )
     return plan
 
 
@@ -99,15 +169,20 @@ def read_table(
 
     `columns` maps canonical name -> the file's column name, e.g. {"user_id": "uid"}; columns
     neither mapped nor canonically named are dropped. `format` ("parquet", "csv", "tsv")
-    overrides the suffix; `separator` is the CSV delimiter (a .tsv defaults to tab).
+    overrides the suffix; `separator` is the CSV delimiter (a .tsv defaults to tab). CSV
+    columns come out as text, parquet columns with their stored types; `validate` converts.
     """
     path = _existing(path)
     fmt = _format_of(path, format)
-    columns = dict(columns or {})
-    plan = _column_plan(_schema(_scan(path, fmt, separator), path), columns, path)
-    # ids keep their exact text ("007"): re-scan CSV with the id columns forced to strings
-    ids = tuple(src for canon, src in plan.items() if canon in ID_COLUMNS)
-    lf = _scan(path, fmt, separator, strings=ids)
+    if fmt == "tsv" and separator == ",":
+        separator = "\t"
+    if fmt == "parquet" and (path.is_dir() or not path.exists()):
+        _check_parquet_files(path)
+    lf = _scan(path, fmt, separator)
+    available = _schema(lf, path)
+    if fmt != "parquet":
+        _check_separator(path, fmt, separator, available)
+    plan = _column_plan(available, dict(columns or {}), path)
     return lf.select(pl.col(src).alias(canon) for canon, src in plan.items())
 
 

@@ -14,6 +14,9 @@ and, when the log has them:
     rating     Float64   explicit strength (e.g. a 1-5 star rating)
     weight     Float64   a per-event weight carried into the pairs
     event      Utf8      the raw event type, kept for reference
+
+Float columns hold finite numbers (NaN / inf are refused or dropped), and `LOWER_BOUNDS` holds
+the smallest value a column may take.
 """
 
 import polars as pl
@@ -33,6 +36,10 @@ CANONICAL_DTYPES: dict[str, pl.DataType] = {
     "weight": pl.Float64(),
     "event": pl.Utf8(),
 }
+
+# A position is a rank (0-based, or 1-based in some logs); a weight scales a loss term, so a
+# negative one would turn the preference around.
+LOWER_BOUNDS: dict[str, int] = {"position": 0, "weight": 0}
 
 # Indexed frames (after vocab): ids become contiguous integers. Item index 0 is padding.
 USER_IDX = "user_idx"
