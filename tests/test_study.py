@@ -194,3 +194,27 @@ def test_recipe_from_fixes_every_row_at_its_selected_point(tiny, tmp_path):
     with pytest.raises(DataError, match="no selected recipe for row"):
         study_spec(tiny_study(recipe_from=str(path), **{"rows.other": {"objective": "dpo"}}),
                    [10, 20])  # fmt: skip
+
+
+def compose_study(name: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("run_study", [f"study={name}"])
+
+
+def test_the_ml1m_and_ml100k_studies_compose_and_check():
+    cfg = compose_study("ml1m_sasrec")
+    spec = study_spec(cfg.study, list(cfg.eval.k))
+    assert cfg.data.name == "ml1m_sas" and len(spec.reference_seeds) >= 3
+    assert spec.reference.early_stopping_patience == 5
+    assert {r.name: len(r.points()) for r in spec.rows} == {
+        "rpo": 8, "sdpo": 4, "dpo_hard": 4, "sft": 2}  # fmt: skip
+    cfg = compose_study("ml100k_sasrec")
+    assert cfg.data.name == "ml100k_sas" and cfg.data.split.kind == "loo"
+    assert cfg.study.rows == compose_study("ml1m_sasrec").study.rows  # the recipe, untouched
+    if Path(cfg.study.recipe_from).is_file():  # the ML-1M study has published its table
+        assert all(len(r.points()) == 1 for r in study_spec(cfg.study, list(cfg.eval.k)).rows)
+    else:
+        with pytest.raises(DataError, match="study.recipe_from=.*study_ml1m_sasrec.json"):
+            study_spec(cfg.study, list(cfg.eval.k))
