@@ -18,6 +18,7 @@ through the blocks) instead of NaN. Contexts longer than max_len keep their last
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -70,14 +71,78 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
 
-def attention_mask(context: Tensor) -> Tensor:
-    """Boolean mask [B, 1, L, L]: query t may attend key s iff s <= t and s is a real item,
-    or s == t (so a padded query row is never fully masked)."""
+def attention_mask(context: Tensor, segments: Tensor | None = None) -> Tensor:
+    """Boolean mask [B, 1, L, L]: query t may attend key s iff s <= t, s is a real item and
+    (for packed rows, `segments` [B, L]) both are in the same window; or s == t (so a padded
+    query row is never fully masked)."""
     L = context.shape[1]
     causal = torch.ones(L, L, dtype=torch.bool, device=context.device).tril()
     diagonal = torch.eye(L, dtype=torch.bool, device=context.device)
     real_key = (context != PAD_ITEM)[:, None, None, :]
+    if segments is not None:
+        real_key = real_key & (segments[:, None, :, None] == segments[:, None, None, :])
     return causal & (real_key | diagonal)
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> tuple[list[int], list[int]]:
+    """Pack items of the given lengths into bins of `capacity`: (bin, offset) of each item.
+
+    First-fit decreasing: longest first, each into the first bin with room. It uses at most
+    11/9 of the optimal number of bins plus one (Johnson, 1973)."""
+    bins, offsets = [0] * len(lengths), [0] * len(lengths)
+    used: list[int] = []
+    for item in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        length = lengths[item]
+        if length > capacity:
+            raise ValueError(f"cannot pack length {length} into bins of {capacity}")
+        slot = next((b for b, u in enumerate(used) if u + length <= capacity), len(used))
+        if slot == len(used):
+            used.append(0)
+        bins[item], offsets[item] = slot, used[slot]
+        used[slot] += length
+    return bins, offsets
+
+
+@dataclass(frozen=True)
+class Packing:
+    """Left-padded rows laid end to end in as few rows of the same width as fit.
+
+    Row b's span (its columns from the first one in use to the last) becomes one segment of a
+    packed row. context, positions, segments: [R, L] (unused slots: PAD_ITEM, 0, -1); index:
+    for every column of the original [B, L], its slot in the flattened [R * L] packed rows
+    (-1 outside the spans).
+    """
+
+    context: Tensor
+    positions: Tensor
+    segments: Tensor
+    index: Tensor
+
+    @classmethod
+    def of(cls, context: Tensor, used: Tensor) -> "Packing":
+        """Pack the spans of `used` [B, L] (True where a row's state is needed) of context."""
+        B, L = context.shape
+        device = context.device
+        columns = torch.arange(L, device=device)
+        span = L - torch.where(used, columns, L).min(dim=1).values
+        bins, offsets = (
+            torch.tensor(v, dtype=torch.long, device=device)
+            for v in first_fit_decreasing(span.tolist(), L)
+        )
+        # Column c of row b goes to column offsets[b] + c - (L - span[b]) of packed row bins[b].
+        packed_col = columns + (offsets - L + span).unsqueeze(1)
+        in_span = packed_col >= offsets.unsqueeze(1)
+        index = torch.where(in_span, bins.unsqueeze(1) * L + packed_col, -1)
+        shape = (int(bins.max()) + 1 if B else 1, L)
+        flat = index[in_span]
+        packed = context.new_full((shape[0] * L,), PAD_ITEM)
+        packed[flat] = context[in_span]
+        segments = torch.full_like(packed, -1)
+        segments[flat] = torch.arange(B, device=device).unsqueeze(1).expand(B, L)[in_span]
+        # Right-aligned positions within each segment, as in the unpacked rows.
+        positions = torch.zeros_like(packed)
+        positions[flat] = (L - 1 - columns).expand(B, L)[in_span]
+        return cls(packed.view(shape), positions.view(shape), segments.view(shape), index)
 
 
 class SASRec(Recommender):
@@ -133,9 +198,31 @@ class SASRec(Recommender):
         L = context.shape[1]
         # Right-aligned positions: the last column is 0 whatever the padding (module docstring).
         positions = torch.arange(L - 1, -1, -1, device=context.device)
+        return self._encode(context, positions, attention_mask(context))
+
+    def hidden_at(self, context: Tensor, where: Tensor) -> Tensor:
+        """`sequence_hidden(context)[where]` [M, d], computed on packed rows.
+
+        context, where: [B, L] with L <= max_len. Each row's span from its first needed column
+        (where, or a real item) is packed end to end with other rows' (`Packing`): no state is
+        computed for the left padding, which is nearly half of the positions of ML-1M's
+        200-item windows. Attention stays within a segment and positions count from its end,
+        so the states equal the unpacked ones up to float rounding.
+        """
+        if context.shape != where.shape or context.shape[1] > self.max_len:
+            raise ValueError(
+                f"hidden_at: need context and where of one shape [B, L <= {self.max_len}], "
+                f"got {tuple(context.shape)} and {tuple(where.shape)}"
+            )
+        packing = Packing.of(context, where | (context != PAD_ITEM))
+        mask = attention_mask(packing.context, packing.segments)
+        hidden = self._encode(packing.context, packing.positions, mask)
+        return hidden.flatten(0, 1)[packing.index[where]]
+
+    def _encode(self, context: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+        """Embeddings -> blocks -> final LayerNorm: [B, L, d] under an attention mask."""
         scale = math.sqrt(self.item_emb.embedding_dim)
         x = self.emb_dropout(self.item_emb(context) * scale + self.pos_emb(positions))
-        mask = attention_mask(context)
         for block in self.blocks:
             x = block(x, mask)
         return self.ln_final(x)

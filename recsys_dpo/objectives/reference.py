@@ -8,6 +8,7 @@ the leading positions.
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 from recsys_dpo.data.schema import PAD_ITEM
 from recsys_dpo.objectives.catalog import log_softmax_catalog
@@ -43,6 +44,78 @@ def full_softmax_ce(logits: Tensor, target: Tensor, ignore_index: int = PAD_ITEM
     nll = -log_softmax_catalog(logits).gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
     nll = torch.where(keep, nll, torch.zeros_like(nll))
     return nll.sum() / keep.sum().clamp_min(1)
+
+
+# Rows of logits per chunk of `catalog_softmax_ce`: about 4M floats (16 MB), so a chunk's
+# logits stay in the last-level cache between the GEMM that writes them and the ones that read.
+_CHUNK_LOGITS = 1 << 22
+
+
+class _CatalogSoftmaxCE(torch.autograd.Function):
+    """sum_m [logsumexp_j <q_m, v_j> - <q_m, v_{t_m}>] and its gradients, chunk by chunk.
+
+    The gradient of the summed loss w.r.t. the chunk's logits is softmax - onehot(t), known as
+    soon as the chunk's log-partition is: it is formed in place of the logits and multiplied
+    into both gradients right away, so no [M, N] tensor is ever stored (the fused linear
+    cross-entropy of Liger-Kernel / Cut Cross-Entropy, Wijmans et al. 2024, on the CPU).
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, query: Tensor, items: Tensor, target: Tensor) -> Tensor:
+        want_query, want_items = ctx.needs_input_grad[:2]
+        rows = max(1, _CHUNK_LOGITS // items.shape[0])
+        grad_query = torch.empty_like(query) if want_query else None
+        grad_items = torch.zeros_like(items) if want_items else None
+        precision = torch.promote_types(query.dtype, torch.float32)  # fp32 softmax under bf16
+        total = query.new_zeros((), dtype=precision)
+        for start in range(0, query.shape[0], rows):
+            q, t = query[start : start + rows], target[start : start + rows]
+            log_p = torch.log_softmax((q @ items.T).to(precision), dim=-1)
+            arange = torch.arange(len(t), device=t.device)
+            total -= log_p[arange, t].sum()
+            if want_query or want_items:
+                probs = log_p.exp_()
+                probs[arange, t] -= 1.0
+                probs = probs.to(query.dtype)
+                if want_query:
+                    grad_query[start : start + rows] = probs @ items
+                if want_items:
+                    grad_items.addmm_(probs.T, q)
+        ctx.save_for_backward(grad_query, grad_items)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad_total: Tensor) -> tuple[Tensor | None, ...]:
+        grad_query, grad_items = ctx.saved_tensors
+        scale = grad_total.to(grad_query.dtype if grad_query is not None else grad_items.dtype)
+        return (
+            None if grad_query is None else grad_query * scale,
+            None if grad_items is None else grad_items * scale,
+            None,
+        )
+
+
+def catalog_softmax_ce(
+    query: Tensor, item_table: Tensor, target: Tensor, ignore_index: int = PAD_ITEM
+) -> Tensor:
+    """`full_softmax_ce(query @ item_table.T, target)` without the [M, N] logit matrix.
+
+    query: [M, d]; item_table: [N, d], row 0 the padding item (left out of the softmax);
+    target: [M]. Rows whose target is ignore_index are dropped; none left gives 0 (with zero
+    gradients). Same loss and gradients as the materialised form up to float rounding, in the
+    time of its three matrix products: the softmax passes run on cache-sized chunks.
+    Differentiable once (no double backward).
+    """
+    if query.dim() != 2 or item_table.dim() != 2 or target.shape != query.shape[:1]:
+        raise ValueError(
+            f"catalog_softmax_ce: need query [M, d], item_table [N, d], target [M]; got "
+            f"{tuple(query.shape)}, {tuple(item_table.shape)}, {tuple(target.shape)}"
+        )
+    keep = target != ignore_index
+    query, target = query[keep], target[keep]
+    total = _CatalogSoftmaxCE.apply(query, item_table[PAD_ITEM + 1 :], target - (PAD_ITEM + 1))
+    return total / max(len(target), 1)
 
 
 def sampled_softmax_logq(

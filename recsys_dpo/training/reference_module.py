@@ -128,12 +128,13 @@ class ReferenceModule(LightningModule):
 
     def queries(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """Query vectors [M, d] and their next items [M]: every real position of a SASRec
-        window when the batch has `targets_seq`, else one per row."""
-        if "targets_seq" in batch and hasattr(self.model, "sequence_hidden"):
-            hidden = self.model.sequence_hidden(batch["context"])
-            targets = batch["targets_seq"][:, -hidden.shape[1] :]
+        window when the batch has `targets_seq` (its windows packed, `SASRec.hidden_at`),
+        else one per row."""
+        if "targets_seq" in batch and hasattr(self.model, "hidden_at"):
+            width = min(batch["context"].shape[1], self.model.max_len)
+            targets = batch["targets_seq"][:, -width:]
             real = targets != PAD_ITEM
-            return hidden[real], targets[real]
+            return self.model.hidden_at(batch["context"][:, -width:], real), targets[real]
         return self.model.user_embeddings(batch), batch["target"]
 
     def sample_negatives(self, target: Tensor) -> Tensor:
@@ -146,7 +147,7 @@ class ReferenceModule(LightningModule):
         query, target = self.queries(batch)
         name = self.hparams.loss
         if name == "ce":
-            return losses.full_softmax_ce(query @ self.model.item_embeddings().T, target)
+            return losses.catalog_softmax_ce(query, self.model.item_embeddings(), target)
         negatives = self.sample_negatives(target)
         pos = (query * self.model.embed_items(target)).sum(-1)
         neg = torch.einsum("md,mkd->mk", query, self.model.embed_items(negatives))
