@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.markup import escape
 
 from recsys_dpo.errors import DataError
 
@@ -17,14 +18,17 @@ def plain(cfg: DictConfig) -> dict[str, Any]:
 
 
 def exits_cleanly_on_bad_input(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a DataError's message (no traceback) and exit with status 2."""
+    """Print a DataError's message on one line (no traceback, no wrapping at the terminal's
+    width; brackets in it are text, not rich markup) and exit with status 2."""
 
     @wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
         except DataError as err:
-            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+            Console(stderr=True).print(
+                f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True
+            )
             sys.exit(2)
 
     return wrapper
