@@ -146,8 +146,9 @@ def test_movielens_u_data_and_ratings_dat_give_the_same_frame(tmp_path):
         },
         orient="row",
     )
-    assert_frame_equal(read_movielens(udata).collect(), expected)
-    assert_frame_equal(read_movielens(dat).collect(), expected)
+    for path in (udata, dat):  # text from the reader, typed by validate
+        df = validate(read_movielens(path), str(path))[0]
+        assert_frame_equal(df.select(expected.columns), expected)
 
 
 def test_movielens_rejects_other_files(tmp_path):
@@ -256,8 +257,8 @@ def test_real_ml100k():
     path = shared_file("ml-100k", "u.data")
     raw = read_movielens(path).collect()
     assert counts(raw) == (943, 1682, 100_000)
-    assert set(raw["rating"].unique().to_list()) == {1.0, 2.0, 3.0, 4.0, 5.0}
     df, report = validate(read_movielens(path), str(path))
+    assert set(df["rating"].unique().to_list()) == {1.0, 2.0, 3.0, 4.0, 5.0}
     assert counts(df) == (943, 1682, 100_000)
     assert report.rows_out == 100_000 and report.duplicates_dropped == 0
 
@@ -373,3 +374,13 @@ def test_cli_unparsable_timestamp_gives_row_value_and_setting(tmp_path):
     assert "offset" not in msg and "infer_schema_length" not in msg
     fixed = prepare_cli(tmp_path, log, "data.validation.timestamp_format='%Y-%m-%d at %H:%M'")
     assert "row 0: '1700000000'" in bad_input_message(fixed)
+
+
+@pytest.mark.parametrize("sep", ["\t", "::"])
+def test_movielens_bad_rating_is_named_by_row_not_nulled_or_a_byte_offset(tmp_path, sep):
+    lines = [sep.join(["1", str(k), "4", str(880_000_000 + k)]) for k in range(150)]
+    path = write_text(tmp_path / "ratings", "\n".join([*lines, sep.join("12x3")]) + "\n")
+    with pytest.raises(
+        DataError, match=r"'rating' has 1 value\(s\) that are not.*\(row 150: 'x'\)"
+    ):
+        validate(read_movielens(path), str(path))

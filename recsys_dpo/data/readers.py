@@ -189,7 +189,9 @@ def read_table(
 def read_movielens(path: str | Path) -> pl.LazyFrame:
     """MovieLens ratings: `u.data` (tab, no header) or `ratings.dat` (`::`), by the first line.
 
-    Both are `user item rating unix_ts`; output user_id, item_id, rating (Float64), timestamp.
+    Both are `user item rating unix_ts`; output user_id, item_id, rating, timestamp, as text:
+    `validate` converts them and names a row that does not convert (a cast here would turn it
+    into a silent null, or fail the scan at a byte offset).
     """
     path = _existing(path)
     with path.open() as fh:
@@ -206,18 +208,14 @@ def read_movielens(path: str | Path) -> pl.LazyFrame:
             path,
             separator="\t",
             has_header=False,
-            new_columns=list(names),
-            schema_overrides={"user_id": pl.Utf8, "item_id": pl.Utf8},
+            schema=dict.fromkeys(names, pl.Utf8),
         )
     else:
         raise DataError(
             f"{path}: not a MovieLens ratings file: the first line {first.strip()!r} is neither "
             "tab-separated (u.data) nor '::'-separated (ratings.dat)"
         )
-    return lf.with_columns(
-        pl.col("rating").cast(pl.Float64, strict=False),
-        pl.col("timestamp").cast(pl.Int64, strict=False),
-    )
+    return lf
 
 
 def read_sasrec_txt(path: str | Path) -> pl.LazyFrame:
