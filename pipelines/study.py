@@ -13,13 +13,17 @@ import hydra
 from omegaconf import DictConfig
 
 from recsys_dpo.stage import exits_cleanly_on_bad_input
-from recsys_dpo.study.runner import run_study, template_of
 from recsys_dpo.study.spec import study_spec
 
 
 @exits_cleanly_on_bad_input
 def run(cfg: DictConfig) -> None:
-    run_study(study_spec(cfg.study, list(cfg.eval.k)), template_of(cfg))
+    spec = study_spec(cfg.study, list(cfg.eval.k))
+    # Imported once the study's settings passed: torch, lightning and mlflow take seconds to
+    # import, and a bad setting should fail at once.
+    from recsys_dpo.study.runner import run_study, template_of
+
+    run_study(spec, template_of(cfg))
 
 
 @hydra.main(config_path="../conf", config_name="run_study", version_base="1.3")

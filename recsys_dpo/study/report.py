@@ -73,7 +73,7 @@ def entry_json(entry: Entry, spec: StudySpec) -> dict[str, Any]:
     metrics = list(dict.fromkeys([spec.selection_metric, *spec.metrics]))
     return {
         "name": entry.name, "kind": entry.kind, "of": entry.of, "selected": entry.selected,
-        "grid": entry.grid, "runs": entry.runs, "steps": entry.steps,
+        "grid": entry.grid, "runs": entry.runs, "epochs": entry.epochs, "steps": entry.steps,
         "valid": {m: figures(entry.valid, m) for m in metrics},
         "test": {m: figures(entry.test, m) for m in metrics},
         "deltas": {f"vs {what}": {"vs": other.name, **{m: delta(entry, other, m, spec.n_resamples,
@@ -95,6 +95,14 @@ def _ci(d: dict[str, Any] | None) -> str:
 
 def _point(point: dict[str, Any] | None) -> str:
     return "" if not point else ", ".join(f"{k}={v}" for k, v in point.items())
+
+
+def _epochs(entry: dict[str, Any]) -> str:
+    """'(fixed)', with the best valid epoch of each reference for the references."""
+    best = [e.get("best_epoch") for s in entry["epochs"] or [] for e in s]
+    if entry["kind"] != "reference" or None in best:
+        return "(fixed)"
+    return f"(fixed; best valid epoch {'/'.join(map(str, best))})"
 
 
 def markdown(result: dict[str, Any], spec: StudySpec) -> str:
@@ -119,7 +127,7 @@ def markdown(result: dict[str, Any], spec: StudySpec) -> str:
     ]  # fmt: skip
     for e in result["rows"]:
         d = e["deltas"]
-        cells = [e["name"], _point(e["selected"]) if e["kind"] == "row" else "(fixed)",
+        cells = [e["name"], _point(e["selected"]) if e["kind"] == "row" else _epochs(e),
                  _fig(e["valid"][sel]), _fig(e["test"][sel]),
                  *(_fig(e["test"][x]) for x in spec.metrics if x != sel),
                  *(_ci(d.get(f"vs {w}", {}).get(m)) for w in ("reference", "sft", "continue"))]  # fmt: skip

@@ -72,6 +72,8 @@ class Run:
     ckpt: str
     last_ckpt: str
     lr: float
+    # result.json's epochs: the best one (by valid) and where training stopped.
+    epochs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -154,16 +156,19 @@ class Study:
         self.cache = EvalCache(spec.eval_cache, data, template.eval, self.ledger, console)
         self.popularity = train_popularity(data)
         self.model_name = template.model.name
-        # Models whose test figures may be read: extended only by the read-out step.
+        # Models whose test figures may be read: extended only by the read-out step, which
+        # closes the selection: no grid is searched after a test figure was read.
         self.test_allowed: set[str] = set()
         self.test_reads: list[str] = []
+        self.selection_open = True
 
     def train(self, stage: str, cfg: DictConfig, objective: str, suffix: str = "") -> Run:
         """Train (or reuse, same config hash) one run, by the pipeline's own skip rule."""
         before = len(self.pipe.ran)
         result = self.pipe.train(stage, cfg, f"{self.model_name}-{objective}{suffix}")
         ckpt = result["best_ckpt"] or result["last_ckpt"]
-        run = Run(str(Path(ckpt).parent), ckpt, result["last_ckpt"], float(cfg.train.lr))
+        epochs = {k: result.get(k) for k in ("best_epoch", "stopped_epoch")}
+        run = Run(str(Path(ckpt).parent), ckpt, result["last_ckpt"], float(cfg.train.lr), epochs)
         trained = len(self.pipe.ran) > before
         (self.ledger.trained if trained else self.ledger.reused).append(run.run_dir)
         return run
@@ -224,9 +229,12 @@ class Study:
                  **info: Any) -> Entry:  # fmt: skip
         """An entry read on valid and test; `models` [reference][seed] (None: the popularity
         baseline) are allowed a test read from now on."""
+        self.selection_open = False
         self.test_allowed |= {POPULARITY if r is None else r.ckpt for s in models for r in s}
+        epochs = [[{} if r is None else r.epochs for r in s] for s in models]
         return Entry(name, kind, [[self.read(r, "valid") for r in s] for s in models],
-                     [[self.read(r, "test") for r in s] for s in models], **info)  # fmt: skip
+                     [[self.read(r, "test") for r in s] for s in models], epochs=epochs,
+                     **info)  # fmt: skip
 
 
 @dataclass
@@ -241,6 +249,7 @@ class Entry:
     selected: dict[str, Any] | None = None
     grid: list[dict[str, Any]] | None = None
     runs: list[list[str]] | None = None
+    epochs: list[list[dict[str, Any]]] | None = None
     steps: list[int] | None = None
     compare_with: dict[str, Entry] = field(default_factory=dict)
 
@@ -260,6 +269,8 @@ class Selected:
 def search_row(study: Study, row: Row, refs: list[Run], seeds: tuple[int, ...],
                metric: str) -> Selected:  # fmt: skip
     """Fine-tune and evaluate on valid every grid point from every reference; select."""
+    if not study.selection_open:
+        raise RuntimeError(f"row {row.name}: a grid searched after the test read-out began")
     points = row.points()
     runs = [[[study.fine_tune(row, p, ref, s) for s in seeds] for ref in refs] for p in points]
     scores = [[study.read(r, SELECTION_SPLIT).aggregates[metric] for per_ref in point
