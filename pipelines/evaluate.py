@@ -20,6 +20,7 @@ import hydra
 from omegaconf import DictConfig
 from rich.console import Console
 
+from recsys_dpo.artifacts import stage_lock
 from recsys_dpo.data.datamodule import load_prepared
 from recsys_dpo.data.vocab import Vocab
 from recsys_dpo.errors import DataError
@@ -54,6 +55,12 @@ def output_dir(cfg: DictConfig, ckpt: str) -> Path:
 @exits_cleanly_on_bad_input
 def run(cfg: DictConfig) -> Path:
     ckpt = checkpoint(cfg)
+    # Before any work: the output directory is writable and this run its only writer.
+    with stage_lock(output_dir(cfg, ckpt)):
+        return _evaluate(cfg, ckpt)
+
+
+def _evaluate(cfg: DictConfig, ckpt: str) -> Path:
     data = load_prepared(cfg.paths.prepared)
     model = load(ckpt, "eval.ckpt")
     settings = dict(

@@ -164,11 +164,13 @@ def test_no_test_evaluation_of_a_grid_point_that_was_not_selected(tiny):
 def test_second_run_trains_and_evaluates_nothing(tiny):
     tmp, first = tiny
     assert len(first["cache"]["trained"]) == 2 + 4 + 2 + 2  # refs, grid, sft, continue
-    done = study(tmp, "job2")
+    done = study(tmp, "job2", f"study.publish={tmp / 'results' / 'study_synthetic_tiny.json'}")
     assert done.returncode == 0, done.stderr[-3000:]
-    again = json.loads((tmp / "art" / "studies" / "synthetic_tiny" / "study.json").read_text())
+    text = (tmp / "art" / "studies" / "synthetic_tiny" / "study.json").read_text()
+    again = json.loads(text)
     assert again["cache"]["trained"] == [] and again["cache"]["evaluated"] == []
     assert again["rows"] == first["rows"]
+    assert (tmp / "results" / "study_synthetic_tiny.json").read_text() == text  # published
 
 
 def test_a_changed_grid_value_retrains_only_its_runs(tiny):

@@ -7,14 +7,17 @@ digest is the manifest's config hash; the candidate's registry version gets the 
 `candidate` or the tag `candidate=not_better`.
 
 `check_reachable` probes an HTTP tracking server before any work, so a wrong `tracking.uri`
-fails in seconds with one message instead of after training.
+fails in seconds with one message instead of after training. `open_tracking` is how every
+process first touches a store: on a fresh sqlite file it creates the schema under a file lock,
+so several runs started at once on a new `tracking.uri=sqlite:///...` do not race in MLflow's
+migrations (a tracking server serialises that itself).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,15 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 from omegaconf import DictConfig, OmegaConf
+from sqlalchemy.engine import make_url
 
+from recsys_dpo.artifacts import file_lock
 from recsys_dpo.errors import DataError
 
 CANDIDATE_ALIAS = "candidate"
 PARENT_TAG = "mlflow.parentRunId"
+# How long a process waits for another one to finish setting up a fresh sqlite store.
+SETUP_WAIT_S = 300.0
 
 
 def check_reachable(uri: str, timeout: float = 3.0) -> None:
@@ -46,6 +53,32 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
             "(mlflow server --host ... --port ...), fix tracking.uri, or use the local store "
             "tracking.uri=sqlite:///mlflow.db"
         ) from err
+
+
+def _setup_lock(uri: str) -> Any:
+    """The lock that serialises a store's set-up: `<db>.lock` beside a sqlite file (whose
+    first users would all run MLflow's schema migrations at once), nothing otherwise."""
+    if not uri.startswith("sqlite:"):
+        return nullcontext()
+    database = make_url(uri).database
+    if not database or database == ":memory:":
+        return nullcontext()
+    db = Path(database)
+    if not db.parent.is_dir():
+        raise DataError(f"tracking.uri={uri}: the directory {db.parent} does not exist")
+    return file_lock(db.parent / f"{db.name}.lock", f"tracking.uri={uri}", wait_s=SETUP_WAIT_S)
+
+
+def open_tracking(uri: str, experiment: str) -> MlflowClient:
+    """A client of `uri` whose tracking and registry schemas exist and which has the
+    experiment `experiment`, set up under `_setup_lock` (MLflow caches the store per process,
+    so later clients and the fluent API reuse it without migrating again)."""
+    with _setup_lock(uri):
+        client = MlflowClient(uri)
+        client.search_registered_models(max_results=1)  # creates the registry tables too
+        if client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment)
+    return client
 
 
 def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -70,7 +103,7 @@ class Tracker:
         self.enabled = bool(tracking.enabled)
         self.uri = str(tracking.uri)
         self.experiment = str(tracking.experiment)
-        self.client = MlflowClient(self.uri) if self.enabled else None
+        self.client = open_tracking(self.uri, self.experiment) if self.enabled else None
 
     @contextmanager
     def parent(self, name: str, tags: Mapping[str, str]) -> Iterator[str | None]:

@@ -14,7 +14,7 @@ entry points print one clear message and exit 2.
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,11 @@ from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule, seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from recsys_dpo.artifacts import config_hash
+from recsys_dpo.artifacts import config_hash, stage_lock
 from recsys_dpo.data.datamodule import (
     TRAIN_MODE,
     PairDataModule,
@@ -39,6 +40,7 @@ from recsys_dpo.errors import DataError
 from recsys_dpo.models import Recommender
 from recsys_dpo.retrieval.hard_negatives import reference_hard_negatives
 from recsys_dpo.stage import plain
+from recsys_dpo.tracking.mlflow_utils import open_tracking
 from recsys_dpo.training.callbacks import StepSeed
 from recsys_dpo.training.preference_module import PreferenceModule, pair_logps
 from recsys_dpo.training.reference_module import (
@@ -102,6 +104,7 @@ def mlflow_logger(cfg: DictConfig, run_name: str) -> MLFlowLogger | bool:
     of the pipeline's parent run, instead of a new one."""
     if not cfg.tracking.enabled:
         return False
+    open_tracking(cfg.tracking.uri, cfg.tracking.experiment)  # a fresh sqlite store, set up once
     logger = MLFlowLogger(
         experiment_name=cfg.tracking.experiment,
         tracking_uri=cfg.tracking.uri,
@@ -111,6 +114,12 @@ def mlflow_logger(cfg: DictConfig, run_name: str) -> MLFlowLogger | bool:
     logger.log_hyperparams(plain(cfg))
     logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     return logger
+
+
+def run_lock(out: Path) -> AbstractContextManager[Path]:
+    """The run directory's `stage_lock` (writable, one writer: a second identical run exits 2),
+    taken by the launching process only, as DDP re-runs the script per rank into `out`."""
+    return stage_lock(out) if rank_zero_only.rank == 0 else nullcontext(out)
 
 
 def fit(
@@ -206,7 +215,8 @@ def train_reference(cfg: DictConfig) -> Path:
             k=cfg.train.k,
         )
     name = f"{model_name}-{settings['loss']}" + ("-continue" if cfg.mode == "continue" else "")
-    return fit(cfg, module, data, run_dir(cfg, "reference", name), f"reference/{name}")
+    with run_lock(run_dir(cfg, "reference", name)) as out:
+        return fit(cfg, module, data, out, f"reference/{name}")
 
 
 @torch.no_grad()
@@ -292,4 +302,5 @@ def train_preference(cfg: DictConfig) -> Path:
             if rows is not None:
                 attach_reference_logps(rows, reference, cfg.train.batch_size)
     name = f"{spec['name']}-{objective['name']}"
-    return fit(cfg, module, data, run_dir(cfg, "preference", name), f"preference/{name}")
+    with run_lock(run_dir(cfg, "preference", name)) as out:
+        return fit(cfg, module, data, out, f"preference/{name}")
