@@ -331,25 +331,25 @@ def run_study(spec: StudySpec, template: DictConfig, console: Console | None = N
             n_seeds = len(spec.seeds)
             if spec.sft_control and spec.objectives[sel.row.objective]["name"] != SFT:
                 made = [study.sft_control(sel.row, sel.point, ref, seed) for ref, seed, _ in pairs]
-                lines.append(_control(study, f"sft @ {row.name}", row, "sft", made, n_seeds))
-                lines[-1].compare_with["reference"] = reference
+                lines.append(_control(study, f"sft @ {row.name}", row, "sft", made, n_seeds,
+                                      reference))  # fmt: skip
             if spec.continue_control:
                 made = [study.continue_control(run, ref, seed) for ref, seed, run in pairs]
                 steps = sorted({n for _, n in made})
                 name = f"continue-{'/'.join(map(str, steps))}steps @ {row.name}"
                 lines.append(_control(study, name, row, "continue", [r for r, _ in made],
-                                      n_seeds, steps=steps))  # fmt: skip
-                lines[-1].compare_with["reference"] = reference
+                                      n_seeds, reference, steps=steps))  # fmt: skip
         check_test_reads(study, [c for sel in searched for c in sel.unselected], lines)
     return write_report(spec, lines, study.ledger, sorted(set(study.test_reads)), console)
 
 
 def _control(study: Study, name: str, row: Entry, what: str, made: list[Run], n_seeds: int,
-             **info: Any) -> Entry:  # fmt: skip
-    """The matched control `what` of `row`, its runs [reference][seed]; the row is compared
-    with it."""
+             reference: Entry, **info: Any) -> Entry:  # fmt: skip
+    """The matched control `what` of `row` from its runs (reference-major, then seed); the row
+    is compared with it, and it with the reference."""
     runs = [made[i : i + n_seeds] for i in range(0, len(made), n_seeds)]
     line = study.read_out(name, "control", runs, of=row.name,
                           runs=[[r.run_dir for r in s] for s in runs], **info)  # fmt: skip
+    line.compare_with["reference"] = reference
     row.compare_with[what] = line
     return line
