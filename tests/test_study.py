@@ -220,3 +220,21 @@ def test_the_ml1m_and_ml100k_studies_compose_and_check():
     else:
         with pytest.raises(DataError, match="study.recipe_from=.*study_ml1m_sasrec.json"):
             study_spec(cfg.study, list(cfg.eval.k))
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "conf" / "study").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_a_study_file_sets_only_keys_the_base_config_has(path):
+    """Outside its `study` block a study file sets root settings; a misspelt one would be
+    added silently (hydra merges into a plain config), so each must exist in the base."""
+    from hydra import compose, initialize_config_dir
+    from test_presets import unknown_keys
+
+    body = OmegaConf.to_container(OmegaConf.load(path))
+    groups = [f"{g.removeprefix('override /')}={choice}" for entry in body.pop("defaults", [])
+              if isinstance(entry, dict) for g, choice in entry.items() if g.startswith("override")]  # fmt: skip
+    body.pop("study")
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        base = compose("config", groups)
+    assert unknown_keys(body, base) == []
