@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_pipeline
+from conftest import SHARED_DATA, run_pipeline
 from omegaconf import OmegaConf
 from scipy import stats as scipy_stats
 
@@ -198,11 +198,35 @@ def test_recipe_from_fixes_every_row_at_its_selected_point(tiny, tmp_path):
                    [10, 20])  # fmt: skip
 
 
-def compose_study(name: str):
+def compose_study(name: str, *overrides: str):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("run_study", [f"study={name}"])
+        return compose("run_study", [f"study={name}", *overrides])
+
+
+def test_no_test_read_before_the_read_out_and_no_search_after_it(tiny, monkeypatch):
+    """The runner's guard itself, on the tiny study's cached runs (nothing is trained)."""
+    from rich.console import Console
+
+    from recsys_dpo.pipeline import Pipeline
+    from recsys_dpo.study.runner import Study, search_row, template_of
+    from recsys_dpo.tracking.mlflow_utils import Tracker
+
+    tmp, _ = tiny
+    # As the study's subprocess had it: paths.* are part of every run's config hash.
+    monkeypatch.setenv("RECSYS_DPO_SHARED_DATA", str(SHARED_DATA))
+    cfg = compose_study("synthetic_tiny", f"paths.artifacts={tmp / 'art'}")
+    spec, template = study_spec(cfg.study, list(cfg.eval.k)), template_of(cfg)
+    pipe = Pipeline(template, Tracker(template.tracking), Console(quiet=True))
+    study = Study(spec, template, pipe, pipe.prepare(), Console(quiet=True))
+    refs = [study.reference(s) for s in spec.reference_seeds]
+    assert study.ledger.trained == [] and len(study.ledger.reused) == 2
+    with pytest.raises(RuntimeError, match="refusing a test read"):
+        study.read(refs[0], "test")
+    study.read_out("reference", "reference", [[r] for r in refs])
+    with pytest.raises(RuntimeError, match="a grid searched after the test read-out"):
+        search_row(study, spec.rows[0], refs, spec.seeds, spec.selection_metric)
 
 
 def test_the_ml1m_and_ml100k_studies_compose_and_check():
