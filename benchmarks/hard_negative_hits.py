@@ -21,7 +21,7 @@ import torch
 
 from recsys_dpo.data.datamodule import PairDataModule
 from recsys_dpo.data.schema import ITEM_IDX, USER_IDX
-from recsys_dpo.training.reference_module import load_model
+from recsys_dpo.training.reference_module import load_model, trained_on
 from recsys_dpo.training.run import use_reference_hard_negatives
 
 
@@ -66,7 +66,8 @@ def main() -> None:
     rejected = data.train_set.columns["rejected"].take(torch.arange(len(users)))
     result = {"rows": len(users), "num_negatives": args.num,
               "dataset_negatives": hit_rates(rejected, users, held_out)}  # fmt: skip
-    reference = load_model(args.reference, dropout=0.0)
+    reference = load_model(args.reference, trained_on(data.dataset), str(args.reference),
+                           dropout=0.0)  # fmt: skip
     for skip in args.skips:
         use_reference_hard_negatives(data, reference, args.num, skip, progress=True)
         result[f"reference_hard_skip{skip}"] = hit_rates(

@@ -21,14 +21,14 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from recsys_dpo.artifacts import stage_lock
-from recsys_dpo.data.datamodule import load_prepared
+from recsys_dpo.data.datamodule import PreparedDataset, load_prepared
 from recsys_dpo.data.vocab import Vocab
 from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.evaluator import RetrievalConfig, compare, evaluate, train_popularity
 from recsys_dpo.evaluation.report import summary_table, write_outputs
 from recsys_dpo.models import Recommender
 from recsys_dpo.stage import exits_cleanly_on_bad_input, plain
-from recsys_dpo.training.reference_module import load_model
+from recsys_dpo.training.reference_module import load_model, trained_on
 
 
 def checkpoint(cfg: DictConfig) -> str:
@@ -39,10 +39,13 @@ def checkpoint(cfg: DictConfig) -> str:
     return str(path)
 
 
-def load(path: str, what: str) -> Recommender:
-    """The recommender of a checkpoint; a missing or foreign file is bad input."""
+def load(path: str, what: str, data: PreparedDataset) -> Recommender:
+    """The recommender of a checkpoint trained on `data`'s vocabulary; a missing or foreign
+    file, or one of another vocabulary, is bad input."""
     try:
-        return load_model(path)
+        return load_model(path, trained_on(data), f"{what}={path}")
+    except DataError:
+        raise
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
         raise DataError(f"{what}={path}: cannot load a recsys_dpo model from it ({err})") from err
 
@@ -62,7 +65,7 @@ def run(cfg: DictConfig) -> Path:
 
 def _evaluate(cfg: DictConfig, ckpt: str) -> Path:
     data = load_prepared(cfg.paths.prepared)
-    model = load(ckpt, "eval.ckpt")
+    model = load(ckpt, "eval.ckpt", data)
     settings = dict(
         data=data,
         split=cfg.eval.split,
@@ -75,11 +78,12 @@ def _evaluate(cfg: DictConfig, ckpt: str) -> Path:
         progress=cfg.progress,
     )
     if cfg.reference.ckpt is None:
-        outcome = evaluate(model, **settings)
+        outcome = evaluate(model, what=f"eval.ckpt={ckpt}", **settings)
     else:
-        reference = load(str(cfg.reference.ckpt), "reference.ckpt")
+        reference = load(str(cfg.reference.ckpt), "reference.ckpt", data)
         outcome = compare(model, reference, n_resamples=cfg.eval.n_resamples, seed=cfg.seed,
-                          ci=cfg.eval.ci, **settings)  # fmt: skip
+                          ci=cfg.eval.ci, names=(f"eval.ckpt={ckpt}",
+                          f"reference.ckpt={cfg.reference.ckpt}"), **settings)  # fmt: skip
     out = write_outputs(
         output_dir(cfg, ckpt),
         outcome,

@@ -45,7 +45,7 @@ from recsys_dpo.evaluation.report import summary_table, write_outputs
 from recsys_dpo.export.bundle import BundleModel, model_card, write_bundle
 from recsys_dpo.stage import plain
 from recsys_dpo.tracking.mlflow_utils import Tracker, check_reachable
-from recsys_dpo.training.reference_module import load_model
+from recsys_dpo.training.reference_module import load_model, trained_on
 from recsys_dpo.training.run import run_dir, train_preference, train_reference
 
 # Keys of conf/run.yaml that steer the runner only; the stages never see them.
@@ -156,7 +156,8 @@ class Pipeline:
         with self.tracker.child("evaluate") as run:
             if self._fresh(done, "evaluate", out):
                 outcome = compare(
-                    load_model(policy), load_model(reference), data, split=cfg.eval.split,
+                    load_model(policy, trained_on(data)), load_model(reference, trained_on(data)),
+                    data, names=(policy, reference), split=cfg.eval.split,
                     k=list(cfg.eval.k), n_resamples=cfg.eval.n_resamples, seed=cfg.seed,
                     ci=cfg.eval.ci, retrieval=RetrievalConfig(cfg.eval.index, cfg.eval.nlist,
                     cfg.eval.nprobe, cfg.eval.use_gpu), head_fraction=cfg.eval.head_fraction,
@@ -210,12 +211,15 @@ def export_bundle(
 ) -> Path:
     """Write the candidate bundle of the `policy` checkpoint, its evaluation directory
     (metrics.json, topk.parquet) and prepared dataset into `out`."""
+    # First: the checkpoint's vocabulary is this dataset's (the evaluation's dataset hash is a
+    # hash of the config, which a re-prepared log of other ids can share).
+    model = load_model(policy, trained_on(data))
     metrics = json.loads((evaluation / "metrics.json").read_text())
     primary = cfg.pipeline.primary_metric
     card = model_card(f"{cfg.pipeline.name}-{cfg.model.name}", plain(cfg.data),
                       plain(cfg.objective), metrics, primary, decide(metrics, primary))  # fmt: skip
     manifest = manifest or {"policy_ckpt": policy, "evaluation": str(evaluation)}
-    return write_bundle(out, load_model(policy), Vocab.load(data.path), user_histories(data),
+    return write_bundle(out, model, Vocab.load(data.path), user_histories(data),
                         evaluation / "topk.parquet", card, manifest)  # fmt: skip
 
 

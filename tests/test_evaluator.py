@@ -24,7 +24,7 @@ from recsys_dpo.evaluation.evaluator import compare, evaluate, train_popularity
 from recsys_dpo.evaluation.report import write_outputs
 from recsys_dpo.models import SASRec, TwoTower
 from recsys_dpo.models.base import Batch, Recommender
-from recsys_dpo.training.reference_module import model_spec
+from recsys_dpo.training.reference_module import model_spec, trained_on
 
 sys.path.insert(0, str(ROOT / "pipelines"))
 import evaluate as evaluate_cli  # noqa: E402
@@ -220,16 +220,17 @@ def test_bad_inputs_raise_clear_errors(data, tmp_path):
         evaluate(model, empty, "test")
 
 
-def save_checkpoint(model: Recommender, path: Path) -> Path:
-    """A checkpoint as the training modules write it (the `model` entry + state_dict)."""
+def save_checkpoint(model: Recommender, path: Path, data) -> Path:
+    """A checkpoint as the training modules write it on `data` (model, dataset, state_dict)."""
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    torch.save({"model": model_spec(model, "model."), "state_dict": state}, path)
+    torch.save({"model": model_spec(model, "model."), "dataset": trained_on(data),
+                "state_dict": state}, path)  # fmt: skip
     return path
 
 
 def test_cli_end_to_end(data, tmp_path):
-    policy = save_checkpoint(sasrec(data, seed=6), tmp_path / "policy.ckpt")
-    reference = save_checkpoint(sasrec(data, seed=7), tmp_path / "reference.ckpt")
+    policy = save_checkpoint(sasrec(data, seed=6), tmp_path / "policy.ckpt", data)
+    reference = save_checkpoint(sasrec(data, seed=7), tmp_path / "reference.ckpt", data)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[
             f"paths.prepared={data.path}", f"paths.artifacts={tmp_path}", f"eval.ckpt={policy}",
@@ -247,7 +248,7 @@ def test_cli_end_to_end(data, tmp_path):
 
 
 def test_cli_exits_2_on_bad_input(data, tmp_path):
-    ckpt = save_checkpoint(sasrec(data, seed=0), tmp_path / "model.ckpt")
+    ckpt = save_checkpoint(sasrec(data, seed=0), tmp_path / "model.ckpt", data)
     done = run_pipeline("evaluate.py", f"paths.prepared={data.path}", f"eval.ckpt={ckpt}",
                         f"paths.artifacts={tmp_path}", "eval.k=[10,500]", cwd=tmp_path)  # fmt: skip
     assert done.returncode == 2, done.stderr

@@ -16,7 +16,7 @@ from conftest import ROOT, run_pipeline
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from recsys_dpo.data.datamodule import PairDataModule, pair_examples
+from recsys_dpo.data.datamodule import PairDataModule, load_prepared, pair_examples
 from recsys_dpo.data.synthetic import load_truth, true_utility
 from recsys_dpo.errors import DataError
 from recsys_dpo.training.reference_module import ReferenceModule, load_model, read_checkpoint
@@ -220,8 +220,7 @@ def test_continue_mode_starts_from_the_reference_with_its_own_loss(artifacts, re
     cfg = config("train_reference", artifacts, "mode=continue",
                  f"reference.ckpt={references['two_tower']}", *SMALL)  # fmt: skip
     reference = read_checkpoint(references["two_tower"])
-    settings = reference_settings(cfg, *(reference["model"]["config"][k]
-                                         for k in ("n_items", "n_users")))  # fmt: skip
+    settings = reference_settings(cfg, load_prepared(cfg.paths.prepared))
     assert settings["loss"] == reference["hyper_parameters"]["loss"] == "ce"
     sizes = {k: reference["model"]["config"][k] for k in ("n_items", "n_users")}
     start = ReferenceModule(**settings, **sizes).model.state_dict()

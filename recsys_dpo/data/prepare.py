@@ -240,6 +240,8 @@ def prepare_dataset(
                 "source": source,
                 "n_users": vocab.n_users,
                 "n_items": vocab.n_items,
+                # what a checkpoint trained on this dataset records and its consumers check
+                "vocab_hash": vocab.content_hash(),
                 "events": events,
                 "pairs": pair_counts,
                 "validation": dict(report.as_rows()),

@@ -4,6 +4,11 @@ Item index 0 is padding (`PAD_ITEM`); real items get 1..N ordered by how often t
 positive (most clicked first, ties by item_id), so the order is deterministic and popular items
 sit in low rows. Items that were only ever shown still get an index, after all clicked ones.
 Users get 0..U-1 by user_id.
+
+`Vocab.content_hash` identifies the mapping itself (which id each index means); the prepare
+stage writes it into the dataset's manifest and every checkpoint carries the hash of the vocab
+it was trained on, so a model is never used with data whose indices mean other items or users
+(`check_same_vocab`), even when the sizes agree.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recsys_dpo.artifacts import config_hash
 from recsys_dpo.data.schema import ITEM_IDX, PAD_ITEM, USER_IDX
 from recsys_dpo.errors import DataError
 
@@ -40,6 +46,15 @@ class Vocab:
     def n_users(self) -> int:
         return self.users.height
 
+    def content_hash(self) -> str:
+        """A short hash of the (item_id, item_idx) and (user_id, user_idx) tables, in index
+        order: equal exactly when every index means the same id, so shared ids in another
+        order differ. Stable across runs and machines (sha256 of JSON, `config_hash`)."""
+        return config_hash({
+            "items": self.items.sort(ITEM_IDX).select("item_id", ITEM_IDX).rows(),
+            "users": self.users.sort(USER_IDX).select("user_id", USER_IDX).rows(),
+        })  # fmt: skip
+
     def save(self, directory: str | Path) -> None:
         """Write `vocab_items.parquet` and `vocab_users.parquet` into `directory`."""
         directory = Path(directory)
@@ -65,6 +80,18 @@ class Vocab:
         _check_contiguous(items[ITEM_IDX], first=PAD_ITEM + 1, where=str(directory / ITEMS_FILE))
         _check_contiguous(users[USER_IDX], first=0, where=str(directory / USERS_FILE))
         return cls(items=items, users=users)
+
+
+def check_same_vocab(ckpt_vocab_hash: str, data_vocab_hash: str, what: str) -> None:
+    """Refuse `what` (a checkpoint, named with its setting) trained on another vocabulary than
+    the data's: its item and user indices would silently mean other items and users."""
+    if ckpt_vocab_hash != data_vocab_hash:
+        raise DataError(
+            f"{what}: its vocabulary hash is {ckpt_vocab_hash}, but the data's vocabulary hash "
+            f"is {data_vocab_hash}, so its item and user indices mean other ids here (equal "
+            "sizes are not enough; the same ids in another order differ). Use it with the "
+            "prepared dataset it was trained on, or re-train it on this one"
+        )
 
 
 def _check_contiguous(idx: pl.Series, first: int, where: str) -> None:

@@ -27,6 +27,7 @@ from recsys_dpo.objectives.catalog import entropy, exact_kl, logps
 from recsys_dpo.objectives.preference import LOSSES, reward_metrics, sft_term
 from recsys_dpo.training.ranking_eval import ranking_metrics
 from recsys_dpo.training.reference_module import (
+    check_sizes,
     check_vocab,
     model_spec,
     model_weights,
@@ -92,6 +93,8 @@ class PreferenceModule(LightningModule):
         disable_dropout: build policy and reference without dropout (as TRL does), so at step 0
             the policy equals the reference exactly and rewards start at 0.
         k: cut-off of the validation HR@k / NDCG@k.
+        dataset: `trained_on` of the prepared dataset it trains on: the reference checkpoint
+            is checked against it, and every checkpoint of this module records it.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class PreferenceModule(LightningModule):
         precompute: bool = False,
         disable_dropout: bool = True,
         k: int = 10,
+        dataset: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.loss_params = objective_params(
@@ -133,8 +137,11 @@ class PreferenceModule(LightningModule):
         if lr <= 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
         self.save_hyperparameters()
-        spec, state = model_weights(read_checkpoint(reference_ckpt))
-        check_vocab(spec, f"reference {reference_ckpt}", n_items=n_items, n_users=n_users)
+        checkpoint = read_checkpoint(reference_ckpt)
+        if dataset is not None:
+            check_vocab(checkpoint, dataset, f"reference {reference_ckpt}")
+        spec, state = model_weights(checkpoint)
+        check_sizes(spec, f"reference {reference_ckpt}", n_items=n_items, n_users=n_users)
         config = dict(spec["config"])
         if disable_dropout and "dropout" in config:
             config["dropout"] = 0.0
@@ -238,3 +245,5 @@ class PreferenceModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model"] = model_spec(self.policy, "policy.")
+        if self.hparams.dataset is not None:
+            checkpoint["dataset"] = dict(self.hparams.dataset)

@@ -10,9 +10,14 @@ prefix of its weights in `state_dict`), so `load_model` rebuilds the recommender
 checkpoint without the LightningModule class, and always with `torch.load(weights_only=True)`.
 The compute-matched control is this same module started from a reference checkpoint
 (`init_from`) and trained further with its own loss.
+
+A checkpoint also records the prepared dataset it was trained on (`"dataset"`: `trained_on`),
+and every consumer checks that record's vocabulary hash against the data it uses it with
+(`check_vocab`), so a model is never silently used where its indices mean other items.
 """
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,10 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from recsys_dpo.data.datamodule import PreparedDataset
 from recsys_dpo.data.schema import PAD_ITEM
+from recsys_dpo.data.vocab import check_same_vocab
+from recsys_dpo.errors import DataError
 from recsys_dpo.models import Recommender, build_model
 from recsys_dpo.models.base import Batch
 from recsys_dpo.objectives import reference as losses
@@ -54,7 +62,42 @@ def model_weights(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     return spec, state
 
 
-def check_vocab(spec: dict[str, Any], what: str, **sizes: int) -> None:
+def trained_on(data: PreparedDataset) -> dict[str, str]:
+    """What a checkpoint records of the prepared dataset it is trained on (its `"dataset"`
+    entry): the vocabulary hash that consumers check, the dataset hash (the manifest's
+    config_hash) and the directory, for the messages."""
+    if "vocab_hash" not in data.manifest:
+        raise DataError(
+            f"{data.path}/manifest.json has no vocab_hash (prepared by an older version), so "
+            "no checkpoint can be checked against it: re-run the prepare stage"
+        )
+    return {
+        "vocab_hash": data.manifest["vocab_hash"],
+        "dataset_hash": data.manifest["config_hash"],
+        "path": str(data.path),
+    }
+
+
+def check_vocab(checkpoint: Mapping[str, Any], data: Mapping[str, str], what: str) -> None:
+    """Refuse the checkpoint `what` (its setting and path) unless it was trained on the
+    vocabulary of `data` (`trained_on` of the dataset it is used with). One without the
+    record, written before checkpoints carried it, cannot be checked and is refused too."""
+    record = checkpoint.get("dataset")
+    if record is None:
+        raise DataError(
+            f"{what} has no vocabulary hash (written by an older version of recsys_dpo, or "
+            "not by its training stages), so nothing says which items and users its indices "
+            f"mean: re-train it on {data['path']}"
+        )
+    check_same_vocab(
+        record["vocab_hash"],
+        data["vocab_hash"],
+        f"{what} (trained on {record['path']}, dataset hash {record['dataset_hash']}; used "
+        f"with {data['path']}, dataset hash {data['dataset_hash']})",
+    )
+
+
+def check_sizes(spec: dict[str, Any], what: str, **sizes: int) -> None:
     """Refuse a model built for other vocab sizes (n_items=..., n_users=...) than the data's:
     its item and user indices would mean other items and users."""
     for name, expected in sizes.items():
@@ -65,13 +108,22 @@ def check_vocab(spec: dict[str, Any], what: str, **sizes: int) -> None:
             )
 
 
-def load_model(path: str | Path, **config_overrides: Any) -> Recommender:
+def load_model(
+    path: str | Path,
+    data: Mapping[str, str] | None = None,
+    what: str | None = None,
+    **config_overrides: Any,
+) -> Recommender:
     """Rebuild the recommender stored in a checkpoint of either stage (eval mode, on CPU).
 
-    config_overrides replace constructor kwargs that do not change the weights' shapes
-    (e.g. dropout=0.0).
+    data: `trained_on` of the dataset the model is for; the checkpoint is checked against it
+    (`check_vocab`, naming it `what`, by default its path). config_overrides replace
+    constructor kwargs that do not change the weights' shapes (e.g. dropout=0.0).
     """
-    spec, state = model_weights(read_checkpoint(path))
+    checkpoint = read_checkpoint(path)
+    if data is not None:
+        check_vocab(checkpoint, data, what or str(path))
+    spec, state = model_weights(checkpoint)
     model = build_model(spec["name"], **{**spec["config"], **config_overrides})
     model.load_state_dict(state)
     return model.eval()
@@ -88,6 +140,9 @@ class ReferenceModule(LightningModule):
         num_negatives: uniformly sampled negatives per target for the sampled losses.
         init_from: a checkpoint of this module to start from (the compute-matched control).
         k: cut-off of the validation HR@k / NDCG@k.
+        dataset: `trained_on` of the prepared dataset it trains on, recorded in every
+            checkpoint (without it the checkpoints are refused by the stages that use them);
+            an `init_from` checkpoint is checked against it.
     """
 
     def __init__(
@@ -103,6 +158,7 @@ class ReferenceModule(LightningModule):
         weight_decay: float = 0.0,
         init_from: str | None = None,
         k: int = 10,
+        dataset: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if loss not in REFERENCE_LOSSES:
@@ -118,7 +174,10 @@ class ReferenceModule(LightningModule):
             model_name, **{**model_cfg, "n_items": n_items, "n_users": n_users}
         )
         if init_from is not None:
-            spec, state = model_weights(read_checkpoint(init_from))
+            start = read_checkpoint(init_from)
+            if dataset is not None:
+                check_vocab(start, dataset, f"init_from {init_from}")
+            spec, state = model_weights(start)
             if spec["config"] != self.model.config:
                 raise ValueError(
                     f"init_from {init_from}: its model config {spec['config']} differs from "
@@ -188,3 +247,5 @@ class ReferenceModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model"] = model_spec(self.model, "model.")
+        if self.hparams.dataset is not None:
+            checkpoint["dataset"] = dict(self.hparams.dataset)

@@ -32,6 +32,7 @@ from recsys_dpo.artifacts import config_hash, stage_lock
 from recsys_dpo.data.datamodule import (
     TRAIN_MODE,
     PairDataModule,
+    PreparedDataset,
     RowsDataset,
     SequenceDataModule,
 )
@@ -45,10 +46,12 @@ from recsys_dpo.training.callbacks import StepSeed
 from recsys_dpo.training.preference_module import PreferenceModule, pair_logps
 from recsys_dpo.training.reference_module import (
     ReferenceModule,
+    check_sizes,
     check_vocab,
     load_model,
     model_weights,
     read_checkpoint,
+    trained_on,
 )
 
 # Settings that change how a run is watched, resumed or evaluated, not what it trains: a
@@ -76,8 +79,9 @@ def require_stage(cfg: DictConfig, stage: str) -> None:
         )
 
 
-def require_reference(cfg: DictConfig, n_items: int, n_users: int) -> dict[str, Any]:
-    """The model spec of `reference.ckpt`, checked against the data's vocab sizes."""
+def require_reference(cfg: DictConfig, data: PreparedDataset) -> dict[str, Any]:
+    """The model spec of `reference.ckpt`, checked against the data's vocabulary (its hash,
+    `check_vocab`) and sizes."""
     path = cfg.reference.ckpt
     if path is None:
         raise DataError(
@@ -85,8 +89,11 @@ def require_reference(cfg: DictConfig, n_items: int, n_users: int) -> dict[str, 
             "pipelines/train_reference.py on this dataset>"
         )
     with bad_setting(f"reference.ckpt={path} on {cfg.paths.prepared}"):
-        spec, _ = model_weights(read_checkpoint(path))
-        check_vocab(spec, "the reference", n_items=n_items, n_users=n_users)
+        checkpoint = read_checkpoint(path)
+        spec, _ = model_weights(checkpoint)
+    check_vocab(checkpoint, trained_on(data), f"reference.ckpt={path}")
+    with bad_setting(f"reference.ckpt={path} on {cfg.paths.prepared}"):
+        check_sizes(spec, "the reference", n_items=data.n_items, n_users=data.n_users)
     return spec
 
 
@@ -168,7 +175,7 @@ def fit(
     return out
 
 
-def reference_settings(cfg: DictConfig, n_items: int, n_users: int) -> dict[str, Any]:
+def reference_settings(cfg: DictConfig, data: PreparedDataset) -> dict[str, Any]:
     """ReferenceModule kwargs: a fresh model from cfg.model and cfg.objective, or (continue)
     the reference checkpoint's own model and loss, started from its weights."""
     if cfg.mode == "fresh":
@@ -182,7 +189,7 @@ def reference_settings(cfg: DictConfig, n_items: int, n_users: int) -> dict[str,
         }
     if cfg.mode != "continue":
         raise DataError(f"mode={cfg.mode}: expected 'fresh' or 'continue'")
-    require_reference(cfg, n_items, n_users)
+    require_reference(cfg, data)
     saved = read_checkpoint(cfg.reference.ckpt).get("hyper_parameters", {})
     keep = ("model_name", "model_cfg", "loss", "num_negatives", "gbce_t")
     return {**{k: saved[k] for k in keep if k in saved}, "init_from": str(cfg.reference.ckpt)}
@@ -204,7 +211,7 @@ def train_reference(cfg: DictConfig) -> Path:
         mode=TRAIN_MODE[model_name],
         num_workers=cfg.train.num_workers,
     )
-    settings = reference_settings(cfg, data.n_items, data.n_users)
+    settings = reference_settings(cfg, data.dataset)
     with bad_setting(f"model={model_name} objective={settings['loss']}"):
         module = ReferenceModule(
             **settings,
@@ -213,6 +220,7 @@ def train_reference(cfg: DictConfig) -> Path:
             lr=cfg.train.lr,
             weight_decay=cfg.train.weight_decay,
             k=cfg.train.k,
+            dataset=trained_on(data.dataset),
         )
     name = f"{model_name}-{settings['loss']}" + ("-continue" if cfg.mode == "continue" else "")
     with run_lock(run_dir(cfg, "reference", name)) as out:
@@ -269,7 +277,7 @@ def train_preference(cfg: DictConfig) -> Path:
         seed=cfg.seed,
         num_workers=cfg.train.num_workers,
     )
-    spec = require_reference(cfg, data.n_items, data.n_users)
+    spec = require_reference(cfg, data.dataset)
     objective = plain(cfg.objective)
     with bad_setting(f"objective={objective['name']}"):
         module = PreferenceModule(
@@ -287,11 +295,15 @@ def train_preference(cfg: DictConfig) -> Path:
             weight_decay=cfg.train.weight_decay,
             precompute=cfg.reference.precompute,
             k=cfg.train.k,
+            dataset=trained_on(data.dataset),
         )
     hard = cfg.reference.hard_negatives
     if hard or cfg.reference.precompute:
         data.setup()
-        reference = load_model(cfg.reference.ckpt, dropout=0.0)
+        reference = load_model(
+            cfg.reference.ckpt, trained_on(data.dataset), f"reference.ckpt={cfg.reference.ckpt}",
+            dropout=0.0,
+        )  # fmt: skip
     if hard:
         with bad_setting(f"reference.hard_negatives={hard}"):
             use_reference_hard_negatives(
