@@ -78,6 +78,7 @@ def _evaluate(cfg: DictConfig, ckpt: str) -> Path:
         progress=cfg.progress,
     )
     if cfg.reference.ckpt is None:
+        seen=cfg.eval.seen,
         outcome = evaluate(model, what=f"eval.ckpt={ckpt}", **settings)
     else:
         reference = load(str(cfg.reference.ckpt), "reference.ckpt", data)

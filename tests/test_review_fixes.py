@@ -15,15 +15,28 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_evaluator import TableModel, prepare
+from test_evaluator import N_USERS, TableModel, click_log, prepare
 from test_training import write_prepared
 
-from recsys_dpo.data.datamodule import PairDataModule
+from recsys_dpo.data.datamodule import (
+    PairDataModule,
+    SequenceDataModule,
+    load_prepared,
+    pair_examples,
+)
+from recsys_dpo.data.prepare import prepare_dataset
 from recsys_dpo.data.splits import leave_one_out
-from recsys_dpo.data.vocab import build_vocab, encode
+from recsys_dpo.data.vocab import Vocab, build_vocab, encode
 from recsys_dpo.errors import DataError
-from recsys_dpo.evaluation.evaluator import compare
+from recsys_dpo.evaluation.evaluator import build_queries, compare, evaluate, listed_targets
+from recsys_dpo.evaluation.report import topk_frame
+from recsys_dpo.export.bundle import load_bundle, write_bundle
+from recsys_dpo.models import SASRec
 from recsys_dpo.objectives import preference
+from recsys_dpo.pipeline import user_histories
+from recsys_dpo.retrieval.hard_negatives import reference_hard_negatives
+from recsys_dpo.retrieval.seen import removed_items
+from recsys_dpo.training.ranking_eval import ranking_metrics, target_rank, target_ranks
 
 # --------------------------------------------------------------------------- d. detach
 
@@ -71,6 +84,16 @@ def test_unpaired_kto_never_sends_gradient_into_the_reference():
 
 
 # --------------------------------------------------------------------------- f. margin
+
+
+def prepare_frame(log: pl.DataFrame, out):
+    """`log` through the real prepare stage, leave-one-out (test_evaluator's settings)."""
+    prepare_dataset(
+        log.lazy(), source="hand-made", out_dir=out,
+        validation={"drop_duplicates": True, "min_events_per_user": 3}, split={"kind": "loo"},
+        pairs={"next_item": {"num_negatives": 3, "max_context": 10}}, progress=False,
+    )  # fmt: skip
+    return load_prepared(out)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +170,7 @@ def test_max_pairs_per_user_keeps_all_rows_of_the_latest_events(pair_root, event
 
 
 def test_max_pairs_per_user_refuses_pairs_without_seq(pair_root):
-    _pairs_of([(0, 1, 1)], []).drop("seq").write_parquet(pair_root / "pairs_train.parquet")
+    _pairs_of([(0, 1, 1)], [0]).drop("seq").write_parquet(pair_root / "pairs_train.parquet")
     with pytest.raises(DataError, match="pairs_train.parquet: the pairs have no seq column"):
         PairDataModule(pair_root, max_pairs_per_user=1).setup()
 
@@ -213,3 +236,183 @@ def test_leave_one_out_keeps_each_request_whole(df):
             (s["timestamp"], s["seq"], rank[x]) for s, x in start.select("start", "split").rows()
         ]
         assert [x for *_, x in sorted(starts)] == sorted(x for *_, x in starts)
+
+
+# --------------------------------------------------------------------------- c. ties, vocab
+
+
+def test_target_ranks_closed_form_with_tied_targets_and_a_removed_one():
+    inf = float("-inf")
+    scores = torch.tensor([[inf, 3.0, 3.0, 3.0, 1.0, 5.0]])
+    # Targets 2 and 3 tie with item 1: pessimistic, item 5 and item 1 go first, then 2, 3.
+    # Target 4 is removed as seen: rank N = 6, a miss.
+    ranks = target_ranks(scores, torch.tensor([[2, 3, 4]]), seen=torch.tensor([[4, 0]]))
+    assert ranks.tolist() == [[2, 3, 6]]
+    assert target_rank(scores, torch.tensor([2])).tolist() == [3]  # items 1, 3, 5 first
+
+
+def _tie_model(data) -> TableModel:
+    """s(u, i) = i % 3 for every user: three score levels, so most items tie."""
+    items = (torch.arange(data.n_items) % 3).float().unsqueeze(1)
+    return TableModel(torch.ones(data.n_users, 1), items)
+
+
+def _closed_form_ranks(data, split: str, seen: str) -> dict[int, int]:
+    """user -> the target's pessimistic rank among the real items the seen policy leaves."""
+    before = ["train"] if split == "valid" else ["train", "valid"]
+    history = pl.concat([data.events(s) for s in before]).filter(pl.col("clicked"))
+    held = data.events(split).filter(pl.col("clicked"))
+    out = {}
+    for user, target in held.select("user_idx", "item_idx").iter_rows():
+        mine = set(history.filter(pl.col("user_idx") == user)["item_idx"])
+        removed = mine if seen == "remove" else set()
+        if target in removed:
+            out[user] = data.n_items  # removed: a miss
+            continue
+        level = target % 3
+        out[user] = sum(
+            1 for i in range(1, data.n_items) if i != target and i not in removed and i % 3 >= level
+        )
+    return out
+
+
+@pytest.mark.parametrize("seen", ["remove", "keep"])
+def test_training_validation_and_evaluator_agree_on_ties_in_closed_form(small, seen):
+    model, ks = _tie_model(small), [5, 20]
+    rank = _closed_form_ranks(small, "valid", seen)
+    users = sorted(rank)
+    want = {k: np.array([rank[u] < k for u in users], dtype=float) for k in ks}
+    result = evaluate(model, small, "valid", k=ks, seen=seen).per_user.sort("user_idx")
+    assert result["user_idx"].to_list() == users
+    datamodule = SequenceDataModule(small.path, max_len=10, batch_size=10_000, seen=seen)
+    datamodule.setup()
+    batch = next(iter(datamodule.val_dataloader()))
+    order = batch["user_idx"].argsort()
+    assert batch["user_idx"][order].tolist() == users
+    for k in ks:
+        ndcg = want[k] / np.log2(np.array([rank[u] for u in users]) + 2.0)
+        trained = ranking_metrics(model, batch, k)
+        np.testing.assert_array_equal(result[f"hr@{k}"].to_numpy(), want[k])
+        np.testing.assert_allclose(result[f"ndcg@{k}"].to_numpy(), ndcg, rtol=1e-6)
+        np.testing.assert_array_equal(trained[f"val/hr@{k}"][order].numpy(), want[k])
+        np.testing.assert_allclose(trained[f"val/ndcg@{k}"][order].numpy(), ndcg, rtol=1e-6)
+    assert 0 < want[20].mean() < 1  # ties decide some hits: the case is not trivial
+
+
+def test_vocabulary_order_ignores_the_held_out_events(tmp_path):
+    """Items are indexed by train popularity only: making one item the test target of every
+    user (held out by leave-one-out) must not move any id."""
+    log = click_log(N_USERS, 40, seed=0).collect()
+    last = log.group_by("user_id").agg(pl.col("timestamp").max().alias("last"))
+    hot = (
+        log.join(last, on="user_id")
+        .with_columns(
+            pl.when(pl.col("timestamp") == pl.col("last"))
+            .then(pl.lit("i39"))
+            .otherwise(pl.col("item_id"))
+            .alias("item_id")
+        )
+        .drop("last")
+    )
+    # i39 may already be one of a user's items: keep the log free of repeats for the split.
+    hot = hot.unique(["user_id", "item_id"], keep="last", maintain_order=True)
+    plain = log.join(hot.select("user_id", "timestamp"), on=["user_id", "timestamp"])
+    a = prepare_frame(plain, tmp_path / "a")
+    b = prepare_frame(hot, tmp_path / "b")
+    assert a.events("train").equals(b.events("train"))
+    assert not a.events("test").equals(b.events("test"))
+    va = pl.read_parquet(a.path / "vocab_items.parquet")
+    vb = pl.read_parquet(b.path / "vocab_items.parquet")
+    assert va.equals(vb)
+
+
+# --------------------------------------------------------------------------- e. seen policy
+
+
+def test_removed_items_is_the_whole_history_or_nothing():
+    history = np.array([5, 2, 5, 9])
+    assert removed_items(history, "remove").tolist() == [2, 5, 9]
+    assert removed_items(history, "keep").tolist() == []
+    with pytest.raises(DataError, match="eval.seen='drop': expected one of remove, keep"):
+        removed_items(history, "drop")
+
+
+@pytest.fixture(scope="module")
+def repeats(tmp_path_factory):
+    """A repeat-consumption log: 8 clicks per user drawn with replacement from 12 items, so
+    many test targets are items the user consumed before."""
+    rng = np.random.default_rng(3)
+    n_users, clicks = 150, 8
+    log = pl.DataFrame({
+        "user_id": np.repeat([f"u{u}" for u in range(n_users)], clicks),
+        "item_id": [f"i{i}" for i in rng.integers(0, 12, n_users * clicks)],
+        "timestamp": np.tile(np.arange(clicks), n_users) + 1_000,
+    })  # fmt: skip
+    return prepare_frame(log, tmp_path_factory.mktemp("repeats") / "prepared")
+
+
+def _sasrec(data) -> SASRec:
+    torch.manual_seed(0)
+    return SASRec(n_items=data.n_items, n_users=data.n_users, dim=8, n_layers=1, n_heads=1,
+                  max_len=10).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("seen", ["remove", "keep"])
+def test_served_top_k_is_the_evaluated_top_k_for_every_test_user(repeats, tmp_path, seen):
+    model, k = _sasrec(repeats), 10
+    result = evaluate(model, repeats, "test", k=[k], seen=seen)
+    vocab = Vocab.load(repeats.path)
+    topk = topk_frame(result, vocab)
+    topk.write_parquet(tmp_path / "topk.parquet")
+    bundle = load_bundle(write_bundle(tmp_path / "bundle", model, vocab, user_histories(repeats),
+                                      tmp_path / "topk.parquet", "card", {"seen": seen}))  # fmt: skip
+    queries = build_queries(repeats, "test", seen)
+    removed = sum(np.isin(t, s).sum() for t, s in zip(queries.targets, queries.seen, strict=True))
+    if seen == "remove":
+        assert removed > 20  # the case the policies disagree on is common here
+        assert result.counts["targets_removed_as_seen"] == removed
+        hit = result.per_user["hr@10"].to_numpy()
+        for row, (t, s) in enumerate(zip(queries.targets, queries.seen, strict=True)):
+            if np.isin(t, s).all():
+                assert hit[row] == 0.0  # a removed target is a guaranteed miss
+    else:
+        assert result.counts["targets_removed_as_seen"] == 0
+    served = {user: [i for i, _ in bundle.recommend(user, k)] for user in bundle.histories}
+    evaluated = {u: g.sort("rank")["item_id"].to_list()
+                 for (u,), g in topk.group_by("user_id")}  # fmt: skip
+    assert len(served) == len(evaluated) == len(queries)
+    assert served == evaluated
+
+
+@pytest.mark.parametrize("seen", ["remove", "keep"])
+def test_reference_hard_negatives_follow_the_seen_policy(seen):
+    torch.manual_seed(0)
+    reference = SASRec(n_items=20, n_users=3, dim=8, n_layers=1, n_heads=1, max_len=4).eval()
+    frame = pl.DataFrame(
+        {"user_idx": [0, 1], "context": [[1, 2], [3]], "chosen": [4, 5], "rejected": [[6], [7]],
+         "weight": [1.0, 1.0]},
+        schema={"user_idx": pl.Int32, "context": pl.List(pl.Int32), "chosen": pl.Int32,
+                "rejected": pl.List(pl.Int32), "weight": pl.Float32},
+    )  # fmt: skip
+    rows = pair_examples(frame, max_len=4, max_negatives=None)
+    history = [np.array([1, 2, 8, 9]), np.array([3, 10])]
+    got = reference_hard_negatives(reference, rows, history, 18 - 4 - 1, seen=seen)
+    batch = rows.__getitems__([0, 1])
+    with torch.no_grad():
+        scores = reference.full_scores(batch)
+    for row in range(2):
+        banned = set(removed_items(history[row], seen).tolist()) | {int(batch["chosen"][row])}
+        allowed = [i for i in range(1, 20) if i not in banned]
+        want = sorted(allowed, key=lambda i: (-scores[row, i].item(), i))[: got.shape[1]]
+        assert [i for i in got[row].tolist() if i] == want
+
+
+def test_listed_targets_place_each_target_at_its_rank_and_drop_unretrieved_ones():
+    ranks, targets = [np.array([0, 12]), np.array([3]), np.array([1])], [
+        np.array([7, 9]), np.array([4]), np.array([5])]  # fmt: skip
+    assert listed_targets(ranks, targets, 4).tolist() == [
+        [7, -1, -1, -1], [-1, -1, -1, 4], [-1, 5, -1, -1]]  # fmt: skip
+    retrieved = np.array([[7, 1, 2, 3], [4, 8, -1, -1], [9, 3, 2, 1]])
+    # user 2's target 5 was not retrieved (an approximate index): a miss
+    assert listed_targets(ranks, targets, 4, retrieved).tolist() == [
+        [7, -1, -1, -1], [-1, -1, -1, 4], [-1, -1, -1, -1]]  # fmt: skip

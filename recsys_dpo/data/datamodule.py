@@ -14,7 +14,7 @@ Batch keys (models read `user_idx` and `context`, see `recsys_dpo/models/base.py
                  weight [B]; optionally ref_chosen [B], ref_rejected [B, K] (precomputed
                  reference log-probabilities)
     validation:  context = the user's train positives, target = the first valid positive,
-                 seen [B, S] = train positives other than the target (masked when ranking)
+                 seen [B, S] = the train positives the seen policy removes (`eval.seen`)
 
 Shuffling uses `EpochShuffle`, a permutation seeded by (seed, epoch), so a run resumed from
 a checkpoint sees the same batches as an uninterrupted one.
@@ -37,6 +37,7 @@ from recsys_dpo.artifacts import read_manifest
 from recsys_dpo.data.schema import ITEM_IDX, PAD_ITEM, USER_IDX
 from recsys_dpo.data.sequences import EVENT_ORDER
 from recsys_dpo.errors import DataError
+from recsys_dpo.retrieval.seen import DEFAULT_SEEN, check_seen_policy, removed_items
 
 Batch = dict[str, Tensor]
 TrainMode = Literal["sequence", "pointwise"]
@@ -230,12 +231,12 @@ def next_item_examples(sequences: pl.DataFrame, max_len: int, mode: TrainMode) -
 
 
 def ranking_examples(
-    sequences: pl.DataFrame, valid_events: pl.DataFrame, max_len: int
+    sequences: pl.DataFrame, valid_events: pl.DataFrame, max_len: int, seen: str = DEFAULT_SEEN
 ) -> RowsDataset:
     """One validation row per user with a valid positive and at least one train positive.
 
-    target = the user's first valid positive; context = the train positives; seen = the
-    distinct train positives except the target (a re-consumed item must stay rankable).
+    target = the user's first valid positive; context = the train positives; seen = the train
+    positives the seen policy removes (`recsys_dpo/retrieval/seen.py`, as the evaluator).
     A user with no train history is cold-start: there is nothing to condition on, and the
     evaluation stage reports those users separately.
     """
@@ -245,15 +246,14 @@ def ranking_examples(
         .group_by(USER_IDX, maintain_order=True)
         .agg(pl.col(ITEM_IDX).first().alias("target"))
     )
-    rows = sequences.join(first_valid, on=USER_IDX, how="inner").with_columns(
-        seen=pl.col("items").list.unique().list.set_difference(pl.concat_list("target"))
-    )
+    rows = sequences.join(first_valid, on=USER_IDX, how="inner")
+    removed = pl.Series([removed_items(h, seen) for h in rows["items"].to_list()])
     return RowsDataset(
         {
             "user_idx": torch.from_numpy(rows[USER_IDX].to_numpy().astype(np.int64)),
             "context": Ragged.from_lists(rows["items"], max_len, left=True),
             "target": torch.from_numpy(rows["target"].to_numpy().astype(np.int64)),
-            "seen": Ragged.from_lists(rows["seen"], None, left=False),
+            "seen": Ragged.from_lists(removed.cast(pl.List(pl.Int64)), None, left=False),
         }
     )
 
@@ -304,7 +304,13 @@ class _PreparedDataModule(LightningDataModule):
     """Shared plumbing: the dataset handle, the validation ranking rows, dataloaders."""
 
     def __init__(
-        self, path: str | Path, max_len: int, batch_size: int, seed: int, num_workers: int
+        self,
+        path: str | Path,
+        max_len: int,
+        batch_size: int,
+        seed: int,
+        num_workers: int,
+        seen: str = DEFAULT_SEEN,
     ) -> None:
         super().__init__()
         if max_len < 1 or batch_size < 1:
@@ -312,6 +318,7 @@ class _PreparedDataModule(LightningDataModule):
         self.dataset = load_prepared(path)
         self.max_len, self.batch_size = max_len, batch_size
         self.seed, self.num_workers = seed, num_workers
+        self.seen = check_seen_policy(seen)
         self.train_set: RowsDataset | None = None
         self.ranking_set: RowsDataset | None = None
         self.train_sequences: pl.DataFrame | None = None
@@ -327,7 +334,7 @@ class _PreparedDataModule(LightningDataModule):
     def _build_ranking(self) -> None:
         self.train_sequences = user_sequences(self.dataset.events("train"))
         self.ranking_set = ranking_examples(
-            self.train_sequences, self.dataset.events("valid"), self.max_len
+            self.train_sequences, self.dataset.events("valid"), self.max_len, self.seen
         )
 
     def _loader(self, data: RowsDataset, shuffle: bool) -> DataLoader:
@@ -359,8 +366,9 @@ class SequenceDataModule(_PreparedDataModule):
         seed: int = 0,
         mode: TrainMode = "sequence",
         num_workers: int = 0,
+        seen: str = DEFAULT_SEEN,
     ) -> None:
-        super().__init__(path, max_len, batch_size, seed, num_workers)
+        super().__init__(path, max_len, batch_size, seed, num_workers, seen)
         self.mode = mode
 
     def setup(self, stage: str | None = None) -> None:
@@ -392,8 +400,9 @@ class PairDataModule(_PreparedDataModule):
         seed: int = 0,
         num_workers: int = 0,
         max_pairs_per_user: int | None = None,
+        seen: str = DEFAULT_SEEN,
     ) -> None:
-        super().__init__(path, max_len, batch_size, seed, num_workers)
+        super().__init__(path, max_len, batch_size, seed, num_workers, seen)
         for name, value in (("max_negatives", max_negatives),
                             ("max_pairs_per_user", max_pairs_per_user)):  # fmt: skip
             if value is not None and value < 1:

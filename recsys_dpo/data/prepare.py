@@ -1,6 +1,6 @@
 """The prepare stage: click log -> validated, indexed, split dataset with preference pairs.
 
-    log (LazyFrame) -> validate -> vocab + encode -> split -> pairs per split -> directory
+    log (LazyFrame) -> validate -> split -> vocab (train counts) + encode -> pairs -> directory
 
 The output directory (DESIGN.md, "Data contracts") holds `vocab_items.parquet`,
 `vocab_users.parquet`, `train.parquet`, `valid.parquet`, `test.parquet` (the encoded events of
@@ -30,7 +30,7 @@ from rich.table import Table
 
 from recsys_dpo.artifacts import atomic_dir, config_hash, write_manifest
 from recsys_dpo.data.pairs import build_pairs, check_impression_pairs, item_popularity
-from recsys_dpo.data.schema import SCHEMA_VERSION
+from recsys_dpo.data.schema import SCHEMA_VERSION, USER_IDX
 from recsys_dpo.data.splits import SPLITS, split_frame, temporal_cuts
 from recsys_dpo.data.validate import (
     ValidationReport,
@@ -165,7 +165,7 @@ def prepare_dataset(
             folders = partition_by_user(log, source, work / "raw", n_buckets)
             parts = [pl.scan_parquet(folder / "*.parquet") for folder in folders]
         n = len(parts)
-        steps = bar.add_task("validating", total=3 * n)
+        steps = bar.add_task("validating", total=4 * n)
 
         reports = []
         impressions = "impressions" in pairs  # which need clicks told from shown items
@@ -179,18 +179,29 @@ def prepare_dataset(
         report = merge_reports(source, reports)
         check_rows_left(report, validation.get("min_events_per_user", 1))
         validated = pl.scan_parquet(work / "validated_*.parquet")
-        vocab = build_vocab(validated)
-        vocab.save(tmp)
         split_kwargs = _split_kwargs(split, validated)
 
-        bar.update(steps, description=f"encoding + splitting ({split['kind']})")
+        # The split runs before the vocabulary, whose item order counts train positives only
+        # (so held-out events never shape the ids); it is per user and ignores item ids, so
+        # user_id stands in for user_idx.
+        bar.update(steps, description=f"splitting ({split['kind']})")
+        for b in range(n):
+            df = pl.read_parquet(work / f"validated_{b}.parquet")
+            df = split_frame(df.with_columns(pl.col("user_id").alias(USER_IDX)), split["kind"],
+                             **split_kwargs).drop(USER_IDX)  # fmt: skip
+            df.write_parquet(work / f"split_{b}.parquet")
+            bar.advance(steps)
+        vocab = build_vocab(pl.scan_parquet(work / "split_*.parquet"))
+        vocab.save(tmp)
+
+        bar.update(steps, description="encoding")
         popularity = {s: np.zeros(vocab.n_items, dtype=np.int64) for s in pair_splits}
         events = dict.fromkeys(SPLITS, 0)
         files = _Appender()
         try:
             for b in range(n):
-                df = encode(pl.read_parquet(work / f"validated_{b}.parquet"), vocab)
-                df = split_frame(df, split["kind"], **split_kwargs)
+                df = encode(pl.read_parquet(work / f"split_{b}.parquet"), vocab)
+                df = df.select(pl.exclude("split"), "split")
                 df.write_parquet(work / f"split_{b}.parquet")
                 for s in SPLITS:
                     part = df.filter(pl.col("split") == s)

@@ -60,5 +60,5 @@ PAIRS_SCHEMA: dict[str, pl.DataType] = {
 
 # 2: next_item negatives no longer avoid positives of later splits (they leaked held-out items).
 # 3: pairs carry the chosen event's seq (max_pairs_per_user counts events, ties by row order);
-#    leave-one-out keeps impression requests whole.
+#    leave-one-out keeps impression requests whole; item ids follow train popularity only.
 SCHEMA_VERSION = 3

@@ -1,8 +1,11 @@
 """Contiguous integer ids for users and items (DESIGN.md, "Prepared dataset").
 
 Item index 0 is padding (`PAD_ITEM`); real items get 1..N ordered by how often they were a
-positive (most clicked first, ties by item_id), so the order is deterministic and popular items
-sit in low rows. Items that were only ever shown still get an index, after all clicked ones.
+positive IN THE TRAIN SPLIT (most clicked first, ties by item_id), so the order is
+deterministic, popular items sit in low rows, and held-out events never shape the ids (a score
+tie broken by id would otherwise favour items popular in test). Items with no train positive
+(only shown, or only clicked in valid / test) still get an index, after all the others, by
+item_id.
 Users get 0..U-1 by user_id.
 
 `Vocab.content_hash` identifies the mapping itself (which id each index means); the prepare
@@ -101,14 +104,20 @@ def _check_contiguous(idx: pl.Series, first: int, where: str) -> None:
 
 
 def build_vocab(df: pl.DataFrame | pl.LazyFrame) -> Vocab:
-    """Index the items by (positive count desc, item_id asc) from 1, the users by user_id from 0.
+    """Index the items by (train positive count desc, item_id asc) from 1, the users by
+    user_id from 0.
 
-    A LazyFrame (e.g. a scan of the validated buckets) is aggregated without loading the log.
+    With a `split` column (the prepare stage's case) only rows of the train split count;
+    without one, every row does (nothing is held out). A LazyFrame (e.g. a scan of the split
+    buckets) is aggregated without loading the log.
     """
     lf = df.lazy()
+    counted = pl.col("clicked")
+    if "split" in lf.collect_schema().names():
+        counted = counted & (pl.col("split") == "train")
     items = (
         lf.group_by("item_id")
-        .agg(pl.col("clicked").sum().cast(pl.Int64).alias("count"))
+        .agg(counted.sum().cast(pl.Int64).alias("count"))
         .sort(["count", "item_id"], descending=[True, False])
         .with_columns(pl.int_range(PAD_ITEM + 1, pl.len() + 1, dtype=pl.Int32).alias(ITEM_IDX))
         .select(list(ITEMS_SCHEMA))

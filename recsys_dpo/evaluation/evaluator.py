@@ -9,8 +9,15 @@ Protocol, for split S in {valid, test} of a prepared dataset:
   event order; the model's query context is its last `max_len` items, so nothing at or after the
   held-out event is ever seen by the model;
 - the whole catalog is ranked by faiss inner-product search over `item_embeddings()` (exact by
-  default), the history items removed ("seen"), except items that are themselves targets: a
-  re-consumed item must stay rankable. Never sampled metrics.
+  default) into the top-K lists (topk.parquet, what is served; equal scores by item id), the
+  items of the seen policy removed (`eval.seen`, `recsys_dpo/retrieval/seen.py`: `remove`
+  takes out every history item, a target too, which is then a guaranteed miss counted as
+  `targets_removed_as_seen`; `keep` takes out nothing). Never sampled metrics;
+- ranking metrics read each target's rank from the exact scores with the training-time
+  validation's tie policy (`training.ranking_eval.target_ranks`): PESSIMISTIC, a target ranks
+  below every candidate with the same score, so a tie never earns a hit and the figure does
+  not depend on the item-id order. With an approximate index a target it did not retrieve is
+  a miss.
 
 Per user: HR@K, Recall@K, NDCG@K for every K, MRR within the top max(K) list, and the entropy of
 pi(.|u) = softmax s(u, .) over the catalog. Aggregates add coverage, average popularity, Gini and
@@ -45,7 +52,9 @@ from recsys_dpo.evaluation import metrics
 from recsys_dpo.models.base import Recommender
 from recsys_dpo.objectives.catalog import chunked_kl_entropy
 from recsys_dpo.retrieval.index import build_index, search
+from recsys_dpo.retrieval.seen import DEFAULT_SEEN, removed_items
 from recsys_dpo.training.guards import NonFinite, require_finite
+from recsys_dpo.training.ranking_eval import target_ranks
 
 SPLITS_BEFORE = {"valid": ("train",), "test": ("train", "valid")}
 IMPRESSION_NDCG_K = (5, 10)
@@ -69,7 +78,7 @@ class Queries:
     user_idx: np.ndarray  # [U] int64
     history: Ragged  # each user's positives before the split, event order, all of them
     targets: list[np.ndarray]  # [U] distinct positives in the split
-    seen: list[np.ndarray]  # [U] distinct history items that are not targets
+    seen: list[np.ndarray]  # [U] the history items the seen policy removes (sorted, distinct)
 
     def __len__(self) -> int:
         return len(self.user_idx)
@@ -95,8 +104,9 @@ def _positives(data: PreparedDataset, splits: Sequence[str]) -> pl.DataFrame:
     )
 
 
-def build_queries(data: PreparedDataset, split: str) -> Queries:
-    """The queries of `split` (see the module docstring); DataError if it has no positive."""
+def build_queries(data: PreparedDataset, split: str, seen: str = DEFAULT_SEEN) -> Queries:
+    """The queries of `split` (see the module docstring), `seen` the policy's removed items;
+    DataError if the split has no positive."""
     if split not in SPLITS_BEFORE:
         raise DataError(f"eval.split={split!r}: expected one of {sorted(SPLITS_BEFORE)}")
     targets = (
@@ -118,15 +128,12 @@ def build_queries(data: PreparedDataset, split: str) -> Queries:
     rows = targets.join(histories, on=USER_IDX, how="left").sort(USER_IDX).with_columns(
         pl.col("history").fill_null(pl.lit([], dtype=pl.List(pl.Int64)))
     )
-    rows = rows.with_columns(
-        seen=pl.col("history").list.unique().list.set_difference(pl.col("targets"))
-    )
     return Queries(
         split=split,
         user_idx=rows[USER_IDX].to_numpy().astype(np.int64),
         history=Ragged.from_lists(rows["history"], None, left=True),
         targets=[np.asarray(t, dtype=np.int64) for t in rows["targets"].to_list()],
-        seen=[np.asarray(s, dtype=np.int64) for s in rows["seen"].to_list()],
+        seen=[removed_items(h, seen) for h in rows["history"].to_list()],
     )
 
 
@@ -225,6 +232,51 @@ def check_finite(
             f"{what} cannot be evaluated: {err} (its training diverged; re-train it with a "
             "lower train.lr)"
         ) from err
+
+
+@torch.no_grad()
+def exact_target_ranks(
+    user_emb: Tensor, item_emb: Tensor, queries: Queries, batch_size: int = 1024
+) -> list[np.ndarray]:
+    """Each user's target ranks [T_u] among the exact scores <u, v_i> of the whole catalog,
+    the seen items removed, ties against the target (`ranking_eval.target_ranks`; a removed
+    target ranks n_items, a miss)."""
+    # Equal-length arrays would make a fixed-width Array column: cast to List.
+    as_lists = pl.List(pl.Int64)
+    targets = Ragged.from_lists(pl.Series(queries.targets).cast(as_lists), None, left=False)
+    seen = Ragged.from_lists(pl.Series(queries.seen).cast(as_lists), None, left=False)
+    out = []
+    for rows in _batches(len(queries), batch_size, False, ""):
+        index = torch.arange(len(queries))[rows]
+        scores = user_emb[rows] @ item_emb.T
+        scores[:, PAD_ITEM] = float("-inf")
+        batch_targets = targets.take(index)
+        ranks = target_ranks(scores, batch_targets, seen.take(index), batch_targets != PAD_ITEM)
+        out += [r[: len(t)].numpy() for r, t in zip(ranks, queries.targets[rows], strict=True)]
+    return out
+
+
+def listed_targets(
+    ranks: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    k: int,
+    retrieved: np.ndarray | None = None,
+) -> np.ndarray:
+    """[U, k]: each target at its rank where that is < k, -1 elsewhere: the ranked list the
+    ranking metrics read, so they count the tie-exact ranks. With `retrieved` [U, >= k] (an
+    approximate index's lists) a target it did not return is left out: a miss."""
+    lengths = [len(t) for t in targets]
+    owner = np.repeat(np.arange(len(targets)), lengths)
+    rank = np.concatenate([np.empty(0, dtype=np.int64), *ranks]).astype(np.int64)
+    item = np.concatenate([np.empty(0, dtype=np.int64), *targets]).astype(np.int64)
+    keep = rank < k
+    if retrieved is not None:
+        width = int(max(retrieved.max(initial=0), item.max(initial=0))) + 1
+        row, col = np.nonzero(retrieved >= 0)  # -1: an empty slot
+        keep &= np.isin(owner * width + item, row * width + retrieved[row, col])
+    out = np.full((len(targets), k), -1, dtype=np.int64)
+    out[owner[keep], rank[keep]] = item[keep]
+    return out
 
 
 def per_user_ranking(ranked: np.ndarray, targets: Sequence[np.ndarray], ks: Sequence[int]) -> dict:
@@ -391,15 +443,17 @@ def evaluate(
     progress: bool = False,
     queries: Queries | None = None,
     what: str = "the model",
+    seen: str = DEFAULT_SEEN,
 ) -> EvalResult:
-    """Evaluate `model` on `split` of a prepared dataset (protocol: module docstring).
+    """Evaluate `model` on `split` of a prepared dataset (protocol: module docstring), `seen`
+    the seen-item policy (ignored when `queries` are given: they carry theirs).
 
     Raises DataError (naming the model `what`) for k outside [1, real items], a model of
     another catalog, users the model cannot embed, non-finite scores, or a split without
     positives.
     """
     data = data if isinstance(data, PreparedDataset) else load_prepared(data)
-    queries = queries if queries is not None else build_queries(data, split)
+    queries = queries if queries is not None else build_queries(data, split, seen)
     check_model(model, data, queries, what)
     ks = check_k(k, data.n_items)
     model.eval()
@@ -408,8 +462,11 @@ def evaluate(
     scores, ranked = retrieve(user_emb, item_emb, queries.seen, ks[-1], retrieval,
                               batch_size, progress)  # fmt: skip
     check_finite(user_emb, item_emb, scores, queries, what)
+    ranks = exact_target_ranks(user_emb, item_emb, queries, batch_size)
+    approximate = ranked if retrieval.index != "flat" else None
+    listed = listed_targets(ranks, queries.targets, ks[-1], approximate)
     per_user = pl.DataFrame(
-        {USER_IDX: queries.user_idx, **per_user_ranking(ranked, queries.targets, ks),
+        {USER_IDX: queries.user_idx, **per_user_ranking(listed, queries.targets, ks),
          "entropy": _entropy(user_emb, item_emb, kl_chunk, batch_size)}  # fmt: skip
     )
     aggregates = _means(per_user, USER_IDX)
@@ -418,6 +475,10 @@ def evaluate(
         "users": len(queries),
         "users_no_history": queries.n_no_history,
         "targets": int(sum(len(t) for t in queries.targets)),
+        # seen=remove: targets the user had consumed before, removed, so guaranteed misses
+        "targets_removed_as_seen": int(
+            sum(np.isin(t, s).sum() for t, s in zip(queries.targets, queries.seen, strict=True))
+        ),
         "catalog_items": data.n_items - 1,
     }
     per_request = None
@@ -511,7 +572,8 @@ def compare(
             f"the policy has n_items={policy.n_items} but the reference n_items="
             f"{reference.n_items}: they were trained on different datasets"
         )
-    run = dict(data=data, split=split, k=k, queries=build_queries(data, split), **evaluate_kwargs)
+    queries = build_queries(data, split, evaluate_kwargs.pop("seen", DEFAULT_SEEN))
+    run = dict(data=data, split=split, k=k, queries=queries, **evaluate_kwargs)
     ref = evaluate(reference, what=names[1], **run)
     pol = evaluate(policy, what=names[0], **run)
     per_user, deltas = _paired(ref.per_user, pol.per_user, USER_IDX, n_resamples, seed, ci)

@@ -43,6 +43,7 @@ from recsys_dpo.retrieval.index import EMPTY_ITEM, build_index, load_index, save
 
 HISTORIES_FILE = "histories.parquet"
 
+from recsys_dpo.retrieval.seen import DEFAULT_SEEN, removed_items
 
 def write_bundle(
     out_dir: str | Path,
@@ -109,7 +110,11 @@ class Bundle:
     @torch.no_grad()
     def recommend(self, query: str | int | Sequence[str], k: int = 10) -> list[tuple[str, float]]:
         """Top-k (item_id, score) over the whole catalog for a user_id (their stored history)
-        or a history of item ids (oldest first; unknown ids are ignored), history removed."""
+        or a history of item ids (oldest first; unknown ids are ignored), the history's items
+        left out as the seen policy the evaluation ranked topk.parquet under says (the
+        manifest's `seen`, `recsys_dpo/retrieval/seen.py`; bundles without it removed the
+        whole history: `remove`)."""
+        seen = read_manifest(self.path).get("seen", DEFAULT_SEEN)
         user_idx, history = self._query(query)
         known = [self._item_idx[i] for i in history if i in self._item_idx]
         max_len = int(self.model.config["max_len"])
@@ -120,7 +125,7 @@ class Bundle:
         batch = {"user_idx": torch.tensor([user_idx]), "context": context}
         user = self.model.user_embeddings(batch).float().numpy()
         k = min(k, self.index.ntotal)
-        scores, items = search(self.index, user, k, [np.asarray(known, dtype=np.int64)])
+        scores, items = search(self.index, user, k, [removed_items(np.asarray(known), seen)])
         keep = items[0] != EMPTY_ITEM
         return [
             (str(self._item_id[i]), float(s))

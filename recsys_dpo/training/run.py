@@ -248,8 +248,8 @@ def use_reference_hard_negatives(
     data: PairDataModule, reference: Recommender, num_negatives: int, skip: int, progress: bool
 ) -> None:
     """Replace the rejected items of the train and valid pairs by the reference's top-N items
-    (after its first `skip`) that are neither chosen nor among the user's train positives
-    (`reference_hard`)."""
+    (after its first `skip`) that are neither chosen nor train positives of the user that the
+    seen policy removes (`reference_hard`)."""
     positives = {
         user: np.asarray(items, dtype=np.int64)
         for user, items in data.train_sequences.select(USER_IDX, "items").iter_rows()
@@ -260,7 +260,8 @@ def use_reference_hard_negatives(
             continue
         exclude = [positives.get(int(u), none) for u in rows.columns["user_idx"]]
         rows.columns["rejected"] = reference_hard_negatives(
-            reference, rows, exclude, num_negatives, skip, progress=progress
+            reference, rows, exclude, num_negatives, skip, progress=progress, seen=data.seen
+        seen=cfg.eval.seen,
         )
 
 
@@ -316,3 +317,4 @@ def train_preference(cfg: DictConfig) -> Path:
     name = f"{spec['name']}-{objective['name']}"
     with run_lock(run_dir(cfg, "preference", name)) as out:
         return fit(cfg, module, data, out, f"preference/{name}")
+        seen=cfg.eval.seen,
