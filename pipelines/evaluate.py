@@ -76,9 +76,9 @@ def _evaluate(cfg: DictConfig, ckpt: str) -> Path:
         batch_size=cfg.eval.batch_size,
         kl_chunk=cfg.eval.kl_chunk,
         progress=cfg.progress,
+        seen=cfg.eval.seen,
     )
     if cfg.reference.ckpt is None:
-        seen=cfg.eval.seen,
         outcome = evaluate(model, what=f"eval.ckpt={ckpt}", **settings)
     else:
         reference = load(str(cfg.reference.ckpt), "reference.ckpt", data)

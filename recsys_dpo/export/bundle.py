@@ -40,10 +40,9 @@ from recsys_dpo.data.vocab import Vocab
 from recsys_dpo.errors import DataError
 from recsys_dpo.models import Recommender, build_model
 from recsys_dpo.retrieval.index import EMPTY_ITEM, build_index, load_index, save_index, search
+from recsys_dpo.retrieval.seen import DEFAULT_SEEN, removed_items
 
 HISTORIES_FILE = "histories.parquet"
-
-from recsys_dpo.retrieval.seen import DEFAULT_SEEN, removed_items
 
 def write_bundle(
     out_dir: str | Path,

@@ -210,6 +210,7 @@ def train_reference(cfg: DictConfig) -> Path:
         seed=cfg.seed,
         mode=TRAIN_MODE[model_name],
         num_workers=cfg.train.num_workers,
+        seen=cfg.eval.seen,
     )
     settings = reference_settings(cfg, data.dataset)
     with bad_setting(f"model={model_name} objective={settings['loss']}"):
@@ -261,7 +262,6 @@ def use_reference_hard_negatives(
         exclude = [positives.get(int(u), none) for u in rows.columns["user_idx"]]
         rows.columns["rejected"] = reference_hard_negatives(
             reference, rows, exclude, num_negatives, skip, progress=progress, seen=data.seen
-        seen=cfg.eval.seen,
         )
 
 
@@ -277,6 +277,7 @@ def train_preference(cfg: DictConfig) -> Path:
         batch_size=cfg.train.batch_size,
         seed=cfg.seed,
         num_workers=cfg.train.num_workers,
+        seen=cfg.eval.seen,
     )
     spec = require_reference(cfg, data.dataset)
     objective = plain(cfg.objective)
@@ -317,4 +318,3 @@ def train_preference(cfg: DictConfig) -> Path:
     name = f"{spec['name']}-{objective['name']}"
     with run_lock(run_dir(cfg, "preference", name)) as out:
         return fit(cfg, module, data, out, f"preference/{name}")
-        seen=cfg.eval.seen,
