@@ -338,7 +338,8 @@ def test_nan_loss_stops_the_run(prepared, reference_ckpt):
     module = PreferenceModule(str(reference_ckpt), data.n_items, data.n_users, objective="ipo")
     scores = module.policy.full_scores
     module.policy.full_scores = lambda batch: scores(batch) * float("nan")
-    with pytest.raises(RuntimeError, match=r"non-finite .* step 0 .*'ipo'"):
+    with pytest.raises(DataError, match=r"preference stage: the ipo loss .* is nan at epoch 0 "
+                       r"step 0, so the run diverged: lower train.lr"):  # fmt: skip
         trainer(epochs=1).fit(module, data)
 
 

@@ -25,6 +25,7 @@ from recsys_dpo.models import Recommender, build_model
 from recsys_dpo.models.base import Batch
 from recsys_dpo.objectives.catalog import entropy, exact_kl, logps
 from recsys_dpo.objectives.preference import LOSSES, reward_metrics, sft_term
+from recsys_dpo.training.guards import require_finite, stage_guard
 from recsys_dpo.training.ranking_eval import ranking_metrics
 from recsys_dpo.training.reference_module import (
     check_sizes,
@@ -213,23 +214,21 @@ class PreferenceModule(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss, metrics = self.preference_step(batch)
-        if not torch.isfinite(loss):
-            raise RuntimeError(
-                f"non-finite preference loss ({loss.item()}) at step {self.global_step} with "
-                f"objective {self.hparams.objective!r} {self.loss_params}: lower lr or beta"
-            )
+        with stage_guard(self, "preference"):
+            require_finite(loss, f"the {self.hparams.objective} loss {self.loss_params}")
         self.log_dict(metrics, batch_size=len(batch["chosen"]))
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         size = len(batch["user_idx"])
-        if "chosen" in batch:
-            _, metrics = self.preference_step(batch)
-            metrics = {f"val/{name}": v for name, v in metrics.items()}
-        else:
-            metrics = {
-                n: v.mean() for n, v in ranking_metrics(self.policy, batch, self.hparams.k).items()
-            }
+        with stage_guard(self, "preference"):
+            if "chosen" in batch:
+                loss, metrics = self.preference_step(batch)
+                require_finite(loss, "the validation loss")
+                metrics = {f"val/{name}": v for name, v in metrics.items()}
+            else:
+                ranking = ranking_metrics(self.policy, batch, self.hparams.k)
+                metrics = {n: v.mean() for n, v in ranking.items()}
         # Under DDP each rank validates a shard: the best checkpoint needs the global mean.
         self.log_dict(metrics, batch_size=size, add_dataloader_idx=False, sync_dist=True)
 

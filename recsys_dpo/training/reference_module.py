@@ -32,6 +32,7 @@ from recsys_dpo.errors import DataError
 from recsys_dpo.models import Recommender, build_model
 from recsys_dpo.models.base import Batch
 from recsys_dpo.objectives import reference as losses
+from recsys_dpo.training.guards import require_finite, stage_guard
 from recsys_dpo.training.ranking_eval import ranking_metrics
 
 REFERENCE_LOSSES = ("ce", "sampled_softmax", "bce", "gbce", "bpr")
@@ -226,11 +227,14 @@ class ReferenceModule(LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         loss = self.reference_loss(batch)
+        with stage_guard(self, "reference"):
+            require_finite(loss, "the loss")
         self.log("loss", loss, prog_bar=True, batch_size=len(batch["user_idx"]))
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        metrics = ranking_metrics(self.model, batch, self.hparams.k)
+        with stage_guard(self, "reference"):
+            metrics = ranking_metrics(self.model, batch, self.hparams.k)
         self.log_dict(
             {name: v.mean() for name, v in metrics.items()},
             batch_size=len(batch["user_idx"]),
