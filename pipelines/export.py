@@ -4,7 +4,9 @@
         export.out=<bundle dir>
 
 The evaluation directory is the one `pipelines/evaluate.py` wrote for this checkpoint against its
-reference (metrics.json with CIs, topk.parquet); the dataset is `paths.prepared`. The bundle holds
+reference (metrics.json with CIs, topk.parquet); the dataset is `paths.prepared`. Export refuses
+(exit 2) an evaluation without its manifest (killed or still running), with files that no longer
+match their sha256, or of another checkpoint or dataset than the ones given. The bundle holds
 safetensors weights, model.json, vocab, user histories, a faiss index, the top-K lists and a
 model card (see recsys_dpo/export/bundle.py). `pipelines/run.py` runs this stage and also
 registers the bundle in MLflow.
@@ -27,12 +29,10 @@ def run(cfg: DictConfig) -> Path:
     if cfg.export.ckpt is None or cfg.export.evaluation is None:
         raise DataError("pass export.ckpt=<policy checkpoint> and export.evaluation=<the "
                         "pipelines/evaluate.py output directory of that checkpoint>")  # fmt: skip
-    evaluation = Path(cfg.export.evaluation)
-    if not (evaluation / "metrics.json").is_file():
-        raise DataError(f"export.evaluation={evaluation}: no metrics.json (not an evaluation "
-                        "output directory, or an unfinished one)")  # fmt: skip
-    out = export_bundle(cfg, load_prepared(cfg.paths.prepared), str(cfg.export.ckpt), evaluation,
-                        Path(cfg.export.out))  # fmt: skip
+    # export_bundle refuses an unfinished or altered evaluation, or one of another checkpoint or
+    # dataset (recsys_dpo.pipeline.check_evaluation).
+    out = export_bundle(cfg, load_prepared(cfg.paths.prepared), str(cfg.export.ckpt),
+                        Path(cfg.export.evaluation), Path(cfg.export.out))  # fmt: skip
     Console().print(f"bundle written to [bold]{out}[/]", highlight=False)
     return out
 

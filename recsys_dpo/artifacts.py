@@ -139,11 +139,33 @@ def clean_stale_temps(final: Path) -> list[Path]:
     return removed
 
 
+def _first_missing(directory: Path) -> Path | None:
+    """The outermost ancestor of `directory` (itself included) that does not exist yet."""
+    missing = None
+    for path in [directory, *directory.parents]:
+        if path.exists():
+            break
+        missing = path
+    return missing
+
+
+def _remove_empty(directory: Path, up_to: Path) -> None:
+    """Remove `directory` and its parents up to `up_to` while they are empty."""
+    for path in [directory, *directory.parents]:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (another run's output), or already gone
+            return
+        if path == up_to:
+            return
+
+
 @contextmanager
 def stage_lock(out: str | Path) -> Iterator[Path]:
     """Claim the stage output `out` for this process: its parent must be writable (checked
     before any work), no other run may hold `<out>.lock` (DataError naming the owner, no
-    waiting), and leftovers of killed runs are removed. Re-entrant within one process."""
+    waiting), and leftovers of killed runs are removed. Re-entrant within one process. A
+    stage that fails leaves no directory it created behind."""
     out = Path(out)
     key = out.parent.resolve() / f"{out.name}.lock"
     if key in _HELD:
@@ -153,14 +175,20 @@ def stage_lock(out: str | Path) -> Iterator[Path]:
         finally:
             _HELD[key] -= 1
         return
-    check_writable(out.parent)
-    with file_lock(key, f"the output directory {out}"):
-        _HELD[key] = 1
-        try:
-            clean_stale_temps(out)
-            yield out
-        finally:
-            del _HELD[key]
+    created = _first_missing(out.parent)
+    try:
+        check_writable(out.parent)
+        with file_lock(key, f"the output directory {out}"):
+            _HELD[key] = 1
+            try:
+                clean_stale_temps(out)
+                yield out
+            finally:
+                del _HELD[key]
+    except BaseException:
+        if created is not None:
+            _remove_empty(out.parent, created)
+        raise
 
 
 def _publish_modes(directory: Path) -> None:

@@ -3,10 +3,14 @@
 `run_pipeline(cfg)` takes the config composed by `conf/run.yaml` (the root config plus a
 `pipeline` block and `force`) and runs each stage's library function on the previous stage's
 files. A stage is skipped when its output already exists for the same config hash (the prepared
-manifest, a training run directory's result.json, the evaluation and bundle manifests) unless
-`force=true`. MLflow gets one parent run per pipeline and one child per stage
-(`recsys_dpo.tracking.mlflow_utils`); the training stages log into their child through
-`tracking.run_id`. An unreachable tracking server stops the run before any work.
+manifest, a training run directory's result.json, the evaluation and bundle manifests; the
+evaluation's also for the same checkpoint sha256) unless `force=true`. Export takes only a
+finished, intact evaluation of the very checkpoint and dataset it bundles (`check_evaluation`).
+Each stage's output has one writer at a time (`recsys_dpo.artifacts.stage_lock`): a second
+identical run stops with exit 2 and the owner's pid and host. MLflow gets one parent run per
+pipeline and one child per stage (`recsys_dpo.tracking.mlflow_utils`); the training stages log
+into their child through `tracking.run_id`. An unreachable tracking server stops the run
+before any work.
 
 The result (`PipelineResult`) is printed as a table, written as `pipeline_result.json` into the
 hydra job directory, and gathered by `SummaryCallback` into `summary.md` / `summary.json` at the
@@ -30,7 +34,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
-from recsys_dpo.artifacts import config_hash, read_manifest
+from recsys_dpo.artifacts import (
+    config_hash,
+    file_sha256,
+    read_manifest,
+    stage_lock,
+    verify_files,
+)
 from recsys_dpo.data.datamodule import PreparedDataset, load_prepared
 from recsys_dpo.data.prepare import dataset_hash, prepare_dataset
 from recsys_dpo.data.vocab import Vocab
@@ -152,20 +162,12 @@ class Pipeline:
         out = Path(cfg.eval.out_dir) / f"{Path(policy).parent.name}-{cfg.eval.split}"
         done = (out / "manifest.json").is_file() and (
             read_manifest(out).get("config_hash") == config_hash(config)
+            and read_manifest(out).get("ckpt_sha256") == file_sha256(Path(policy))
         )
         with self.tracker.child("evaluate") as run:
             if self._fresh(done, "evaluate", out):
-                outcome = compare(
-                    load_model(policy, trained_on(data)), load_model(reference, trained_on(data)),
-                    data, names=(policy, reference), split=cfg.eval.split,
-                    k=list(cfg.eval.k), n_resamples=cfg.eval.n_resamples, seed=cfg.seed,
-                    ci=cfg.eval.ci, retrieval=RetrievalConfig(cfg.eval.index, cfg.eval.nlist,
-                    cfg.eval.nprobe, cfg.eval.use_gpu), head_fraction=cfg.eval.head_fraction,
-                    batch_size=cfg.eval.batch_size, kl_chunk=cfg.eval.kl_chunk,
-                    progress=cfg.progress,
-                )  # fmt: skip
-                write_outputs(out, outcome, Vocab.load(data.path), train_popularity(data), config)
-                self.console.print(summary_table(outcome))
+                with stage_lock(out):  # before computing: a second identical run stops here
+                    self._evaluate(data, policy, reference, out, config)
             self.tracker.set_tags(run, {"skipped": "evaluate" not in self.ran})
             self.tracker.log_metrics(
                 run, eval_metrics(json.loads((out / "metrics.json").read_text()))
@@ -173,17 +175,28 @@ class Pipeline:
             self.tracker.log_artifacts(run, out, "evaluation")
         return out
 
+    def _evaluate(
+        self, data: PreparedDataset, policy: str, reference: str, out: Path, config: dict
+    ) -> None:
+        cfg = self.cfg
+        outcome = compare(
+            load_model(policy, trained_on(data)), load_model(reference, trained_on(data)),
+            data, names=(policy, reference), split=cfg.eval.split,
+            k=list(cfg.eval.k), n_resamples=cfg.eval.n_resamples, seed=cfg.seed,
+            ci=cfg.eval.ci, retrieval=RetrievalConfig(cfg.eval.index, cfg.eval.nlist,
+            cfg.eval.nprobe, cfg.eval.use_gpu), head_fraction=cfg.eval.head_fraction,
+            batch_size=cfg.eval.batch_size, kl_chunk=cfg.eval.kl_chunk,
+            progress=cfg.progress,
+        )  # fmt: skip
+        write_outputs(out, outcome, Vocab.load(data.path), train_popularity(data), config)
+        self.console.print(summary_table(outcome))
+
     def export(
         self, data: PreparedDataset, policy: str, evaluation: Path, better: bool
     ) -> tuple[Path, str | None]:
         """The candidate bundle, logged as a pyfunc model and registered; (bundle, version)."""
         cfg = self.cfg
-        metrics = json.loads((evaluation / "metrics.json").read_text())
-        manifest = {
-            "policy_ckpt": policy,
-            "evaluation": str(evaluation),
-            "config_hash": config_hash([policy, metrics["config_hash"], better]),
-        }
+        _, manifest = bundle_manifest(cfg, data, policy, evaluation)
         out = Path(cfg.pipeline.bundle_dir) / Path(policy).parent.name
         done = (out / "manifest.json").is_file() and (
             read_manifest(out).get("config_hash") == manifest["config_hash"]
@@ -191,7 +204,7 @@ class Pipeline:
         name = f"{cfg.pipeline.name}-{cfg.model.name}"
         with self.tracker.child("export") as run:
             if self._fresh(done, "export", out):
-                export_bundle(cfg, data, policy, evaluation, out, manifest)
+                export_bundle(cfg, data, policy, evaluation, out)
             self.tracker.set_tags(run, {"skipped": "export" not in self.ran, "bundle": out})
             version = None
             if run is not None:
@@ -201,24 +214,66 @@ class Pipeline:
         return out, version
 
 
+def check_evaluation(evaluation: Path, policy: str, data: PreparedDataset) -> dict[str, Any]:
+    """metrics.json of `evaluation` once it is known to be a finished, intact evaluation of
+    the `policy` checkpoint on `data`: its manifest present, its files matching their sha256,
+    and its recorded checkpoint sha256 and dataset hash those of `policy` and `data`. Anything
+    else is a DataError, so a model card never shows another model's numbers."""
+    if not Path(policy).is_file():
+        raise DataError(f"{policy}: no such checkpoint file")
+    manifest = read_manifest(evaluation)
+    if manifest.get("stage") != "evaluate" or "metrics.json" not in manifest.get("files", {}):
+        raise DataError(f"{evaluation}: not an evaluation output directory (its manifest is of "
+                        f"stage {manifest.get('stage')!r}); pass the pipelines/evaluate.py "
+                        "output of this checkpoint")  # fmt: skip
+    verify_files(evaluation, manifest)
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    evaluated = metrics.get("config", {}).get("ckpt")
+    sha = file_sha256(Path(policy))
+    if manifest.get("ckpt_sha256") != sha:
+        raise DataError(f"{evaluation}: it evaluated the checkpoint {evaluated} (sha256 "
+                        f"{str(manifest.get('ckpt_sha256'))[:12]}), not {policy} (sha256 "
+                        f"{sha[:12]}); evaluate this checkpoint (pipelines/evaluate.py) and "
+                        "export with that output")  # fmt: skip
+    wanted = data.manifest["config_hash"]
+    if manifest.get("dataset_hash") != wanted:
+        raise DataError(f"{evaluation}: it was evaluated on the dataset "
+                        f"{metrics.get('config', {}).get('prepared')} (hash "
+                        f"{manifest.get('dataset_hash')}), not on {data.path} (hash {wanted}); "
+                        "evaluate on this dataset, or set paths.prepared to that one")  # fmt: skip
+    return metrics
+
+
+def bundle_manifest(
+    cfg: DictConfig, data: PreparedDataset, policy: str, evaluation: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics, the bundle manifest's payload) of a checked evaluation (`check_evaluation`);
+    the payload's config_hash decides whether an existing bundle is up to date."""
+    metrics = check_evaluation(evaluation, policy, data)
+    sha = read_manifest(evaluation)["ckpt_sha256"]  # the policy's, as just checked
+    key = [policy, sha, metrics["config_hash"], cfg.pipeline.primary_metric]
+    return metrics, {
+        "policy_ckpt": policy,
+        "policy_sha256": sha,
+        "evaluation": str(evaluation),
+        "dataset_hash": data.manifest["config_hash"],
+        "config_hash": config_hash(key),
+    }
+
+
 def export_bundle(
-    cfg: DictConfig,
-    data: PreparedDataset,
-    policy: str,
-    evaluation: Path,
-    out: Path,
-    manifest: dict[str, Any] | None = None,
+    cfg: DictConfig, data: PreparedDataset, policy: str, evaluation: Path, out: Path
 ) -> Path:
     """Write the candidate bundle of the `policy` checkpoint, its evaluation directory
-    (metrics.json, topk.parquet) and prepared dataset into `out`."""
+    (metrics.json, topk.parquet; checked by `check_evaluation`) and prepared dataset into
+    `out`."""
     # First: the checkpoint's vocabulary is this dataset's (the evaluation's dataset hash is a
     # hash of the config, which a re-prepared log of other ids can share).
     model = load_model(policy, trained_on(data))
-    metrics = json.loads((evaluation / "metrics.json").read_text())
+    metrics, manifest = bundle_manifest(cfg, data, policy, evaluation)
     primary = cfg.pipeline.primary_metric
     card = model_card(f"{cfg.pipeline.name}-{cfg.model.name}", plain(cfg.data),
                       plain(cfg.objective), metrics, primary, decide(metrics, primary))  # fmt: skip
-    manifest = manifest or {"policy_ckpt": policy, "evaluation": str(evaluation)}
     return write_bundle(out, model, Vocab.load(data.path), user_histories(data),
                         evaluation / "topk.parquet", card, manifest)  # fmt: skip
 

@@ -26,7 +26,13 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from recsys_dpo.artifacts import atomic_dir, config_hash, write_manifest  # noqa: E402
+from recsys_dpo.artifacts import (  # noqa: E402
+    atomic_dir,
+    config_hash,
+    file_sha256,
+    read_manifest,
+    write_manifest,
+)
 from recsys_dpo.data.schema import USER_IDX  # noqa: E402
 from recsys_dpo.data.vocab import Vocab, decode_items  # noqa: E402
 from recsys_dpo.evaluation.evaluator import Comparison, EvalResult  # noqa: E402
@@ -218,5 +224,16 @@ def write_outputs(
             plots.append("kl.png")
         (tmp / "report.md").write_text(markdown(outcome, plots))
         write_manifest(tmp, {"stage": "evaluate", "split": payload["split"],
-                             "config_hash": payload["config_hash"]})  # fmt: skip
+                             "config_hash": payload["config_hash"], **inputs(config)})  # fmt: skip
     return out_dir
+
+
+def inputs(config: dict[str, Any]) -> dict[str, str | None]:
+    """What was evaluated, for the manifest: the sha256 of the checkpoints and the prepared
+    dataset's hash, so export can refuse an evaluation of another model or dataset."""
+    ckpt, reference, prepared = (config.get(k) for k in ("ckpt", "reference_ckpt", "prepared"))
+    return {
+        "ckpt_sha256": file_sha256(Path(ckpt)) if ckpt else None,
+        "reference_sha256": file_sha256(Path(reference)) if reference else None,
+        "dataset_hash": read_manifest(prepared)["config_hash"] if prepared else None,
+    }

@@ -11,7 +11,10 @@ and export").
                          excluded): faiss position p is item idx p + 1
     topk.parquet         the evaluator's top-K lists (user_id, rank, item_id, score)
     MODEL_CARD.md        data, objective, metrics against the reference with CIs, KL, popularity
-    manifest.json        written last; a directory without it is incomplete
+    manifest.json        written last; a directory without it is incomplete. It holds every
+                         file's sha256 (checked by `load_bundle`), the policy checkpoint's
+                         sha256 and the dataset hash. Directories 0755, files 0644, so a
+                         serving process under another user can read them
 
 `load_bundle(path)` rebuilds the model from these files alone; `Bundle.recommend` ranks the
 whole catalog for a user id or a raw history, the history's items removed, in original ids.
@@ -34,7 +37,7 @@ import polars as pl
 import torch
 from safetensors.torch import load_model, save_model
 
-from recsys_dpo.artifacts import atomic_dir, read_manifest, write_manifest
+from recsys_dpo.artifacts import atomic_dir, read_manifest, verify_files, write_manifest
 from recsys_dpo.data.schema import ITEM_IDX, USER_IDX
 from recsys_dpo.data.vocab import Vocab
 from recsys_dpo.errors import DataError
@@ -133,9 +136,10 @@ class Bundle:
 
 
 def load_bundle(path: str | Path) -> Bundle:
-    """Rebuild a bundle from its directory alone; DataError if it is incomplete."""
+    """Rebuild a bundle from its directory alone; DataError if it is incomplete or a file's
+    sha256 is not the manifest's (a corrupt or replaced file is never served)."""
     path = Path(path)
-    read_manifest(path)
+    verify_files(path, read_manifest(path))
     spec = json.loads((path / "model.json").read_text())
     model = build_model(spec["name"], **{**spec["config"], "dropout": 0.0})
     load_model(model, str(path / "model.safetensors"))
