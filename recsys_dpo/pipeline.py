@@ -186,7 +186,7 @@ class Pipeline:
             ci=cfg.eval.ci, retrieval=RetrievalConfig(cfg.eval.index, cfg.eval.nlist,
             cfg.eval.nprobe, cfg.eval.use_gpu), head_fraction=cfg.eval.head_fraction,
             batch_size=cfg.eval.batch_size, kl_chunk=cfg.eval.kl_chunk,
-            progress=cfg.progress,
+            progress=cfg.progress, seen=cfg.eval.seen,
         )  # fmt: skip
         write_outputs(out, outcome, Vocab.load(data.path), train_popularity(data), config)
         self.console.print(summary_table(outcome))
@@ -258,6 +258,8 @@ def bundle_manifest(
         "evaluation": str(evaluation),
         "dataset_hash": data.manifest["config_hash"],
         "config_hash": config_hash(key),
+        # the seen-item policy topk.parquet was ranked under: Bundle.recommend applies it
+        "seen": cfg.eval.seen,
     }
 
 

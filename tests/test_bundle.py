@@ -89,6 +89,7 @@ def test_bundle_agrees_with_the_evaluator_topk(bundle):
     EVERY test user, re-consumed targets included, the top-K the evaluator evaluated."""
     path, prepared = bundle
     loaded = load_bundle(path)
+    assert json.loads((path / "manifest.json").read_text())["seen"] == "remove"
     data = load_prepared(prepared)
     queries = build_queries(data, "test")
     users = pl.read_parquet(prepared / "vocab_users.parquet").sort("user_idx")["user_id"]
