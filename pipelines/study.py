@@ -11,6 +11,7 @@ Runs and evaluations are cached by config hash: a second run trains nothing. Bad
 
 import hydra
 from omegaconf import DictConfig
+from rich.console import Console
 
 from recsys_dpo.stage import exits_cleanly_on_bad_input
 from recsys_dpo.study.spec import study_spec
@@ -23,7 +24,10 @@ def run(cfg: DictConfig) -> None:
     # import, and a bad setting should fail at once.
     from recsys_dpo.study.runner import run_study, template_of
 
-    run_study(spec, template_of(cfg))
+    out = run_study(spec, template_of(cfg))
+    console = Console(soft_wrap=True)  # table lines stay whole
+    console.print((out / "table.md").read_text(), highlight=False, markup=False)
+    console.print(f"study written to [bold]{out}[/]", highlight=False)
 
 
 @hydra.main(config_path="../conf", config_name="run_study", version_base="1.3")

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from rich.console import Console
 
 from recsys_dpo.artifacts import atomic_dir
 from recsys_dpo.data.schema import USER_IDX
@@ -158,8 +157,8 @@ def markdown(result: dict[str, Any], spec: StudySpec) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(spec: StudySpec, lines: list[Entry], ledger: Ledger, test_reads: list[str],
-                 console: Console) -> Path:  # fmt: skip
+def write_report(spec: StudySpec, lines: list[Entry], ledger: Ledger,
+                 test_reads: list[str]) -> Path:  # fmt: skip
     """study.json and table.md into spec.out_dir (atomically), study.json also to
     spec.publish when set; the output directory."""
     result = {
@@ -184,6 +183,4 @@ def write_report(spec: StudySpec, lines: list[Entry], ledger: Ledger, test_reads
         tmp_file = spec.publish.with_name(f".{spec.publish.name}.tmp-{os.getpid()}")
         tmp_file.write_text(text)
         os.replace(tmp_file, spec.publish)
-    console.print(table, highlight=False, markup=False)
-    console.print(f"study written to {spec.out_dir}", highlight=False)
     return spec.out_dir

@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ from recsys_dpo.study.report import write_report
 from recsys_dpo.study.spec import SELECTION_SPLIT, SFT, Row, StudySpec
 from recsys_dpo.study.stats import mean_sd
 from recsys_dpo.tracking.mlflow_utils import Tracker, check_reachable
-from recsys_dpo.training.reference_module import load_model, read_checkpoint
+from recsys_dpo.training.reference_module import load_model, read_checkpoint, trained_on
 
 POPULARITY = "most_popular"
 # Eval settings that name or place an output, or set the CI, not what a model scores.
@@ -121,7 +122,7 @@ class EvalCache:
         self.retrieval = RetrievalConfig(eval_cfg.index, eval_cfg.nlist, eval_cfg.nprobe,
                                          eval_cfg.use_gpu)  # fmt: skip
         self.head_fraction, self.batch_size = eval_cfg.head_fraction, eval_cfg.batch_size
-        self.kl_chunk = eval_cfg.kl_chunk
+        self.kl_chunk, self.seen = eval_cfg.kl_chunk, eval_cfg.seen
 
     def get(self, model: str, identity: str, load: Callable[[], Recommender],
             split: str) -> Evaluation:  # fmt: skip
@@ -132,7 +133,7 @@ class EvalCache:
         if not (out / "manifest.json").is_file():
             result = evaluate(load(), self.data, split, self.k, retrieval=self.retrieval,
                               head_fraction=self.head_fraction, batch_size=self.batch_size,
-                              kl_chunk=self.kl_chunk)  # fmt: skip
+                              kl_chunk=self.kl_chunk, seen=self.seen, what=model)  # fmt: skip
             with atomic_dir(out) as tmp:
                 result.per_user.write_parquet(tmp / "per_user.parquet")
                 (tmp / "metrics.json").write_text(json.dumps(result.aggregates, indent=2))
@@ -155,6 +156,7 @@ class Study:
         self.ledger = Ledger()
         self.cache = EvalCache(spec.eval_cache, data, template.eval, self.ledger, console)
         self.popularity = train_popularity(data)
+        self.dataset = trained_on(data)
         self.model_name = template.model.name
         # Models whose test figures may be read: extended only by the read-out step, which
         # closes the selection: no grid is searched after a test figure was read.
@@ -221,9 +223,10 @@ class Study:
             self.test_reads.append(model)
         if run is None:
             identity = config_hash({POPULARITY: self.popularity.tolist()})
-            return self.cache.get(model, identity, lambda: MostPopular(self.popularity), split)
-        return self.cache.get(model, file_sha256(Path(run.ckpt)), lambda: load_model(run.ckpt),
-                              split)  # fmt: skip
+            return self.cache.get(model, identity, partial(MostPopular, self.popularity), split)
+        # Loaded with the dataset's record: a checkpoint of another vocabulary is refused.
+        load = partial(load_model, run.ckpt, self.dataset)
+        return self.cache.get(model, file_sha256(Path(run.ckpt)), load, split)
 
     def read_out(self, name: str, kind: str, models: list[list[Run | None]],
                  **info: Any) -> Entry:  # fmt: skip
@@ -340,7 +343,7 @@ def run_study(spec: StudySpec, template: DictConfig, console: Console | None = N
                 lines.append(_control(study, name, row, "continue", [r for r, _ in made],
                                       n_seeds, reference, steps=steps))  # fmt: skip
         check_test_reads(study, [c for sel in searched for c in sel.unselected], lines)
-    return write_report(spec, lines, study.ledger, sorted(set(study.test_reads)), console)
+    return write_report(spec, lines, study.ledger, sorted(set(study.test_reads)))
 
 
 def _control(study: Study, name: str, row: Entry, what: str, made: list[Run], n_seeds: int,
