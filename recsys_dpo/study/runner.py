@@ -178,39 +178,48 @@ class Study:
     def _objective(self, name: str) -> dict[str, Any]:
         return dict(self.spec.objectives[name])
 
-    def reference(self, seed: int) -> Run:
+    def reference_config(self, seed: int) -> DictConfig:
         recipe = self.spec.reference
-        cfg = stage_config(self.template, objective=self._objective(recipe.objective),
-                           mode="fresh", seed=seed, **recipe.updates())  # fmt: skip
-        return self.train("reference", cfg, self.spec.objectives[recipe.objective]["name"])
+        return stage_config(self.template, objective=self._objective(recipe.objective),
+                            mode="fresh", seed=seed, **recipe.updates())  # fmt: skip
 
-    def fine_tune(self, row: Row, point: dict[str, Any], ref: Run, seed: int) -> Run:
-        updates = {"reference.ckpt": ref.ckpt, **self.spec.fine_tune, **row.overrides, **point}
-        cfg = stage_config(self.template, objective=self._objective(row.objective), seed=seed,
-                           **updates)  # fmt: skip
-        return self.train("preference", cfg, cfg.objective.name)
+    def preference_config(self, row: Row, point: dict[str, Any], ref_ckpt: str,
+                          seed: int) -> DictConfig:  # fmt: skip
+        updates = {"reference.ckpt": ref_ckpt, **self.spec.fine_tune, **row.overrides, **point}
+        return stage_config(self.template, objective=self._objective(row.objective), seed=seed,
+                            **updates)  # fmt: skip
 
-    def sft_control(self, row: Row, point: dict[str, Any], ref: Run, seed: int) -> Run:
+    def sft_config(self, row: Row, point: dict[str, Any], ref_ckpt: str, seed: int) -> DictConfig:
         """`sft` matched to the row at `point`: the same settings without the preference
         objective's. Its hard negatives are dropped too: the SFT loss never reads rejected
         items, and without them rows that share chosen events, lr and epochs share one run."""
         updates = {k: v for k, v in {**row.overrides, **point}.items()
                    if not k.startswith(("objective.", "reference.hard_negatives"))}  # fmt: skip
-        sft = Row(f"sft @ {row.name}", SFT, updates, {})
-        return self.fine_tune(sft, {}, ref, seed)
+        return self.preference_config(Row(f"sft @ {row.name}", SFT, updates, {}), {}, ref_ckpt,
+                                      seed)  # fmt: skip
+
+    def continue_config(self, ref_ckpt: str, lr: float, steps: int, seed: int) -> DictConfig:
+        """Stage-1 training continued from `ref_ckpt` for `steps` optimizer steps at `lr`."""
+        recipe = self.spec.reference
+        updates = {**recipe.updates(), "reference.ckpt": ref_ckpt, "train.lr": lr,
+                   "trainer.max_steps": steps, "trainer.max_epochs": UNBOUNDED_EPOCHS,
+                   "train.early_stopping_patience": None}  # fmt: skip
+        return stage_config(self.template, objective=self._objective(recipe.objective),
+                            mode="continue", seed=seed, **updates)  # fmt: skip
+
+    def reference(self, seed: int) -> Run:
+        cfg = self.reference_config(seed)
+        return self.train("reference", cfg, cfg.objective.name)
+
+    def fine_tune(self, cfg: DictConfig) -> Run:
+        return self.train("preference", cfg, cfg.objective.name)
 
     def continue_control(self, run: Run, ref: Run, seed: int) -> tuple[Run, int]:
         """Stage-1 training continued from `ref` for as many optimizer steps as `run` took
         (its last checkpoint's global_step), at `run`'s lr; (the run, the steps)."""
         steps = int(read_checkpoint(run.last_ckpt)["global_step"])
-        recipe = self.spec.reference
-        updates = {**recipe.updates(), "reference.ckpt": ref.ckpt, "train.lr": run.lr,
-                   "trainer.max_steps": steps, "trainer.max_epochs": UNBOUNDED_EPOCHS,
-                   "train.early_stopping_patience": None}  # fmt: skip
-        cfg = stage_config(self.template, objective=self._objective(recipe.objective),
-                           mode="continue", seed=seed, **updates)  # fmt: skip
-        name = self.spec.objectives[recipe.objective]["name"]
-        return self.train("reference", cfg, name, "-continue"), steps
+        cfg = self.continue_config(ref.ckpt, run.lr, steps, seed)
+        return self.train("reference", cfg, cfg.objective.name, "-continue"), steps
 
     def read(self, run: Run | None, split: str) -> Evaluation:
         """A model's figures on a split (run None: the popularity baseline). Figures of any
@@ -275,7 +284,8 @@ def search_row(study: Study, row: Row, refs: list[Run], seeds: tuple[int, ...],
     if not study.selection_open:
         raise RuntimeError(f"row {row.name}: a grid searched after the test read-out began")
     points = row.points()
-    runs = [[[study.fine_tune(row, p, ref, s) for s in seeds] for ref in refs] for p in points]
+    runs = [[[study.fine_tune(study.preference_config(row, p, ref.ckpt, s)) for s in seeds]
+             for ref in refs] for p in points]  # fmt: skip
     scores = [[study.read(r, SELECTION_SPLIT).aggregates[metric] for per_ref in point
                for r in per_ref] for point in runs]  # fmt: skip
     best = select_point(scores)
@@ -333,7 +343,8 @@ def run_study(spec: StudySpec, template: DictConfig, console: Console | None = N
                      for seed, run in zip(spec.seeds, per_ref, strict=True)]  # fmt: skip
             n_seeds = len(spec.seeds)
             if spec.sft_control and spec.objectives[sel.row.objective]["name"] != SFT:
-                made = [study.sft_control(sel.row, sel.point, ref, seed) for ref, seed, _ in pairs]
+                made = [study.fine_tune(study.sft_config(sel.row, sel.point, ref.ckpt, seed))
+                        for ref, seed, _ in pairs]  # fmt: skip
                 lines.append(_control(study, f"sft @ {row.name}", row, "sft", made, n_seeds,
                                       reference))  # fmt: skip
             if spec.continue_control:
