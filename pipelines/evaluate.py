@@ -27,7 +27,8 @@ from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.evaluator import RetrievalConfig, compare, evaluate, train_popularity
 from recsys_dpo.evaluation.report import summary_table, write_outputs
 from recsys_dpo.models import Recommender
-from recsys_dpo.stage import exits_cleanly_on_bad_input, plain
+from recsys_dpo.settings import Evaluate
+from recsys_dpo.stage import exits_cleanly_on_bad_input, plain, preflight
 from recsys_dpo.training.reference_module import load_model, trained_on
 
 
@@ -57,6 +58,7 @@ def output_dir(cfg: DictConfig, ckpt: str) -> Path:
 
 @exits_cleanly_on_bad_input
 def run(cfg: DictConfig) -> Path:
+    preflight(cfg, Evaluate)
     ckpt = checkpoint(cfg)
     # Before any work: the output directory is writable and this run its only writer.
     with stage_lock(output_dir(cfg, ckpt)):

@@ -21,11 +21,13 @@ from rich.console import Console
 from recsys_dpo.data.datamodule import load_prepared
 from recsys_dpo.errors import DataError
 from recsys_dpo.pipeline import export_bundle
-from recsys_dpo.stage import exits_cleanly_on_bad_input
+from recsys_dpo.settings import ExportStage
+from recsys_dpo.stage import exits_cleanly_on_bad_input, preflight
 
 
 @exits_cleanly_on_bad_input
 def run(cfg: DictConfig) -> Path:
+    preflight(cfg, ExportStage)
     if cfg.export.ckpt is None or cfg.export.evaluation is None:
         raise DataError("pass export.ckpt=<policy checkpoint> and export.evaluation=<the "
                         "pipelines/evaluate.py output directory of that checkpoint>")  # fmt: skip

@@ -12,11 +12,13 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from recsys_dpo.data.prepare import prepare_dataset
-from recsys_dpo.stage import exits_cleanly_on_bad_input, plain
+from recsys_dpo.settings import Prepare
+from recsys_dpo.stage import exits_cleanly_on_bad_input, plain, preflight
 
 
 @exits_cleanly_on_bad_input
 def run(cfg: DictConfig) -> None:
+    preflight(cfg, Prepare)
     # _partial_ so the reader's own DataError reaches us unwrapped by hydra.
     reader = instantiate(cfg.data.reader, _partial_=True)
     summary = prepare_dataset(

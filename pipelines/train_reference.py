@@ -6,16 +6,25 @@
     python pipelines/train_reference.py ckpt_path=<run dir>/last.ckpt         # resume
 """
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
-from recsys_dpo.stage import exits_cleanly_on_bad_input
+from recsys_dpo.settings import TrainReference
+from recsys_dpo.stage import exits_cleanly_on_bad_input, preflight
 from recsys_dpo.training.run import train_reference
+
+
+@exits_cleanly_on_bad_input
+def run(cfg: DictConfig) -> Path:
+    preflight(cfg, TrainReference)
+    return train_reference(cfg)
 
 
 @hydra.main(config_path="../conf", config_name="train_reference", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    exits_cleanly_on_bad_input(train_reference)(cfg)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ finished, intact evaluation of the very checkpoint and dataset it bundles (`chec
 Each stage's output has one writer at a time (`recsys_dpo.artifacts.stage_lock`): a second
 identical run stops with exit 2 and the owner's pid and host. MLflow gets one parent run per
 pipeline and one child per stage (`recsys_dpo.tracking.mlflow_utils`); the training stages log
-into their child through `tracking.run_id`. An unreachable tracking server stops the run
-before any work.
+into their child through `tracking.run_id`. The config is checked (`recsys_dpo.settings.Run`)
+and the tracking server probed before any work.
 
 The result (`PipelineResult`) is printed as a table, written as `pipeline_result.json` into the
 hydra job directory, and gathered by `SummaryCallback` into `summary.md` / `summary.json` at the
@@ -53,8 +53,9 @@ from recsys_dpo.evaluation.evaluator import (
 )
 from recsys_dpo.evaluation.report import summary_table, write_outputs
 from recsys_dpo.export.bundle import BundleModel, model_card, write_bundle
-from recsys_dpo.stage import plain
-from recsys_dpo.tracking.mlflow_utils import Tracker, check_reachable
+from recsys_dpo.settings import Run
+from recsys_dpo.stage import plain, preflight
+from recsys_dpo.tracking.mlflow_utils import Tracker
 from recsys_dpo.training.reference_module import load_model, trained_on
 from recsys_dpo.training.run import run_dir, train_preference, train_reference
 
@@ -336,8 +337,7 @@ def decide(metrics: dict[str, Any], primary: str) -> bool:
 
 def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResult:
     """All five stages under one MLflow parent run (see the module docstring)."""
-    if cfg.tracking.enabled:
-        check_reachable(cfg.tracking.uri)
+    preflight(cfg, Run)
     console = Console(quiet=not cfg.progress)
     tracker = Tracker(cfg.tracking)
     pipe = Pipeline(cfg, tracker, console)

@@ -1,4 +1,5 @@
-"""What every stage entry point shares: config to plain data, and clean failure on bad input."""
+"""What every stage entry point shares: config to plain data, the checks before any work, and
+clean failure on bad input."""
 
 import sys
 from collections.abc import Callable
@@ -10,11 +11,26 @@ from rich.console import Console
 from rich.markup import escape
 
 from recsys_dpo.errors import DataError
+from recsys_dpo.settings import S, Tracking, validate
 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain dicts and lists (for manifests, hashes and MLflow)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def preflight(cfg: DictConfig, schema: type[S]) -> S:
+    """The composed config checked against the stage's schema (recsys_dpo.settings), then, when
+    the stage tracks, the tracking server probed: a bad setting or a wrong tracking.uri fails in
+    seconds, before anything is read, trained or written. DataError otherwise."""
+    settings = validate(plain(cfg), schema)
+    tracking = getattr(settings, "tracking", None)  # a schema without it: a dict, or none
+    if isinstance(tracking, Tracking) and tracking.enabled:
+        # Imported here: mlflow takes seconds to import, and prepare.py does not track.
+        from recsys_dpo.tracking.mlflow_utils import check_reachable
+
+        check_reachable(tracking.uri)
+    return settings
 
 
 def exits_cleanly_on_bad_input(main: Callable[..., Any]) -> Callable[..., Any]:

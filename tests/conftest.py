@@ -19,8 +19,11 @@ def shared_file(*parts: str) -> Path:
     return path
 
 
-def run_pipeline(script: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run a pipelines/ entry point in a subprocess, as a user would from a shell."""
+def run_pipeline(
+    script: str, *overrides: str, cwd: Path, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run a pipelines/ entry point in a subprocess, as a user would from a shell; TimeoutExpired
+    after `timeout` seconds."""
     env = {**os.environ, "RECSYS_DPO_SHARED_DATA": str(SHARED_DATA), "HYDRA_FULL_ERROR": "0"}
     return subprocess.run(
         [sys.executable, str(ROOT / "pipelines" / script), *overrides],
@@ -28,7 +31,7 @@ def run_pipeline(script: str, *overrides: str, cwd: Path) -> subprocess.Complete
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
     )
 
 

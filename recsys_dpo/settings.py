@@ -1,0 +1,403 @@
+"""The typed schema of the composed config, checked by every entry point before any work.
+
+A bad setting fails in a second with one line naming the key, the value and what is allowed
+(`config: train.batch_size=0: must be >= 1`), instead of a traceback mid-run, a run that trains
+on nonsense (`train.k=0` picks the best checkpoint by ndcg@0), or `pipelines/run.py` refusing
+its objective only after it has trained the reference.
+
+One pydantic model per config section and one per entry point (`Prepare`, `TrainReference`,
+`TrainPreference`, `Evaluate`, `Export`, `Run`) gathering the sections that stage reads, with
+its cross-field rules. A new key is one line in its section. Keys the schema does not name pass
+through: hydra already refuses unknown keys (struct mode), and the stages read the DictConfig
+itself. Registries of names (losses, index kinds, splits) are the library's own, looked up
+only when a value is checked (`one_of`): they sit in modules that import torch or faiss, which
+prepare.py does not need.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
+
+from recsys_dpo.errors import DataError
+
+# Numbers and flags are strict: True is not 1, and "0.1" is not a number.
+Int = Annotated[int, Strict()]
+Count = Annotated[int, Strict(), Field(ge=1)]
+NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
+Positive = Annotated[float, Strict(), Field(gt=0)]
+NonNegative = Annotated[float, Strict(), Field(ge=0)]
+Fraction = Annotated[float, Strict(), Field(ge=0, le=1)]
+Bool = Annotated[bool, Strict()]
+
+
+def one_of(registry: str) -> AfterValidator:
+    """A name of the library's registry `module:attribute` (a tuple or dict of names)."""
+    module, attribute = registry.split(":")
+
+    def check(value: str) -> str:
+        allowed = getattr(importlib.import_module(module), attribute)
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return AfterValidator(check)
+
+
+class Section(BaseModel):
+    """A config block; unnamed keys pass, names like pipeline.name=2024 stay strings."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, coerce_numbers_to_str=True)
+
+
+class Paths(Section):
+    artifacts: str
+    prepared: str
+    runs: str
+
+
+class Validation(Section):
+    drop_duplicates: Bool
+    min_events_per_user: NonNegativeInt
+    non_finite: Annotated[str, one_of("recsys_dpo.data.validate:NON_FINITE")] = "error"
+
+
+class Split(Section):
+    kind: Annotated[str, one_of("recsys_dpo.data.splits:SPLITTERS")]
+
+
+class Data(Section):
+    name: str
+    max_len: Count
+    validation: Validation
+    split: Split
+    pair_splits: list[Annotated[str, one_of("recsys_dpo.data.splits:SPLITS")]]
+    n_buckets: Count
+
+
+Dropout = Annotated[float, Strict(), Field(ge=0, lt=1)]
+
+
+class SASRecModel(Section):
+    name: Literal["sasrec"]
+    dim: Count
+    n_layers: Count
+    n_heads: Count
+    max_len: Count
+    dropout: Dropout
+
+    @model_validator(mode="after")
+    def heads_split_dim(self) -> SASRecModel:
+        if self.dim % self.n_heads:
+            raise ValueError(
+                f"model.dim={self.dim}, model.n_heads={self.n_heads}: dim must be a multiple "
+                "of n_heads"
+            )
+        return self
+
+
+class TwoTowerModel(Section):
+    name: Literal["two_tower"]
+    dim: Count
+    hidden: list[Count]
+    use_user_id: Bool
+    use_history: Bool
+    max_len: Count
+    dropout: Dropout
+
+    @model_validator(mode="after")
+    def has_a_user_input(self) -> TwoTowerModel:
+        if not (self.use_user_id or self.use_history):
+            raise ValueError(
+                "model.use_user_id=false, model.use_history=false: the user tower needs at "
+                "least one of them"
+            )
+        return self
+
+
+Model = Annotated[SASRecModel | TwoTowerModel, Field(discriminator="name")]
+
+
+class ReferenceObjective(Section):
+    """A stage-1 (next-item) loss."""
+
+    name: Annotated[str, one_of("recsys_dpo.training.reference_module:REFERENCE_LOSSES")]
+    stage: Literal["reference"]
+    num_negatives: Count | None = None
+
+
+class PreferenceObjective(Section):
+    """A stage-2 (DPO-family) objective."""
+
+    name: Annotated[str, one_of("recsys_dpo.objectives.preference:LOSSES")]
+    stage: Literal["preference"]
+    beta: Positive
+    label_smoothing: Annotated[float, Strict(), Field(ge=0, lt=0.5)] = 0.0
+    gamma: Annotated[float, Strict()] = 0.0
+    lambda_d: Positive = 1.0
+    lambda_u: Positive = 1.0
+    sft_alpha: NonNegative = 0.0
+
+    @model_validator(mode="after")
+    def loss_accepts_its_settings(self) -> PreferenceObjective:
+        """The loss's own check of its parameters (e.g. gamma set for dpo, which ignores it),
+        run here so that run.py refuses them before it trains the reference."""
+        from recsys_dpo.training.preference_module import objective_params
+
+        try:
+            objective_params(
+                self.name, self.beta, label_smoothing=self.label_smoothing, gamma=self.gamma,
+                lambda_d=self.lambda_d, lambda_u=self.lambda_u,
+            )  # fmt: skip
+        except ValueError as err:
+            raise ValueError(f"objective={self.name}: {err}") from err
+        if self.name == "sft" and self.sft_alpha == 0:
+            raise ValueError(
+                "objective=sft objective.sft_alpha=0: the SFT baseline trains the SFT term "
+                "alone, set sft_alpha > 0"
+            )
+        return self
+
+
+Objective = Annotated[ReferenceObjective | PreferenceObjective, Field(discriminator="stage")]
+
+
+class Train(Section):
+    batch_size: Count
+    lr: Positive
+    weight_decay: NonNegative
+    num_workers: NonNegativeInt
+    max_negatives: Count | None
+    max_pairs_per_user: Count | None
+    k: Count
+    early_stopping_patience: Count | None = None
+    ckpt_every_n_steps: Count | None = None
+
+
+class Trainer(Section):
+    max_epochs: Count
+
+
+class Reference(Section):
+    ckpt: str | None
+    precompute: Bool
+    hard_negatives: NonNegativeInt
+    hard_negatives_skip: NonNegativeInt
+
+
+class Tracking(Section):
+    uri: Annotated[str, Field(min_length=1)]
+    experiment: Annotated[str, Field(min_length=1)]
+    enabled: Bool
+
+
+class Eval(Section):
+    ckpt: str | None
+    split: Annotated[str, one_of("recsys_dpo.evaluation.evaluator:SPLITS_BEFORE")]
+    k: Annotated[list[Count], Field(min_length=1)]
+    seen: Annotated[str, one_of("recsys_dpo.retrieval.seen:SEEN_POLICIES")] = "remove"
+    index: Annotated[str, one_of("recsys_dpo.retrieval.index:KINDS")]
+    nlist: Count | None
+    nprobe: Count
+    use_gpu: Bool | None
+    batch_size: Count
+    kl_chunk: Count
+    n_resamples: Count
+    ci: Annotated[float, Strict(), Field(gt=0, lt=1)]
+    head_fraction: Fraction
+    name: str | None
+    out_dir: str
+
+
+class PipelineReference(Section):
+    objective: ReferenceObjective
+    max_epochs: Count
+    lr: Positive
+
+
+class Pipeline(Section):
+    name: Annotated[str, Field(min_length=1)]
+    reference: PipelineReference
+    primary_metric: str
+    bundle_dir: str
+
+
+class Export(Section):
+    ckpt: str | None
+    evaluation: str | None
+    out: str
+
+
+class Stage(Section):
+    """What every entry point reads."""
+
+    seed: Int
+    progress: Bool
+    paths: Paths
+
+
+class Prepare(Stage):
+    data: Data
+
+
+class Training(Stage):
+    """Both training stages (each entry point refuses the other stage's objective itself)."""
+
+    data: Data
+    model: Model
+    objective: Objective
+    train: Train
+    trainer: Trainer
+    reference: Reference
+    tracking: Tracking
+    ckpt_path: str | None
+    eval: Eval  # eval.seen also rules the in-training validation and reference_hard mining
+
+
+class TrainReference(Training):
+    mode: Literal["fresh", "continue"]
+
+
+class TrainPreference(Training):
+    @model_validator(mode="after")
+    def kto_scores_the_live_reference(self) -> TrainPreference:
+        if self.objective.name == "kto" and self.reference.precompute:
+            raise ValueError(
+                "objective=kto reference.precompute=true: KTO takes its reference point from "
+                "the exact KL to the live reference model, set reference.precompute=false"
+            )
+        return self
+
+
+class Evaluate(Stage):
+    eval: Eval
+    reference: Reference
+
+
+class ExportStage(Stage):
+    export: Export
+    pipeline: Pipeline
+
+
+class Run(TrainPreference):
+    """pipelines/run.py: the root objective is stage 2's, pipeline.reference.objective stage
+    1's, so either one of the wrong stage is refused before the first stage runs."""
+
+    pipeline: Pipeline
+    force: Bool
+
+    @model_validator(mode="after")
+    def objective_is_stage_2s(self) -> Run:
+        name = self.objective.name
+        if self.objective.stage != "preference":
+            raise ValueError(
+                f"objective={name} is a reference-stage loss, but the objective of "
+                "pipelines/run.py is the preference (stage 2) objective: pick one (e.g. "
+                "objective=dpo) and give stage 1 its loss by "
+                f"pipeline.reference.objective.name={name}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def primary_metric_is_evaluated(self) -> Run:
+        metric = self.pipeline.primary_metric
+        _, at, k = metric.partition("@")
+        # impression/ metrics have their own cut-offs; the others are <name>@<one of eval.k>.
+        if at and not metric.startswith("impression/") and k not in map(str, self.eval.k):
+            raise ValueError(
+                f"pipeline.primary_metric={metric}, eval.k={list(self.eval.k)}: the candidate "
+                "rule needs a metric the evaluation computes, its cut-off must be in eval.k"
+            )
+        return self
+
+
+S = TypeVar("S", bound=BaseModel)
+
+# pydantic's error types -> what the setting must be.
+BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
+          "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}  # fmt: skip
+RULES = {
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "int_parsing": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+}
+
+
+def validate(config: Mapping[str, Any], schema: type[S]) -> S:
+    """`config` (the resolved config as plain data) as `schema`'s typed settings; DataError
+    with one line naming every bad key otherwise."""
+    try:
+        return schema.model_validate(config)
+    except ValidationError as err:
+        faults = [describe(error, config) for error in err.errors()]
+        raise DataError("config: " + "; ".join(dict.fromkeys(faults))) from err
+
+
+def describe(error: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """One pydantic error as `key=value: what is allowed`."""
+    key, kind, value = key_of(error["loc"], config), error["type"], error["input"]
+    ctx = error.get("ctx", {})
+    if kind == "missing":
+        return f"{key}: missing"
+    if kind == "value_error" and isinstance(value, Mapping):
+        return str(ctx["error"])  # a cross-field rule, whose message names its keys
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        key = f"{key}.{ctx['discriminator'].strip(chr(39))}"
+        if kind == "union_tag_not_found":
+            return f"{key}: missing"
+        return f"{key}={ctx['tag']}: must be {ctx['expected_tags'].replace(', ', ' or ')}"
+    if kind in BOUNDS:
+        name, op = BOUNDS[kind]
+        rule = f"must be {op} {ctx[name]:g}"
+    elif kind == "literal_error":
+        rule = f"must be {ctx['expected']}"
+    elif kind == "string_too_short":
+        rule = "must not be empty"
+    elif kind == "too_short":
+        rule = f"must hold at least {ctx['min_length']} value(s)"
+    elif kind == "value_error":
+        rule = str(ctx["error"])
+    else:
+        rule = RULES.get(kind, error["msg"][:1].lower() + error["msg"][1:])
+    return f"{key}={render(value)}: {rule}"
+
+
+def key_of(loc: Sequence[str | int], config: Mapping[str, Any]) -> str:
+    """The dotted key of a pydantic error location, without the branch tags pydantic puts in
+    for a tagged union (`objective.preference.beta` -> `objective.beta`)."""
+    key, node = "", config
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            key += f"[{part}]"
+            node = node[part] if isinstance(node, list) and part < len(node) else None
+        elif isinstance(node, Mapping) and (part in node or i == len(loc) - 1):
+            key = f"{key}.{part}" if key else part
+            node = node.get(part)
+    return key
+
+
+def render(value: Any) -> str:
+    """A value as it is written in a hydra override."""
+    if isinstance(value, str):
+        return value or "''"
+    return json.dumps(value, default=str)
