@@ -38,12 +38,33 @@ from recsys_dpo.training.ranking_eval import ranking_metrics
 REFERENCE_LOSSES = ("ce", "sampled_softmax", "bce", "gbce", "bpr")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint loaded safely (tensors and plain data only) onto the CPU."""
+def read_checkpoint(path: str | Path, what: str | None = None) -> dict[str, Any]:
+    """A recsys_dpo checkpoint loaded safely (tensors and plain data only) onto the CPU.
+
+    The one loader of every checkpoint (stage inputs, Lightning's resume): a missing, empty,
+    truncated or foreign file raises DataError naming `what` (the setting and path, e.g.
+    "reference.ckpt=<path>"; by default the path), whatever torch.load's own exception would
+    have been (EOFError, UnpicklingError, RuntimeError, OSError...).
+    """
     path = Path(path)
+    what = what or str(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise DataError(f"{what}: the checkpoint file does not exist")
+    if path.stat().st_size == 0:
+        raise DataError(f"{what}: not a recsys_dpo checkpoint (empty file)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load has no exception type of its own for a bad file
+        raise DataError(
+            f"{what}: not a recsys_dpo checkpoint (truncated, corrupt or not a torch file: "
+            f"{type(err).__name__})"
+        ) from err
+    if not (isinstance(checkpoint, dict) and {"state_dict", "model"} <= checkpoint.keys()):
+        raise DataError(
+            f"{what}: not a recsys_dpo checkpoint (a torch file without the 'state_dict' and "
+            "'model' entries the training stages write)"
+        )
+    return checkpoint
 
 
 def model_spec(model: Recommender, prefix: str) -> dict[str, Any]:
@@ -121,7 +142,7 @@ def load_model(
     (`check_vocab`, naming it `what`, by default its path). config_overrides replace
     constructor kwargs that do not change the weights' shapes (e.g. dropout=0.0).
     """
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path, what)
     if data is not None:
         check_vocab(checkpoint, data, what or str(path))
     spec, state = model_weights(checkpoint)

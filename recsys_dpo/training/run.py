@@ -22,9 +22,12 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule, seed_everything
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, RichProgressBar
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -43,6 +46,7 @@ from recsys_dpo.retrieval.hard_negatives import reference_hard_negatives
 from recsys_dpo.stage import plain
 from recsys_dpo.tracking.mlflow_utils import open_tracking
 from recsys_dpo.training.callbacks import StepSeed
+from recsys_dpo.training.checkpoints import AtomicCheckpointIO, checkpoint_callbacks, write_atomic
 from recsys_dpo.training.preference_module import PreferenceModule, pair_logps
 from recsys_dpo.training.reference_module import (
     ReferenceModule,
@@ -57,6 +61,8 @@ from recsys_dpo.training.reference_module import (
 # Settings that change how a run is watched, resumed or evaluated, not what it trains: a
 # resumed run keeps its directory, and turning MLflow off does not start a new one.
 UNHASHED = ("ckpt_path", "progress", "tracking", "eval", "export", "force")
+# Written into the run directory when an attempt starts (result.json only when it ends).
+RUN_RECORD = "run.json"
 
 
 @contextmanager
@@ -104,23 +110,55 @@ def run_dir(cfg: DictConfig, stage: str, name: str) -> Path:
     return Path(cfg.paths.runs) / stage / f"{name}-{config_hash(config)}"
 
 
-def mlflow_logger(cfg: DictConfig, run_name: str) -> MLFlowLogger | bool:
+def mlflow_logger(cfg: DictConfig, run_name: str, out: Path) -> MLFlowLogger | bool:
     """Lightning's MLFlowLogger with the seed and the whole resolved config as (flattened)
     params and the config as a YAML artifact; False (no logger) when tracking is disabled.
     `tracking.run_id` (set by the pipeline runner) logs into that existing run, e.g. a child
-    of the pipeline's parent run, instead of a new one."""
+    of the pipeline's parent run, instead of a new one; a resumed run logs into the run it
+    left RUNNING (see `resumed_run`)."""
     if not cfg.tracking.enabled:
         return False
     open_tracking(cfg.tracking.uri, cfg.tracking.experiment)  # a fresh sqlite store, set up once
+    resumed = resumed_run(cfg, out)
     logger = MLFlowLogger(
         experiment_name=cfg.tracking.experiment,
         tracking_uri=cfg.tracking.uri,
         run_name=run_name,
-        run_id=cfg.tracking.get("run_id"),
+        run_id=resumed or cfg.tracking.get("run_id"),
     )
-    logger.log_hyperparams(plain(cfg))
-    logger.experiment.log_text(logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    if resumed is None:  # a resumed run has its params already (MLflow refuses changing them)
+        logger.log_hyperparams(plain(cfg))
+        logger.experiment.log_text(
+            logger.run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml"
+        )
     return logger
+
+
+def resumed_run(cfg: DictConfig, out: Path) -> str | None:
+    """The MLflow run of `out`'s previous, killed attempt when this attempt resumes it.
+
+    A killed process never ends its MLflow run, so it would stay RUNNING forever. The run id
+    of every attempt is recorded in `<out>/run.json` when it starts; if that run is still
+    RUNNING, a resumed attempt (`ckpt_path` set, no `tracking.run_id` from the pipeline
+    runner) logs on into it, and any other attempt marks it KILLED and starts its own.
+    """
+    record = out / RUN_RECORD
+    if not record.is_file():
+        return None
+    previous = json.loads(record.read_text()).get("mlflow_run_id")
+    if previous is None or previous == cfg.tracking.get("run_id"):
+        return None
+    client = MlflowClient(cfg.tracking.uri)
+    try:
+        status = client.get_run(previous).info.status
+    except MlflowException:  # another tracking store, or the run was deleted
+        return None
+    if status != "RUNNING":
+        return None
+    if cfg.ckpt_path is not None and cfg.tracking.get("run_id") is None:
+        return previous
+    client.set_terminated(previous, "KILLED")
+    return None
 
 
 def run_lock(out: Path) -> AbstractContextManager[Path]:
@@ -132,44 +170,56 @@ def run_lock(out: Path) -> AbstractContextManager[Path]:
 def fit(
     cfg: DictConfig, module: LightningModule, data: LightningDataModule, out: Path, run_name: str
 ) -> Path:
-    """Fit with checkpoints (best by val/ndcg@k, and last) in `out`; write `result.json`."""
+    """Fit with checkpoints in `out` and write `result.json`.
+
+    Checkpoints: the best by val/ndcg@k, and `last.ckpt`, the latest state, at every epoch end
+    (and every `train.ckpt_every_n_steps` steps); all written atomically. With
+    `train.early_stopping_patience` set, training stops once val/ndcg@k has not improved for
+    that many epochs. `<out>/run.json` records the attempt's MLflow run at its start, so a
+    later attempt can resume into that run or mark it KILLED.
+    """
+    if cfg.ckpt_path is not None:
+        read_checkpoint(cfg.ckpt_path, f"ckpt_path={cfg.ckpt_path}")
     monitor = f"val/ndcg@{cfg.train.k}"
-    checkpoint = ModelCheckpoint(
-        dirpath=out,
-        # No '=' in the name: the path is passed back as a hydra override (reference.ckpt=...).
-        filename="best-epoch{epoch}-step{step}",
-        auto_insert_metric_name=False,
-        monitor=monitor,
-        mode="max",
-        save_top_k=1,
-        save_last=True,
-    )
-    callbacks: list[Callback] = [StepSeed(cfg.seed), checkpoint]
+    best, latest = checkpoint_callbacks(out, monitor, cfg.train.ckpt_every_n_steps)
+    callbacks: list[Callback] = [StepSeed(cfg.seed), best, *latest]
+    patience = cfg.train.early_stopping_patience
+    stopper = None if patience is None else EarlyStopping(monitor, patience=patience, mode="max")
+    if stopper is not None:
+        callbacks.append(stopper)
     if cfg.progress:
         callbacks.append(RichProgressBar())
-    logger = mlflow_logger(cfg, run_name)
+    logger = mlflow_logger(cfg, run_name, out)
+    run_id = logger.run_id if logger else None
+    write_atomic(out / RUN_RECORD, json.dumps({"run": run_name, "mlflow_run_id": run_id}).encode())
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=logger,
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=out,
         enable_progress_bar=cfg.progress,
         enable_model_summary=cfg.progress,
     )
     trainer.fit(module, data, ckpt_path=cfg.ckpt_path)
-    best = checkpoint.best_model_score
+    score = best.best_model_score
     result = {
         "run": run_name,
-        "best_ckpt": checkpoint.best_model_path or None,
-        monitor: None if best is None else float(best),
-        "last_ckpt": checkpoint.last_model_path or None,
+        "best_ckpt": best.best_model_path or None,
+        monitor: None if score is None else float(score),
+        # Epochs count from 0, as in the checkpoint names.
+        "best_epoch": read_checkpoint(best.best_model_path)["epoch"] if score is not None else None,
+        "stopped_epoch": trainer.current_epoch - 1,
+        "stopped_early": stopper is not None
+        and stopper.stopping_reason is not EarlyStoppingReason.NOT_STOPPED,
+        "last_ckpt": latest[0].best_model_path or None,
         "seed": cfg.seed,
-        "mlflow_run_id": logger.run_id if logger else None,
+        "mlflow_run_id": run_id,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
+    write_atomic(out / "result.json", json.dumps(result, indent=2).encode())
     Console(quiet=not cfg.progress).print(
-        f"[bold]{run_name}[/]: best {monitor} = {result[monitor]} -> {result['best_ckpt']}",
+        f"[bold]{run_name}[/]: best {monitor} = {result[monitor]} (epoch {result['best_epoch']})"
+        f" -> {result['best_ckpt']}",
         highlight=False,
     )
     return out
