@@ -205,21 +205,28 @@ def compose_study(name: str, *overrides: str):
         return compose("run_study", [f"study={name}", *overrides])
 
 
-def test_no_test_read_before_the_read_out_and_no_search_after_it(tiny, monkeypatch):
-    """The runner's guard itself, on the tiny study's cached runs (nothing is trained)."""
+def in_process(tmp: Path, monkeypatch, *overrides: str):
+    """The tiny study's runner objects in this process, on the artifacts under tmp."""
     from rich.console import Console
 
     from recsys_dpo.pipeline import Pipeline
-    from recsys_dpo.study.runner import Study, search_row, template_of
+    from recsys_dpo.study.runner import Study, template_of
     from recsys_dpo.tracking.mlflow_utils import Tracker
 
-    tmp, _ = tiny
     # As the study's subprocess had it: paths.* are part of every run's config hash.
     monkeypatch.setenv("RECSYS_DPO_SHARED_DATA", str(SHARED_DATA))
-    cfg = compose_study("synthetic_tiny", f"paths.artifacts={tmp / 'art'}")
+    cfg = compose_study("synthetic_tiny", f"paths.artifacts={tmp / 'art'}", *overrides)
     spec, template = study_spec(cfg.study, list(cfg.eval.k)), template_of(cfg)
     pipe = Pipeline(template, Tracker(template.tracking), Console(quiet=True))
-    study = Study(spec, template, pipe, pipe.prepare(), Console(quiet=True))
+    return Study(spec, template, pipe, pipe.prepare(), Console(quiet=True))
+
+
+def test_no_test_read_before_the_read_out_and_no_search_after_it(tiny, monkeypatch):
+    """The runner's guard itself, on the tiny study's cached runs (nothing is trained)."""
+    from recsys_dpo.study.runner import search_row
+
+    study = in_process(tiny[0], monkeypatch)
+    spec = study.spec
     refs = [study.reference(s) for s in spec.reference_seeds]
     assert study.ledger.trained == [] and len(study.ledger.reused) == 2
     with pytest.raises(RuntimeError, match="refusing a test read"):
@@ -262,3 +269,15 @@ def test_a_study_file_sets_only_keys_the_base_config_has(path):
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         base = compose("config", groups)
     assert unknown_keys(body, base) == []
+
+
+def test_the_whole_plan_is_checked_before_any_training(tiny, monkeypatch):
+    from recsys_dpo.study.runner import check_plan
+
+    study = in_process(tiny[0], monkeypatch, "study.rows.rpo.grid.objective.beta=[0.1,-1.0]")
+    with pytest.raises(DataError, match=r"study.rows.rpo at \{'objective.beta': -1.0\}: config: "
+                       r"objective.beta=-1.0: must be > 0"):  # fmt: skip
+        check_plan(study)
+    assert study.ledger.trained == [] and study.ledger.reused == []
+    # refs, then each point with its sft and continue controls
+    assert check_plan(in_process(tiny[0], monkeypatch)) == 2 + 2 * 3

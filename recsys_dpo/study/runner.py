@@ -4,7 +4,8 @@
                                 block: the dataset, model, trainer and eval settings every run
                                 of the study starts from
 
-1. The dataset is prepared (skipped when up to date), then one reference per reference seed.
+1. The dataset is prepared (skipped when up to date) and every planned run's config checked
+   against its stage's schema (`check_plan`), then one reference per reference seed.
 2. Every row is fine-tuned from every reference at every grid point (and fine-tuning seed);
    each run is evaluated on valid. The selected point of a row is the one with the best mean
    valid metric across references and seeds (the first in grid order on a tie): one recipe per
@@ -47,9 +48,11 @@ from rich.console import Console
 
 from recsys_dpo.artifacts import atomic_dir, config_hash, file_sha256, read_manifest, write_manifest
 from recsys_dpo.data.datamodule import PreparedDataset
+from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.evaluator import RetrievalConfig, evaluate, train_popularity
 from recsys_dpo.models import Recommender
 from recsys_dpo.pipeline import Pipeline, stage_config
+from recsys_dpo.settings import TrainPreference, TrainReference, validate
 from recsys_dpo.stage import plain
 from recsys_dpo.study.popularity import MostPopular
 from recsys_dpo.study.report import write_report
@@ -297,6 +300,35 @@ def search_row(study: Study, row: Row, refs: list[Run], seeds: tuple[int, ...],
     return Selected(row, grid, points[best], runs[best], unselected)
 
 
+# Stands for a reference checkpoint while the plan is checked, before any is trained.
+PLANNED_CKPT = "<the reference's best checkpoint>"
+
+
+def check_plan(study: Study) -> int:
+    """Every run's config checked against its stage's schema (`recsys_dpo.settings`) before
+    anything is trained, so a bad grid value fails in seconds, not after the references; the
+    message names the row and point. The number of configs checked."""
+    spec, seed = study.spec, study.spec.seeds[0]
+    plan = [("study.reference", study.reference_config(s), TrainReference)
+            for s in spec.reference_seeds]  # fmt: skip
+    for row in spec.rows:
+        for p in row.points():
+            where = f"study.rows.{row.name} at {p or 'its fixed settings'}"
+            cfg = study.preference_config(row, p, PLANNED_CKPT, seed)
+            plan += [(where, cfg, TrainPreference),
+                     (f"{where} (its sft control)", study.sft_config(row, p, PLANNED_CKPT, seed),
+                      TrainPreference),
+                     (f"{where} (its continue control)",
+                      study.continue_config(PLANNED_CKPT, float(cfg.train.lr), 1, seed),
+                      TrainReference)]  # fmt: skip
+    for where, cfg, schema in plan:
+        try:
+            validate(plain(cfg), schema)
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from err
+    return len(plan)
+
+
 def check_test_reads(study: Study, unselected: list[str], lines: list[Entry]) -> None:
     """Every test read is of a model the read-out allowed, and none is of a grid point that
     was not selected, unless that very run is also a matched control (e.g. the `sft` row's
@@ -324,6 +356,7 @@ def run_study(spec: StudySpec, template: DictConfig, console: Console | None = N
     with tracker.parent(f"study-{spec.name}", {"study": spec.name}):
         data = pipe.prepare()
         study = Study(spec, template, pipe, data, console)
+        check_plan(study)
         refs = [study.reference(s) for s in spec.reference_seeds]
         searched = [search_row(study, row, refs, spec.seeds, spec.selection_metric)
                     for row in spec.rows]  # fmt: skip
