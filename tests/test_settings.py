@@ -51,7 +51,8 @@ def test_other_models_and_objectives_pass(overrides, two_tower):
 
 
 BAD = [
-    # stage, overrides, the message (exact, after "config: ")
+    # stage, overrides, the message (exact, after "config: "); ++ sets a key that some configs
+    # leave to its default
     ("train_reference", ["train.k=0"], "train.k=0: must be >= 1"),
     ("train_reference", ["train.batch_size=0"], "train.batch_size=0: must be >= 1"),
     ("train_preference", ["train.batch_size=-3"], "train.batch_size=-3: must be >= 1"),
