@@ -15,6 +15,7 @@
 import errno
 import io
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ LAST = "last"
 # A full disk, a quota, a read-only mount or a directory the user cannot write: the user's to
 # fix (free space, another paths.runs), so one message rather than a traceback.
 UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+# A run directory always holds run.json (and its lock) before training, and on a resume the very
+# checkpoints these callbacks rewrite: Lightning's "exists and is not empty" is expected here.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def _fsync_dir(directory: Path) -> None:

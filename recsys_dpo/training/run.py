@@ -119,7 +119,8 @@ def mlflow_logger(cfg: DictConfig, run_name: str, out: Path) -> MLFlowLogger | b
     if not cfg.tracking.enabled:
         return False
     open_tracking(cfg.tracking.uri, cfg.tracking.experiment)  # a fresh sqlite store, set up once
-    resumed = resumed_run(cfg, out)
+    # Under DDP every rank runs this; only the launching one owns the run directory.
+    resumed = resumed_run(cfg, out) if rank_zero_only.rank == 0 else None
     logger = MLFlowLogger(
         experiment_name=cfg.tracking.experiment,
         tracking_uri=cfg.tracking.uri,
@@ -191,7 +192,10 @@ def fit(
         callbacks.append(RichProgressBar())
     logger = mlflow_logger(cfg, run_name, out)
     run_id = logger.run_id if logger else None
-    write_atomic(out / RUN_RECORD, json.dumps({"run": run_name, "mlflow_run_id": run_id}).encode())
+    owner = rank_zero_only.rank == 0  # DDP re-runs the script per rank into `out`
+    if owner:
+        record = {"run": run_name, "mlflow_run_id": run_id}
+        write_atomic(out / RUN_RECORD, json.dumps(record).encode())
     trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -216,7 +220,8 @@ def fit(
         "seed": cfg.seed,
         "mlflow_run_id": run_id,
     }
-    write_atomic(out / "result.json", json.dumps(result, indent=2).encode())
+    if owner:
+        write_atomic(out / "result.json", json.dumps(result, indent=2).encode())
     Console(quiet=not cfg.progress).print(
         f"[bold]{run_name}[/]: best {monitor} = {result[monitor]} (epoch {result['best_epoch']})"
         f" -> {result['best_ckpt']}",
