@@ -304,12 +304,13 @@ def test_a_bad_checkpoint_file_is_one_message_and_exit_2(
 
 @pytest.mark.slow
 def test_export_of_a_bad_checkpoint_is_one_message_and_exit_2(artifacts, bad_files, tmp_path):
-    """export.ckpt is checked against its evaluation's manifest before it is loaded; either
-    way a broken file is bad input, not a traceback."""
+    """A broken export.ckpt is refused by the one loader before its evaluation is checked."""
     done = run_pipeline("export.py", f"paths.artifacts={artifacts}", *DATA,
                         f"export.ckpt={bad_files['truncated']}", f"export.evaluation={tmp_path}",
                         f"export.out={tmp_path / 'bundle'}", "tracking.enabled=false",
                         cwd=tmp_path)  # fmt: skip
     assert done.returncode == 2, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr and " ".join(done.stderr.split()).count("error:") == 1
+    message = " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr and message.count("error:") == 1
+    assert f"{bad_files['truncated']}: not a recsys_dpo checkpoint" in message
     assert not (tmp_path / "bundle").exists()
