@@ -193,6 +193,40 @@ def test_restart_without_resume_marks_the_killed_mlflow_run_killed(artifacts, tm
     assert status == {killed: "KILLED", result(run)["mlflow_run_id"]: "FINISHED"}
 
 
+def mid_epoch_step(ckpt: Path) -> int | None:
+    """The global step of a checkpoint saved within an epoch (None: at an epoch's end, or
+    no complete file yet)."""
+    try:
+        saved = read_checkpoint(ckpt)
+    except DataError:
+        return None
+    progress = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    return None if progress["is_last_batch"] else saved["global_step"]
+
+
+@pytest.mark.slow
+def test_ckpt_every_n_steps_rewrites_last_ckpt_within_an_epoch(artifacts, tmp_path):
+    """train.ckpt_every_n_steps=4: a run killed while last.ckpt holds a mid-epoch state
+    resumes from it and finishes."""
+    runs = tmp_path / "runs"
+    overrides = (f"paths.artifacts={artifacts}", *DATA, *TRAIN, *REFERENCE,
+                 "tracking.enabled=false", f"trainer.max_epochs={EPOCHS}",
+                 "train.ckpt_every_n_steps=4", f"paths.runs={runs}")  # fmt: skip
+    proc = start("train_reference.py", *overrides, cwd=tmp_path)
+    deadline, step = time.monotonic() + 240, None
+    while step is None:
+        assert proc.poll() is None and time.monotonic() < deadline, "no mid-epoch last.ckpt"
+        for last in runs.glob("*/*/last.ckpt"):
+            step = mid_epoch_step(last)
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert step % 4 == 0
+    done = run_pipeline("train_reference.py", *overrides, f"ckpt_path={last}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert result(last.parent)["stopped_epoch"] == EPOCHS - 1
+
+
 def test_early_stopping_stops_when_valid_ndcg_does_not_improve(artifacts, tmp_path):
     """lr 1e-12 leaves the weights (and so val/ndcg@10) unchanged: with patience 1 the run
     stops after epoch 1 of 6 and result.json says so."""
