@@ -34,7 +34,8 @@ def run(cfg: DictConfig) -> Path:
     # export_bundle refuses an unfinished or altered evaluation, or one of another checkpoint or
     # dataset (recsys_dpo.pipeline.check_evaluation).
     out = export_bundle(cfg, load_prepared(cfg.paths.prepared), str(cfg.export.ckpt),
-                        Path(cfg.export.evaluation), Path(cfg.export.out))  # fmt: skip
+                        Path(cfg.export.evaluation), Path(cfg.export.out),
+                        f"export.ckpt={cfg.export.ckpt}")  # fmt: skip
     Console().print(f"bundle written to [bold]{out}[/]", highlight=False)
     return out
 

@@ -46,6 +46,14 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def content_hash(manifest: dict[str, Any]) -> str:
+    """The hash of a stage output's content: its config hash and every file's sha256, as its
+    manifest records them. Two outputs of one config built from different inputs (a log
+    re-read at the same path a day later) differ here, where their config hashes do not."""
+    files = {name: f["sha256"] for name, f in manifest["files"].items()}
+    return config_hash({"config": manifest["config_hash"], "files": files})
+
+
 def _write_failure(path: Path, err: OSError) -> DataError:
     return DataError(
         f"{path}: cannot write there ({err.strerror or err}); free some space, fix the "

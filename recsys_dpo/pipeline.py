@@ -36,6 +36,7 @@ from rich.table import Table
 
 from recsys_dpo.artifacts import (
     config_hash,
+    content_hash,
     file_sha256,
     read_manifest,
     stage_lock,
@@ -181,8 +182,8 @@ class Pipeline:
     ) -> None:
         cfg = self.cfg
         outcome = compare(
-            load_model(policy, trained_on(data)), load_model(reference, trained_on(data)),
-            data, names=(policy, reference), split=cfg.eval.split,
+            load_model(policy, trained_on(data)), load_model(reference, trained_on(data)), data,
+            names=(policy, reference), split=cfg.eval.split,
             k=list(cfg.eval.k), n_resamples=cfg.eval.n_resamples, seed=cfg.seed,
             ci=cfg.eval.ci, retrieval=RetrievalConfig(cfg.eval.index, cfg.eval.nlist,
             cfg.eval.nprobe, cfg.eval.use_gpu), head_fraction=cfg.eval.head_fraction,
@@ -236,7 +237,7 @@ def check_evaluation(evaluation: Path, policy: str, data: PreparedDataset) -> di
                         f"{str(manifest.get('ckpt_sha256'))[:12]}), not {policy} (sha256 "
                         f"{sha[:12]}); evaluate this checkpoint (pipelines/evaluate.py) and "
                         "export with that output")  # fmt: skip
-    wanted = data.manifest["config_hash"]
+    wanted = content_hash(data.manifest)
     if manifest.get("dataset_hash") != wanted:
         raise DataError(f"{evaluation}: it was evaluated on the dataset "
                         f"{metrics.get('config', {}).get('prepared')} (hash "
@@ -257,7 +258,7 @@ def bundle_manifest(
         "policy_ckpt": policy,
         "policy_sha256": sha,
         "evaluation": str(evaluation),
-        "dataset_hash": data.manifest["config_hash"],
+        "dataset_hash": content_hash(data.manifest),
         "config_hash": config_hash(key),
         # the seen-item policy topk.parquet was ranked under: Bundle.recommend applies it
         "seen": cfg.eval.seen,
@@ -265,14 +266,19 @@ def bundle_manifest(
 
 
 def export_bundle(
-    cfg: DictConfig, data: PreparedDataset, policy: str, evaluation: Path, out: Path
+    cfg: DictConfig,
+    data: PreparedDataset,
+    policy: str,
+    evaluation: Path,
+    out: Path,
+    what: str | None = None,
 ) -> Path:
     """Write the candidate bundle of the `policy` checkpoint, its evaluation directory
     (metrics.json, topk.parquet; checked by `check_evaluation`) and prepared dataset into
-    `out`."""
+    `out`. `what` names the policy in messages (the setting that gave it, e.g. export.ckpt=...)."""
     # First: the checkpoint's vocabulary is this dataset's (the evaluation's dataset hash is a
     # hash of the config, which a re-prepared log of other ids can share).
-    model = load_model(policy, trained_on(data))
+    model = load_model(policy, trained_on(data), what)
     metrics, manifest = bundle_manifest(cfg, data, policy, evaluation)
     primary = cfg.pipeline.primary_metric
     card = model_card(f"{cfg.pipeline.name}-{cfg.model.name}", plain(cfg.data),

@@ -7,11 +7,12 @@ import json
 import shutil
 from pathlib import Path
 
+import polars as pl
 import pytest
 from test_artifacts import entry_point, modes
 from test_train_cli import config
 
-from recsys_dpo.artifacts import read_manifest
+from recsys_dpo.artifacts import read_manifest, write_manifest
 from recsys_dpo.errors import DataError
 from recsys_dpo.export.bundle import load_bundle
 from recsys_dpo.pipeline import run_pipeline
@@ -84,6 +85,24 @@ def test_an_evaluation_on_another_dataset_is_refused(done, tmp_path, capsys):
     with pytest.raises(SystemExit) as excinfo:
         export(done, tmp_path, Path(done["result"].evaluation), prepared=done["other"])
     refused(capsys, excinfo, "evaluated on the dataset", str(done["other"]))
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_an_evaluation_of_the_same_config_on_other_content_is_refused(done, tmp_path, capsys):
+    """The log re-read at the same path a day later: the same config (so the same config hash)
+    and vocabulary, other events. The dataset hash is of the content, so export refuses."""
+    evaluation = Path(done["result"].evaluation)
+    prepared = Path(json.loads((evaluation / "metrics.json").read_text())["config"]["prepared"])
+    later = tmp_path / "prepared"
+    shutil.copytree(prepared, later)
+    payload = {k: v for k, v in read_manifest(later).items() if k != "files"}
+    test = pl.read_parquet(later / "test.parquet")
+    test.head(len(test) - 1).write_parquet(later / "test.parquet")
+    write_manifest(later, payload)
+    assert read_manifest(later)["config_hash"] == read_manifest(prepared)["config_hash"]
+    with pytest.raises(SystemExit) as excinfo:
+        export(done, tmp_path, evaluation, prepared=later)
+    refused(capsys, excinfo, "evaluated on the dataset", str(later))
     assert not (tmp_path / "bundle").exists()
 
 

@@ -346,5 +346,5 @@ def test_export_of_a_bad_checkpoint_is_one_message_and_exit_2(artifacts, bad_fil
     assert done.returncode == 2, done.stderr[-3000:]
     message = " ".join(done.stderr.split())
     assert "Traceback" not in done.stderr and message.count("error:") == 1
-    assert f"{bad_files['truncated']}: not a recsys_dpo checkpoint" in message
+    assert f"export.ckpt={bad_files['truncated']}: not a recsys_dpo checkpoint" in message
     assert not (tmp_path / "bundle").exists()

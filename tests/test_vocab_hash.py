@@ -20,6 +20,7 @@ from conftest import ROOT, run_pipeline
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from recsys_dpo.artifacts import content_hash
 from recsys_dpo.data.datamodule import load_prepared
 from recsys_dpo.data.prepare import prepare_dataset
 from recsys_dpo.data.vocab import ITEMS_SCHEMA, USERS_SCHEMA, Vocab, check_same_vocab
@@ -86,7 +87,7 @@ def test_permuted_dataset_has_the_same_sizes_but_another_vocab_hash(setup):
     assert Vocab.load(a.path).content_hash() == a.manifest["vocab_hash"]
     trained_on = read_checkpoint(setup["ckpt"])["dataset"]
     assert trained_on["vocab_hash"] == a.manifest["vocab_hash"]
-    assert trained_on["dataset_hash"] == a.manifest["config_hash"]
+    assert trained_on["dataset_hash"] == content_hash(a.manifest)
 
 
 def test_vocab_hash_is_stable_and_sees_reordering():

@@ -29,6 +29,7 @@ from rich.table import Table  # noqa: E402
 from recsys_dpo.artifacts import (  # noqa: E402
     atomic_dir,
     config_hash,
+    content_hash,
     file_sha256,
     read_manifest,
     write_manifest,
@@ -235,5 +236,5 @@ def inputs(config: dict[str, Any]) -> dict[str, str | None]:
     return {
         "ckpt_sha256": file_sha256(Path(ckpt)) if ckpt else None,
         "reference_sha256": file_sha256(Path(reference)) if reference else None,
-        "dataset_hash": read_manifest(prepared)["config_hash"] if prepared else None,
+        "dataset_hash": content_hash(read_manifest(prepared)) if prepared else None,
     }

@@ -46,7 +46,14 @@ import polars as pl
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from recsys_dpo.artifacts import atomic_dir, config_hash, file_sha256, read_manifest, write_manifest
+from recsys_dpo.artifacts import (
+    atomic_dir,
+    config_hash,
+    content_hash,
+    file_sha256,
+    read_manifest,
+    write_manifest,
+)
 from recsys_dpo.data.datamodule import PreparedDataset
 from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.evaluator import RetrievalConfig, evaluate, train_popularity
@@ -119,7 +126,7 @@ class EvalCache:
                  console: Console) -> None:  # fmt: skip
         manifest = read_manifest(data.path)
         self.root, self.data, self.ledger, self.console = root, data, ledger, console
-        self.dataset = config_hash({"config": manifest["config_hash"], "files": manifest["files"]})
+        self.dataset = content_hash(manifest)
         self.settings = {k: v for k, v in plain(eval_cfg).items() if k not in EVAL_UNHASHED}
         self.k = list(eval_cfg.k)
         self.retrieval = RetrievalConfig(eval_cfg.index, eval_cfg.nlist, eval_cfg.nprobe,

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from recsys_dpo.artifacts import content_hash
 from recsys_dpo.data.datamodule import PreparedDataset
 from recsys_dpo.data.schema import PAD_ITEM
 from recsys_dpo.data.vocab import check_same_vocab
@@ -86,8 +87,8 @@ def model_weights(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
 
 def trained_on(data: PreparedDataset) -> dict[str, str]:
     """What a checkpoint records of the prepared dataset it is trained on (its `"dataset"`
-    entry): the vocabulary hash that consumers check, the dataset hash (the manifest's
-    config_hash) and the directory, for the messages."""
+    entry): the vocabulary hash that consumers check, the dataset's content hash and the
+    directory, for the messages."""
     if "vocab_hash" not in data.manifest:
         raise DataError(
             f"{data.path}/manifest.json has no vocab_hash (prepared by an older version), so "
@@ -95,7 +96,7 @@ def trained_on(data: PreparedDataset) -> dict[str, str]:
         )
     return {
         "vocab_hash": data.manifest["vocab_hash"],
-        "dataset_hash": data.manifest["config_hash"],
+        "dataset_hash": content_hash(data.manifest),
         "path": str(data.path),
     }
 
