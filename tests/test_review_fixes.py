@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_evaluator import N_USERS, TableModel, click_log, prepare
+from test_objectives import PARAMS
 from test_training import write_prepared
 
 from recsys_dpo.data.datamodule import (
@@ -52,23 +53,10 @@ def _ref_inputs() -> dict[str, torch.Tensor]:
     }
 
 
-LOSS_PARAMS = {
-    "dpo": {"beta": 0.5},
-    "cdpo": {"beta": 0.5, "label_smoothing": 0.1},
-    "robust": {"beta": 0.5, "label_smoothing": 0.1},
-    "ipo": {"beta": 0.5},
-    "hinge": {"beta": 0.5},
-    "sdpo": {"beta": 0.5},
-    "simpo": {"beta": 0.5, "gamma": 0.3},
-    "kto": {"beta": 0.5, "kl_ref": torch.tensor(0.2)},
-    "sft": {"beta": 0.5},
-}
-
-
 @pytest.mark.parametrize("name", sorted(preference.LOSSES))
 def test_losses_never_send_gradient_into_the_reference(name):
     inputs = _ref_inputs()
-    out = preference.LOSSES[name](**inputs, **LOSS_PARAMS[name])
+    out = preference.LOSSES[name](**inputs, **PARAMS[name])
     # The policy term keeps the graph alive even for losses that are 0 (sft).
     (out.loss + inputs["policy_chosen"].sum()).backward()
     assert inputs["ref_chosen"].grad is None and inputs["ref_rejected"].grad is None
