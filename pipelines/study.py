@@ -4,6 +4,7 @@ controls, the popularity baseline, CIs across references (recsys_dpo/study/runne
     python pipelines/study.py study=ml1m_sasrec
     python pipelines/study.py study=synthetic_tiny paths.artifacts=/tmp/s
     python pipelines/study.py study=ml1m_sasrec study.publish=benchmarks/results/study_ml1m_sasrec.json
+    python pipelines/study.py study=ml1m_sasrec study.jobs=2 study.plan_only=true
 
 Runs and evaluations are cached by config hash: a second run trains nothing. Bad settings
 (e.g. study.selection.split=test) print one message and exit with status 2.
@@ -22,10 +23,13 @@ def run(cfg: DictConfig) -> None:
     spec = study_spec(cfg.study, list(cfg.eval.k))
     # Imported once the study's settings passed: torch, lightning and mlflow take seconds to
     # import, and a bad setting should fail at once.
-    from recsys_dpo.study.runner import run_study, template_of
+    from recsys_dpo.study.runner import plan_study, run_study, template_of
 
-    out = run_study(spec, template_of(cfg))
     console = Console(soft_wrap=True)  # table lines stay whole
+    if spec.plan_only:
+        console.print(plan_study(spec, template_of(cfg)), highlight=False, markup=False)
+        return
+    out = run_study(spec, template_of(cfg))
     console.print((out / "table.md").read_text(), highlight=False, markup=False)
     console.print(f"study written to [bold]{out}[/]", highlight=False)
 

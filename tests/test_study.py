@@ -2,12 +2,19 @@
 simulation, selection on valid only (test-based selection refused, exit 2; no test read of a
 grid point that was not selected), and the tiny synthetic study end to end through
 `pipelines/study.py`: valid and test for every entry, matched controls, popularity, and the
-cache (a re-run trains nothing; a changed grid value re-trains only its runs)."""
+cache (a re-run trains nothing; a changed grid value re-trains only its runs); `study.jobs=2`
+(the same study, a worker's bad input and a killed worker) and `study.plan_only`."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from conftest import SHARED_DATA, run_pipeline
 from omegaconf import OmegaConf
@@ -87,6 +94,10 @@ def test_spec_refuses_selection_on_test_and_unknown_objectives():
         study_spec(tiny_study(**{"rows.rpo.objective": "ipo"}), [10, 20])
     with pytest.raises(DataError, match=r"study.selection.metric='ndcg@5'"):
         study_spec(tiny_study(**{"selection.metric": "ndcg@5"}), [10, 20])
+    assert study_spec(tiny_study(jobs=2), [10, 20]).jobs == 2
+    for bad in (0, 1.5, True):
+        with pytest.raises(DataError, match=rf"study.jobs={bad!r}: expected a whole number"):
+            study_spec(tiny_study(jobs=bad), [10, 20])
 
 
 def study(tmp: Path, job: str, *overrides: str):
@@ -223,17 +234,16 @@ def in_process(tmp: Path, monkeypatch, *overrides: str):
 
 def test_no_test_read_before_the_read_out_and_no_search_after_it(tiny, monkeypatch):
     """The runner's guard itself, on the tiny study's cached runs (nothing is trained)."""
-    from recsys_dpo.study.runner import search_row
+    from recsys_dpo.study.runner import search_rows
 
     study = in_process(tiny[0], monkeypatch)
-    spec = study.spec
-    refs = [study.reference(s) for s in spec.reference_seeds]
+    refs = study.references()
     assert study.ledger.trained == [] and len(study.ledger.reused) == 2
     with pytest.raises(RuntimeError, match="refusing a test read"):
         study.read(refs[0], "test")
     study.read_out("reference", "reference", [[r] for r in refs])
     with pytest.raises(RuntimeError, match="a grid searched after the test read-out"):
-        search_row(study, spec.rows[0], refs, spec.seeds, spec.selection_metric)
+        search_rows(study, refs)
 
 
 def test_the_ml1m_and_ml100k_studies_compose_and_check():
@@ -281,3 +291,71 @@ def test_the_whole_plan_is_checked_before_any_training(tiny, monkeypatch):
     assert study.ledger.trained == [] and study.ledger.reused == []
     # refs, then each point with its sft and continue controls
     assert check_plan(in_process(tiny[0], monkeypatch)) == 2 + 2 * 3
+
+
+def without_run_dirs(rows):
+    """study.json rows without run directories (paths.* are part of every config hash)."""
+    if isinstance(rows, dict):
+        return {k: without_run_dirs(v) for k, v in rows.items() if k != "runs"}
+    return [without_run_dirs(v) for v in rows] if isinstance(rows, list) else rows
+
+
+def test_two_jobs_give_the_same_study_and_a_rerun_trains_nothing(tiny, tmp_path):
+    _, first = tiny  # study.jobs=1
+    done = study(tmp_path, "job1", "study.jobs=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    path = tmp_path / "art" / "studies" / "synthetic_tiny" / "study.json"
+    two = json.loads(path.read_text())
+    assert without_run_dirs(two["rows"]) == without_run_dirs(first["rows"])
+    assert len(two["cache"]["trained"]) == len(first["cache"]["trained"])
+    again = study(tmp_path, "job2", "study.jobs=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    cache = json.loads(path.read_text())["cache"]
+    assert cache["trained"] == [] and cache["evaluated"] == []
+    assert sorted(cache["reused"]) == sorted(two["cache"]["trained"])
+
+
+def test_a_workers_bad_input_is_the_studys_one_line_error(tmp_path):
+    done = study(tmp_path, "job", "study.jobs=2", "study.reference.lr=1e30")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: reference stage: the loss is nan at epoch 0 step 1"), last
+    assert not list((tmp_path / "art" / "runs").rglob("result.json"))
+
+
+def test_a_killed_worker_ends_the_study_at_once(tmp_path):
+    env = {**os.environ, "RECSYS_DPO_SHARED_DATA": str(SHARED_DATA), "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "pipelines" / "study.py"), "study=synthetic_tiny",
+         f"paths.artifacts={tmp_path / 'art'}", f"hydra.run.dir={tmp_path / 'job'}",
+         "study.jobs=2"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline, workers = time.monotonic() + 120, []
+    while not workers and time.monotonic() < deadline and proc.poll() is None:
+        workers = [c for c in psutil.Process(proc.pid).children()
+                   if "spawn_main" in " ".join(c.cmdline())]  # fmt: skip
+        time.sleep(0.1)
+    assert workers, "no worker process was started"
+    time.sleep(2)  # inside the reference phase (a worker imports torch, then trains)
+    os.kill(workers[0].pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert "a training worker process died" in err.strip().splitlines()[-1]
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_plan_only_counts_the_plan_and_its_cache_and_trains_nothing(tiny, tmp_path):
+    done = study(tmp_path, "job", "study.plan_only=true", "study.jobs=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "plan of study synthetic_tiny (study.jobs=2 training runs at a time)" in done.stdout
+    assert "reference runs:   2 (0 cached)" in done.stdout
+    assert "fine-tuning runs: 4 (0 cached): grid points rpo 2" in done.stdout
+    assert "sft 2 (up to 2 new), continue up to 2 new" in done.stdout
+    assert "evaluations: valid 7 (0 cached)" in done.stdout
+    assert not (tmp_path / "art" / "runs").exists()
+    done = study(tiny[0], "plan", "study.plan_only=true")  # the tiny study, trained
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reference runs:   2 (2 cached)" in done.stdout
+    assert "fine-tuning runs: 4 (4 cached)" in done.stdout
+    assert "evaluations: valid 7 (7 cached)" in done.stdout
+    assert "3 of the baseline and references cached" in done.stdout

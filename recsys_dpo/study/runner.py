@@ -17,6 +17,12 @@
    steps the row took, at its lr). Every entry has valid and test figures.
 4. study.json and table.md go to `spec.out_dir` (and study.json to `spec.publish` if set).
 
+The training runs of each phase (the references; every row's every grid point from every
+reference; every row's controls) are independent: `spec.jobs` of them train at a time, in
+single-threaded worker processes (`recsys_dpo.study.workers`), each run directory in one job
+only (`Study.train_all`). Evaluations stay in this process. `plan_study` prints the plan and
+what of it is cached without training anything (`study.plan_only`).
+
 Caching is by configuration, never by name: a training run is the run directory of its config
 hash (`recsys_dpo.training.run.run_dir`, trained only when it has no result.json, through the
 pipeline's own `Pipeline.train`); an evaluation is `<eval_cache>/<key>`, key = hash of (the
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -65,8 +72,10 @@ from recsys_dpo.study.popularity import MostPopular
 from recsys_dpo.study.report import write_report
 from recsys_dpo.study.spec import SELECTION_SPLIT, SFT, Row, StudySpec
 from recsys_dpo.study.stats import mean_sd
+from recsys_dpo.study.workers import job_pool, run_jobs, train_job
 from recsys_dpo.tracking.mlflow_utils import Tracker, check_reachable
 from recsys_dpo.training.reference_module import load_model, read_checkpoint, trained_on
+from recsys_dpo.training.run import run_dir
 
 POPULARITY = "most_popular"
 # Eval settings that name or place an output, or set the CI, not what a model scores.
@@ -96,6 +105,19 @@ class Evaluation:
     model: str
     per_user: pl.DataFrame
     aggregates: dict[str, float]
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """One planned training run: its stage, config and run name (`<model>-<objective>...`)."""
+
+    stage: str
+    cfg: DictConfig
+    name: str
+
+    def out(self) -> str:
+        """Its run directory: where `Pipeline.train` trains it, named by its config hash."""
+        return str(run_dir(self.cfg, self.stage, self.name))
 
 
 # Evaluations of one entry: [reference][fine-tuning seed].
@@ -134,11 +156,18 @@ class EvalCache:
         self.head_fraction, self.batch_size = eval_cfg.head_fraction, eval_cfg.batch_size
         self.kl_chunk, self.seen = eval_cfg.kl_chunk, eval_cfg.seen
 
+    def key(self, identity: str, split: str) -> str:
+        """The cache key of the model `identity` (its checkpoint sha256) on `split`."""
+        return config_hash({"model": identity, "dataset": self.dataset, "eval": self.settings,
+                            "split": split})  # fmt: skip
+
+    def has(self, identity: str, split: str) -> bool:
+        return (self.root / self.key(identity, split) / "manifest.json").is_file()
+
     def get(self, model: str, identity: str, load: Callable[[], Recommender],
             split: str) -> Evaluation:  # fmt: skip
         """The evaluation of `model` (identity: its checkpoint sha256) on `split`."""
-        key = config_hash({"model": identity, "dataset": self.dataset, "eval": self.settings,
-                           "split": split})  # fmt: skip
+        key = self.key(identity, split)
         out = self.root / key
         if not (out / "manifest.json").is_file():
             result = evaluate(load(), self.data, split, self.k, retrieval=self.retrieval,
@@ -161,11 +190,18 @@ class Study:
     """One study's runs, evaluations and the guard on test reads."""
 
     def __init__(self, spec: StudySpec, template: DictConfig, pipe: Pipeline,
-                 data: PreparedDataset, console: Console) -> None:  # fmt: skip
+                 data: PreparedDataset, console: Console, pool: ProcessPoolExecutor | None = None,
+                 parent_run: str | None = None) -> None:  # fmt: skip
+        """`pool`: the workers that train (None: this process does); `parent_run`: the study's
+        MLflow parent run, open in this process, that the workers' runs go under."""
         self.spec, self.template, self.pipe = spec, template, pipe
+        self.pool, self.parent_run = pool, parent_run
         self.ledger = Ledger()
+        # Runs of this invocation by run directory: each is trained (or found cached) once.
+        self.runs: dict[str, Run] = {}
         self.cache = EvalCache(spec.eval_cache, data, template.eval, self.ledger, console)
         self.popularity = train_popularity(data)
+        self.popularity_id = config_hash({POPULARITY: self.popularity.tolist()})
         self.dataset = trained_on(data)
         self.model_name = template.model.name
         # Models whose test figures may be read: extended only by the read-out step, which
@@ -174,16 +210,35 @@ class Study:
         self.test_reads: list[str] = []
         self.selection_open = True
 
-    def train(self, stage: str, cfg: DictConfig, objective: str, suffix: str = "") -> Run:
-        """Train (or reuse, same config hash) one run, by the pipeline's own skip rule."""
+    def job(self, stage: str, cfg: DictConfig, suffix: str = "") -> Job:
+        return Job(stage, cfg, f"{self.model_name}-{cfg.objective.name}{suffix}")
+
+    def train_all(self, jobs: list[Job]) -> list[Run]:
+        """Train (or reuse, same config hash: the pipeline's own skip rule) every job, the
+        runs in the jobs' order. Identical configs are trained once, so two workers never
+        share a run directory (its stage lock would refuse the second)."""
+        outs = [job.out() for job in jobs]
+        todo = {out: job for out, job in zip(outs, jobs, strict=True) if out not in self.runs}
+        if self.pool is None:
+            done = [self._train_here(job) for job in todo.values()]
+        else:
+            shipped = plain(self.template)
+            done = run_jobs(self.pool, train_job, [(shipped, self.parent_run, job.stage,
+                                                    plain(job.cfg), job.name)
+                                                   for job in todo.values()])  # fmt: skip
+        for (out, job), (result, trained) in zip(todo.items(), done, strict=True):
+            ckpt = result["best_ckpt"] or result["last_ckpt"]
+            epochs = {k: result.get(k) for k in ("best_epoch", "stopped_epoch")}
+            run = Run(str(Path(ckpt).parent), ckpt, result["last_ckpt"],
+                      float(job.cfg.train.lr), epochs)  # fmt: skip
+            (self.ledger.trained if trained else self.ledger.reused).append(run.run_dir)
+            self.runs[out] = run
+        return [self.runs[out] for out in outs]
+
+    def _train_here(self, job: Job) -> tuple[dict[str, Any], bool]:
         before = len(self.pipe.ran)
-        result = self.pipe.train(stage, cfg, f"{self.model_name}-{objective}{suffix}")
-        ckpt = result["best_ckpt"] or result["last_ckpt"]
-        epochs = {k: result.get(k) for k in ("best_epoch", "stopped_epoch")}
-        run = Run(str(Path(ckpt).parent), ckpt, result["last_ckpt"], float(cfg.train.lr), epochs)
-        trained = len(self.pipe.ran) > before
-        (self.ledger.trained if trained else self.ledger.reused).append(run.run_dir)
-        return run
+        result = self.pipe.train(job.stage, job.cfg, job.name)
+        return result, len(self.pipe.ran) > before
 
     def _objective(self, name: str) -> dict[str, Any]:
         return dict(self.spec.objectives[name])
@@ -217,19 +272,16 @@ class Study:
         return stage_config(self.template, objective=self._objective(recipe.objective),
                             mode="continue", seed=seed, **updates)  # fmt: skip
 
-    def reference(self, seed: int) -> Run:
-        cfg = self.reference_config(seed)
-        return self.train("reference", cfg, cfg.objective.name)
+    def reference_jobs(self) -> list[Job]:
+        return [self.job("reference", self.reference_config(s)) for s in self.spec.reference_seeds]
 
-    def fine_tune(self, cfg: DictConfig) -> Run:
-        return self.train("preference", cfg, cfg.objective.name)
+    def references(self) -> list[Run]:
+        return self.train_all(self.reference_jobs())
 
-    def continue_control(self, run: Run, ref: Run, seed: int) -> tuple[Run, int]:
-        """Stage-1 training continued from `ref` for as many optimizer steps as `run` took
-        (its last checkpoint's global_step), at `run`'s lr; (the run, the steps)."""
-        steps = int(read_checkpoint(run.last_ckpt)["global_step"])
-        cfg = self.continue_config(ref.ckpt, run.lr, steps, seed)
-        return self.train("reference", cfg, cfg.objective.name, "-continue"), steps
+    def grid_jobs(self, row: Row, ckpts: list[str]) -> list[Job]:
+        """Every point of `row` from every reference checkpoint and seed (point-major)."""
+        return [self.job("preference", self.preference_config(row, p, ckpt, s))
+                for p in row.points() for ckpt in ckpts for s in self.spec.seeds]  # fmt: skip
 
     def read(self, run: Run | None, split: str) -> Evaluation:
         """A model's figures on a split (run None: the popularity baseline). Figures of any
@@ -241,8 +293,8 @@ class Study:
                                    "recipe, a reference, a baseline or a matched control")  # fmt: skip
             self.test_reads.append(model)
         if run is None:
-            identity = config_hash({POPULARITY: self.popularity.tolist()})
-            return self.cache.get(model, identity, partial(MostPopular, self.popularity), split)
+            return self.cache.get(model, self.popularity_id, partial(MostPopular, self.popularity),
+                                  split)  # fmt: skip
         # Loaded with the dataset's record: a checkpoint of another vocabulary is refused.
         load = partial(load_model, run.ckpt, self.dataset)
         return self.cache.get(model, file_sha256(Path(run.ckpt)), load, split)
@@ -288,14 +340,22 @@ class Selected:
     unselected: list[str]
 
 
-def search_row(study: Study, row: Row, refs: list[Run], seeds: tuple[int, ...],
-               metric: str) -> Selected:  # fmt: skip
-    """Fine-tune and evaluate on valid every grid point from every reference; select."""
+def search_rows(study: Study, refs: list[Run]) -> list[Selected]:
+    """Fine-tune every row at every grid point from every reference (one batch of jobs),
+    evaluate each run on valid and select each row's point."""
+    rows, seeds = study.spec.rows, study.spec.seeds
     if not study.selection_open:
-        raise RuntimeError(f"row {row.name}: a grid searched after the test read-out began")
-    points = row.points()
-    runs = [[[study.fine_tune(study.preference_config(row, p, ref.ckpt, s)) for s in seeds]
-             for ref in refs] for p in points]  # fmt: skip
+        raise RuntimeError(f"rows {[r.name for r in rows]}: a grid searched after the test "
+                           "read-out began")  # fmt: skip
+    ckpts = [ref.ckpt for ref in refs]
+    runs = iter(study.train_all([job for row in rows for job in study.grid_jobs(row, ckpts)]))
+    return [select_row(study, row, [[[next(runs) for _ in seeds] for _ in refs]
+                                    for _ in row.points()]) for row in rows]  # fmt: skip
+
+
+def select_row(study: Study, row: Row, runs: list[list[list[Run]]]) -> Selected:
+    """A row's point selected on valid from its runs [point][reference][seed]."""
+    metric, points = study.spec.selection_metric, row.points()
     scores = [[study.read(r, SELECTION_SPLIT).aggregates[metric] for per_ref in point
                for r in per_ref] for point in runs]  # fmt: skip
     best = select_point(scores)
@@ -336,6 +396,63 @@ def check_plan(study: Study) -> int:
     return len(plan)
 
 
+def plan_study(spec: StudySpec, template: DictConfig) -> str:
+    """What `run_study` would train and evaluate, and how much of it is cached, as text;
+    nothing is trained or tracked (the dataset is prepared if it is not: the evaluations'
+    cache keys name it). Controls depend on the selection, so they are counted as bounds."""
+    quiet = Console(quiet=True)
+    untracked = OmegaConf.create({**plain(template.tracking), "enabled": False})
+    pipe = Pipeline(template, Tracker(untracked), quiet)
+    study = Study(spec, template, pipe, pipe.prepare(), quiet)
+    check_plan(study)
+    force = bool(template.force)
+
+    def cached(job: Job) -> dict[str, Any] | None:
+        path = Path(job.out()) / "result.json"
+        return json.loads(path.read_text()) if path.is_file() and not force else None
+
+    def evaluated(result: dict[str, Any] | None, split: str) -> bool:
+        ckpt = result and (result["best_ckpt"] or result["last_ckpt"])
+        return bool(ckpt) and study.cache.has(file_sha256(Path(ckpt)), split)
+
+    refs = {job.out(): cached(job) for job in study.reference_jobs()}
+    # A reference not trained yet stands in by name: its runs cannot be cached either.
+    ckpts = [r["best_ckpt"] or r["last_ckpt"] if r else f"<reference {i}, not trained yet>"
+             for i, r in enumerate(refs.values())]  # fmt: skip
+    grid = {job.out(): cached(job) for row in spec.rows for job in study.grid_jobs(row, ckpts)}
+    n_each = len(ckpts) * len(spec.seeds)
+    with_sft = [r for r in spec.rows
+                if spec.sft_control and spec.objectives[r.objective]["name"] != SFT]  # fmt: skip
+    sft_new = {job.out() for r in with_sft for p in r.points() for c in ckpts for s in spec.seeds
+               for job in [study.job("preference", study.sft_config(r, p, c, s))]} - set(grid)  # fmt: skip
+    n_sft = len(with_sft) * n_each
+    n_cont = len(spec.rows) * n_each if spec.continue_control else 0
+    n_pop = int(spec.popularity)
+    runs = {**refs, **grid}
+    pop_cached = {split: spec.popularity and study.cache.has(study.popularity_id, split)
+                  for split in (SELECTION_SPLIT, "test")}  # fmt: skip
+    valid_cached = pop_cached[SELECTION_SPLIT] + sum(evaluated(r, SELECTION_SPLIT)
+                                                     for r in runs.values())  # fmt: skip
+    test_cached = pop_cached["test"] + sum(evaluated(r, "test") for r in refs.values())
+    points = ", ".join(f"{r.name} {len(r.points())}" for r in spec.rows)
+    lines = [
+        f"plan of study {spec.name} (study.jobs={spec.jobs} training runs at a time):",
+        f"  reference runs:   {len(refs)} ({sum(r is not None for r in refs.values())} cached)",
+        f"  fine-tuning runs: {len(grid)} ({sum(r is not None for r in grid.values())} cached):"
+        f" grid points {points}; each x {len(ckpts)} references x {len(spec.seeds)} seeds,"
+        " identical configs once",
+        f"  controls, at the selected points: sft {n_sft} ("
+        f"{f'up to {len(sft_new)} new' if sft_new else 'all among the fine-tuning runs'}),"
+        f" continue up to {n_cont} new (rows taking the same steps and lr from a reference"
+        " share one)",
+        f"  evaluations: valid {n_pop + len(runs)} ({valid_cached} cached) + one per new control;"
+        f" test {n_pop + len(refs) + len(spec.rows) * n_each} (the baseline, the references and"
+        f" the selected points; {test_cached} of the baseline and references cached) + one per"
+        " control",
+    ]
+    return "\n".join(lines)
+
+
 def check_test_reads(study: Study, unselected: list[str], lines: list[Entry]) -> None:
     """Every test read is of a model the read-out allowed, and none is of a grid point that
     was not selected, unless that very run is also a matched control (e.g. the `sft` row's
@@ -353,6 +470,34 @@ def template_of(cfg: DictConfig) -> DictConfig:
     return OmegaConf.create({k: v for k, v in plain(cfg).items() if k != "study"})
 
 
+@dataclass(frozen=True)
+class Controls:
+    """A selected row's matched control runs, reference-major then seed, and the optimizer
+    steps each `continue` run is given (the row's run's own)."""
+
+    sft: list[Job]
+    cont: list[Job]
+    steps: list[int]
+
+
+def control_jobs(study: Study, sel: Selected, refs: list[Run]) -> Controls:
+    """`sft` at the row's selected point (unless the row is an `sft` row) and stage-1 training
+    continued from the same reference for the steps the row's run took (its last
+    checkpoint's global_step), at its lr."""
+    spec = study.spec
+    pairs = [(ref, seed, run) for ref, per_ref in zip(refs, sel.runs, strict=True)
+             for seed, run in zip(spec.seeds, per_ref, strict=True)]  # fmt: skip
+    sft = ([study.job("preference", study.sft_config(sel.row, sel.point, ref.ckpt, seed))
+            for ref, seed, _ in pairs]
+           if spec.sft_control and spec.objectives[sel.row.objective]["name"] != SFT
+           else [])  # fmt: skip
+    steps = ([int(read_checkpoint(run.last_ckpt)["global_step"]) for *_, run in pairs]
+             if spec.continue_control else [])  # fmt: skip
+    cont = [study.job("reference", study.continue_config(ref.ckpt, run.lr, n, seed), "-continue")
+            for (ref, seed, run), n in zip(pairs, steps, strict=False)]  # fmt: skip
+    return Controls(sft, cont, steps)
+
+
 def run_study(spec: StudySpec, template: DictConfig, console: Console | None = None) -> Path:
     """Run the study (module docstring); the directory holding study.json and table.md."""
     console = console or Console(quiet=not template.progress)
@@ -360,13 +505,16 @@ def run_study(spec: StudySpec, template: DictConfig, console: Console | None = N
         check_reachable(template.tracking.uri)
     tracker = Tracker(template.tracking)
     pipe = Pipeline(template, tracker, console)
-    with tracker.parent(f"study-{spec.name}", {"study": spec.name}):
+    with tracker.parent(f"study-{spec.name}", {"study": spec.name}) as parent_run, \
+            job_pool(spec.jobs) as pool:  # fmt: skip
         data = pipe.prepare()
-        study = Study(spec, template, pipe, data, console)
+        study = Study(spec, template, pipe, data, console, pool, parent_run)
         check_plan(study)
-        refs = [study.reference(s) for s in spec.reference_seeds]
-        searched = [search_row(study, row, refs, spec.seeds, spec.selection_metric)
-                    for row in spec.rows]  # fmt: skip
+        refs = study.references()
+        searched = search_rows(study, refs)
+        # Every control is trained before any test figure is read: one batch of jobs.
+        controls = [control_jobs(study, sel, refs) for sel in searched]
+        made = iter(study.train_all([j for c in controls for j in (*c.sft, *c.cont)]))
         # The read-out: the only place test figures are read, for the selected recipes.
         lines = []
         if spec.popularity:
@@ -374,25 +522,21 @@ def run_study(spec: StudySpec, template: DictConfig, console: Console | None = N
         reference = study.read_out("reference", "reference", [[r] for r in refs],
                                    runs=[[r.run_dir] for r in refs])  # fmt: skip
         lines.append(reference)
-        for sel in searched:
+        n_seeds = len(spec.seeds)
+        for sel, ctl in zip(searched, controls, strict=True):
             row = study.read_out(sel.row.name, "row", sel.runs, selected=sel.point, grid=sel.grid,
                                  runs=[[r.run_dir for r in s] for s in sel.runs])  # fmt: skip
             row.compare_with["reference"] = reference
             lines.append(row)
-            pairs = [(ref, seed, run) for ref, per_ref in zip(refs, sel.runs, strict=True)
-                     for seed, run in zip(spec.seeds, per_ref, strict=True)]  # fmt: skip
-            n_seeds = len(spec.seeds)
-            if spec.sft_control and spec.objectives[sel.row.objective]["name"] != SFT:
-                made = [study.fine_tune(study.sft_config(sel.row, sel.point, ref.ckpt, seed))
-                        for ref, seed, _ in pairs]  # fmt: skip
-                lines.append(_control(study, f"sft @ {row.name}", row, "sft", made, n_seeds,
-                                      reference))  # fmt: skip
-            if spec.continue_control:
-                made = [study.continue_control(run, ref, seed) for ref, seed, run in pairs]
-                steps = sorted({n for _, n in made})
+            if ctl.sft:
+                lines.append(_control(study, f"sft @ {row.name}", row, "sft",
+                                      [next(made) for _ in ctl.sft], n_seeds, reference))  # fmt: skip
+            if ctl.cont:
+                steps = sorted(set(ctl.steps))
                 name = f"continue-{'/'.join(map(str, steps))}steps @ {row.name}"
-                lines.append(_control(study, name, row, "continue", [r for r, _ in made],
-                                      n_seeds, reference, steps=steps))  # fmt: skip
+                lines.append(_control(study, name, row, "continue",
+                                      [next(made) for _ in ctl.cont], n_seeds, reference,
+                                      steps=steps))  # fmt: skip
         check_test_reads(study, [c for sel in searched for c in sel.unselected], lines)
     return write_report(spec, lines, study.ledger, sorted(set(study.test_reads)))
 

@@ -12,7 +12,9 @@ A study (DESIGN.md, "Study protocol") is the dataset and model of the root confi
 - `controls`, `baselines`, `report`: which matched controls and baselines every table has, the
   metrics shown and the CI settings;
 - `recipe_from`: a finished study's JSON whose selected points replace the grids of the rows of
-  the same name (a recipe carried over untouched to another dataset).
+  the same name (a recipe carried over untouched to another dataset);
+- `jobs`: how many training runs at a time, each in a single-threaded worker process;
+  `plan_only`: print the plan and what of it is cached, train nothing.
 
 `objectives` holds the objective group configs the rows name (composed by hydra from
 conf/objective/ in the study file's defaults list), so a row says `objective: dpo`.
@@ -105,6 +107,8 @@ class StudySpec:
     out_dir: Path
     eval_cache: Path
     publish: Path | None
+    jobs: int = 1
+    plan_only: bool = False
 
 
 def _objective(objectives: Mapping[str, Any], name: str, stage: str, where: str) -> None:
@@ -177,6 +181,10 @@ def study_spec(study: DictConfig, eval_k: list[int]) -> StudySpec:
     controls = s.get("controls", {})
     if controls.get("sft", True):
         _objective(objectives, SFT, "preference", "study.controls.sft")
+    jobs = s.get("jobs", 1)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise DataError(f"study.jobs={jobs!r}: expected a whole number >= 1, the training runs "
+                        "at a time (e.g. the number of cores)")  # fmt: skip
     report = s.get("report", {})
     ci = float(report.get("ci", 0.95))
     if not 0 < ci < 1:
@@ -203,4 +211,6 @@ def study_spec(study: DictConfig, eval_k: list[int]) -> StudySpec:
         out_dir=Path(s["out_dir"]),
         eval_cache=Path(s["eval_cache"]),
         publish=None if s.get("publish") is None else Path(s["publish"]),
+        jobs=jobs,
+        plan_only=bool(s.get("plan_only", False)),
     )  # fmt: skip

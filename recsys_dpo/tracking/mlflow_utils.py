@@ -99,11 +99,17 @@ class Tracker:
     With `tracking.enabled=false` every method does nothing and run ids are None.
     """
 
-    def __init__(self, tracking: DictConfig) -> None:
+    def __init__(self, tracking: DictConfig, parent_id: str | None = None) -> None:
+        """`parent_id`: a parent run another process holds open (a study's worker); this
+        process's child runs go under it."""
         self.enabled = bool(tracking.enabled)
         self.uri = str(tracking.uri)
         self.experiment = str(tracking.experiment)
         self.client = open_tracking(self.uri, self.experiment) if self.enabled else None
+        self.parent_id = parent_id
+        if self.enabled and parent_id is not None:
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_experiment(self.experiment)
 
     @contextmanager
     def parent(self, name: str, tags: Mapping[str, str]) -> Iterator[str | None]:
@@ -122,7 +128,8 @@ class Tracker:
         if not self.enabled:
             yield None
             return
-        with mlflow.start_run(run_name=stage, nested=True, tags={"stage": stage}) as run:
+        with mlflow.start_run(run_name=stage, nested=True, parent_run_id=self.parent_id,
+                              tags={"stage": stage}) as run:  # fmt: skip
             yield run.info.run_id
 
     def log_config(self, run_id: str | None, cfg: DictConfig, overrides: list[str]) -> None:
