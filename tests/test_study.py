@@ -250,9 +250,9 @@ def test_the_ml1m_and_ml100k_studies_compose_and_check():
     cfg = compose_study("ml1m_sasrec")
     spec = study_spec(cfg.study, list(cfg.eval.k))
     assert cfg.data.name == "ml1m_sas" and len(spec.reference_seeds) >= 3
-    assert spec.reference.early_stopping_patience == 5
-    assert {r.name: len(r.points()) for r in spec.rows} == {
-        "rpo": 8, "sdpo": 4, "dpo_hard": 4, "sft": 2}  # fmt: skip
+    assert spec.reference.early_stopping_patience == 5 and spec.reference.max_epochs == 40
+    # Sized to fit one session with study.jobs=2 (the file's comment has the arithmetic).
+    assert {r.name: len(r.points()) for r in spec.rows} == {"rpo": 4, "dpo_hard": 1, "sft": 2}
     cfg = compose_study("ml100k_sasrec")
     assert cfg.data.name == "ml100k_sas" and cfg.data.split.kind == "loo"
     assert cfg.study.rows == compose_study("ml1m_sasrec").study.rows  # the recipe, untouched

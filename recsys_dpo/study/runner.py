@@ -96,6 +96,13 @@ class Run:
     epochs: dict[str, Any] = field(default_factory=dict)
 
 
+def run_of(job: Job, result: dict[str, Any]) -> Run:
+    """The run of `job` from its result.json."""
+    ckpt = result["best_ckpt"] or result["last_ckpt"]
+    epochs = {k: result.get(k) for k in ("best_epoch", "stopped_epoch")}
+    return Run(str(Path(ckpt).parent), ckpt, result["last_ckpt"], float(job.cfg.train.lr), epochs)
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """One model on one split: per-user metrics (by user_idx) and the aggregates."""
@@ -213,27 +220,43 @@ class Study:
     def job(self, stage: str, cfg: DictConfig, suffix: str = "") -> Job:
         return Job(stage, cfg, f"{self.model_name}-{cfg.objective.name}{suffix}")
 
-    def train_all(self, jobs: list[Job]) -> list[Run]:
-        """Train (or reuse, same config hash: the pipeline's own skip rule) every job, the
-        runs in the jobs' order. Identical configs are trained once, so two workers never
-        share a run directory (its stage lock would refuse the second)."""
-        outs = [job.out() for job in jobs]
-        todo = {out: job for out, job in zip(outs, jobs, strict=True) if out not in self.runs}
+    def train_all(self, jobs: list[Job],
+                  then: Callable[[Run], list[Job]] | None = None) -> list[Run]:  # fmt: skip
+        """Train (or reuse, same config hash: the pipeline's own skip rule) every job, and
+        `then(run)`'s jobs as soon as the run of one of `jobs` is done (e.g. the grid from a reference while
+        the other references train: no worker idles at a phase's end). Identical configs are
+        trained once, so two workers never share a run directory (its stage lock would
+        refuse the second). The runs of `jobs`, in order; every run is in `self.runs`."""
+        planned: list[tuple[str, Job]] = []
+
+        def calls(batch: list[Job]) -> list[tuple[Any, ...]]:
+            new = []
+            for job in batch:
+                out = job.out()
+                if out not in self.runs and all(out != o for o, _ in planned):
+                    planned.append((out, job))
+                    new.append(self._call(job))
+            return new
+
+        def after(i: int, outcome: tuple[dict[str, Any], bool]) -> list[tuple[Any, ...]]:
+            out, job = planned[i]
+            self.runs[out] = run_of(job, outcome[0])
+            return calls(then(self.runs[out])) if then and i < n_first else []
+
+        first = calls(jobs)
+        n_first = len(first)  # `then`'s own jobs have no follow-ups
+        fn = self._train_here if self.pool is None else train_job
+        outcomes = run_jobs(self.pool, fn, first, after)
+        for (out, _), (_, trained) in zip(planned, outcomes, strict=True):
+            (self.ledger.trained if trained else self.ledger.reused).append(self.runs[out].run_dir)
+        return [self.runs[job.out()] for job in jobs]
+
+    def _call(self, job: Job) -> tuple[Any, ...]:
+        """`job` as the arguments of the function that trains it: `_train_here` or, in a
+        worker, `workers.train_job` (plain containers: they are pickled)."""
         if self.pool is None:
-            done = [self._train_here(job) for job in todo.values()]
-        else:
-            shipped = plain(self.template)
-            done = run_jobs(self.pool, train_job, [(shipped, self.parent_run, job.stage,
-                                                    plain(job.cfg), job.name)
-                                                   for job in todo.values()])  # fmt: skip
-        for (out, job), (result, trained) in zip(todo.items(), done, strict=True):
-            ckpt = result["best_ckpt"] or result["last_ckpt"]
-            epochs = {k: result.get(k) for k in ("best_epoch", "stopped_epoch")}
-            run = Run(str(Path(ckpt).parent), ckpt, result["last_ckpt"],
-                      float(job.cfg.train.lr), epochs)  # fmt: skip
-            (self.ledger.trained if trained else self.ledger.reused).append(run.run_dir)
-            self.runs[out] = run
-        return [self.runs[out] for out in outs]
+            return (job,)
+        return (plain(self.template), self.parent_run, job.stage, plain(job.cfg), job.name)
 
     def _train_here(self, job: Job) -> tuple[dict[str, Any], bool]:
         before = len(self.pipe.ran)
@@ -510,7 +533,9 @@ def run_study(spec: StudySpec, template: DictConfig, console: Console | None = N
         data = pipe.prepare()
         study = Study(spec, template, pipe, data, console, pool, parent_run)
         check_plan(study)
-        refs = study.references()
+        # Each reference's grid starts as soon as it is trained; search_rows then finds it.
+        refs = study.train_all(study.reference_jobs(), then=lambda ref: [
+            job for row in spec.rows for job in study.grid_jobs(row, [ref.ckpt])])  # fmt: skip
         searched = search_rows(study, refs)
         # Every control is trained before any test figure is read: one batch of jobs.
         controls = [control_jobs(study, sel, refs) for sel in searched]

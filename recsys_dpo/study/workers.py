@@ -20,7 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any
@@ -75,18 +75,36 @@ def job_pool(jobs: int) -> Iterator[ProcessPoolExecutor | None]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_jobs(pool: ProcessPoolExecutor, fn: Callable[..., Any],
-             calls: Sequence[tuple[Any, ...]]) -> list[Any]:  # fmt: skip
-    """fn(*call) for every call on the pool, results in the calls' order; the first failure
-    is raised as soon as it happens (a dead worker as a DataError)."""
-    futures = [pool.submit(fn, *call) for call in calls]
+def run_jobs(pool: ProcessPoolExecutor | None, fn: Callable[..., Any],
+             calls: Sequence[tuple[Any, ...]],
+             then: Callable[[int, Any], list[tuple[Any, ...]]] | None = None) -> list[Any]:  # fmt: skip
+    """fn(*call) for every call, on the pool (None: one after the other, here); `then(i,
+    result)` gives further calls that can start once call i is done, numbered after the others
+    (queued behind what is waiting, so a worker never idles while work is left). Results in
+    the calls' order; the first failure is raised as soon as it happens (a dead worker as a
+    DataError)."""
+    calls = list(calls)
+    results: dict[int, Any] = {}
+    if pool is None:
+        while len(results) < len(calls):
+            i = len(results)
+            results[i] = fn(*calls[i])
+            calls += then(i, results[i]) if then else []
+        return [results[i] for i in range(len(calls))]
+    running: dict[Future[Any], int] = {pool.submit(fn, *c): i for i, c in enumerate(calls)}
     try:
-        for done in as_completed(futures):
-            done.result()
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                i = running.pop(future)
+                results[i] = future.result()
+                for call in then(i, results[i]) if then else []:
+                    running[pool.submit(fn, *call)] = len(calls)
+                    calls.append(call)
     except BrokenProcessPool as err:
         raise DataError(
             "study.jobs: a training worker process died (killed, or out of memory) and the "
             "study stopped; finished runs are cached: run it again, with fewer study.jobs if "
             "memory ran out"
         ) from err
-    return [f.result() for f in futures]
+    return [results[i] for i in range(len(calls))]
