@@ -17,8 +17,10 @@ import numpy as np
 import psutil
 import pytest
 from conftest import SHARED_DATA, run_pipeline
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from scipy import stats as scipy_stats
+from test_tracking_server import server as tracking_server  # noqa: F401 (a fixture)
 
 from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.metrics import paired_bootstrap_ci
@@ -313,6 +315,23 @@ def test_two_jobs_give_the_same_study_and_a_rerun_trains_nothing(tiny, tmp_path)
     cache = json.loads(path.read_text())["cache"]
     assert cache["trained"] == [] and cache["evaluated"] == []
     assert sorted(cache["reused"]) == sorted(two["cache"]["trained"])
+
+
+def test_two_jobs_track_under_the_study_run(tracking_server, tmp_path):  # noqa: F811
+    """The workers' runs go to a real tracking server, each a child of the study's parent run
+    (open in the study's process), with its params and metrics."""
+    uri, _ = tracking_server
+    done = study(tmp_path, "job", "study.jobs=2", "tracking.enabled=true", f"tracking.uri={uri}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("recsys-dpo").experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "study-synthetic_tiny")
+    trained = [r for r in runs if r.info.run_name in ("reference", "preference")]
+    assert len(trained) == 2 + 4 + 2 + 2  # refs, grid, sft, continue
+    for run in trained:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED" and run.data.params and run.data.metrics
+    assert parent.info.status == "FINISHED"
 
 
 def test_a_workers_bad_input_is_the_studys_one_line_error(tmp_path):
