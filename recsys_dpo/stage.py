@@ -2,7 +2,7 @@
 clean failure on bad input."""
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import wraps
 from typing import Any
 
@@ -17,6 +17,19 @@ from recsys_dpo.settings import S, Tracking, validate
 def plain(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain dicts and lists (for manifests, hashes and MLflow)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{a: {b: 1}} -> {"a.b": 1}: nested settings as dotted keys (config overrides, MLflow
+    params)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out |= flatten(value, f"{dotted}.")
+        else:
+            out[dotted] = value
+    return out
 
 
 def preflight(cfg: DictConfig, schema: type[S]) -> S:

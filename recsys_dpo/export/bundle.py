@@ -47,6 +47,7 @@ from recsys_dpo.retrieval.seen import DEFAULT_SEEN, removed_items
 
 HISTORIES_FILE = "histories.parquet"
 
+
 def write_bundle(
     out_dir: str | Path,
     model: Recommender,

@@ -33,23 +33,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_dpo.errors import DataError
+from recsys_dpo.stage import flatten
 
 # Hyperparameters are selected on valid and read out on test once: not a free setting.
 SELECTION_SPLIT = "valid"
 SFT = "sft"
 METRIC = re.compile(r"^(hr|recall|ndcg)@(\d+)$|^mrr$")
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{a: {b: 1}} -> {"a.b": 1}: nested settings as the dotted keys of config overrides."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out |= flatten(value, f"{dotted}.")
-        else:
-            out[dotted] = value
-    return out
 
 
 @dataclass(frozen=True)

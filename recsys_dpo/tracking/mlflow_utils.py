@@ -32,6 +32,7 @@ from sqlalchemy.engine import make_url
 
 from recsys_dpo.artifacts import file_lock
 from recsys_dpo.errors import DataError
+from recsys_dpo.stage import flatten, plain
 
 CANDIDATE_ALIAS = "candidate"
 PARENT_TAG = "mlflow.parentRunId"
@@ -81,16 +82,9 @@ def open_tracking(uri: str, experiment: str) -> MlflowClient:
     return client
 
 
-def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+def flat_params(config: Mapping[str, Any]) -> dict[str, str]:
     """Nested config -> {"a.b.c": value} with values cut to MLflow's param length limit."""
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out |= flat_params(value, f"{name}.")
-        else:
-            out[name] = str(value)[:MAX_PARAM_VAL_LENGTH]
-    return out
+    return {name: str(value)[:MAX_PARAM_VAL_LENGTH] for name, value in flatten(config).items()}
 
 
 class Tracker:
@@ -137,7 +131,7 @@ class Tracker:
         config.yaml."""
         if run_id is None:
             return
-        params = flat_params(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        params = flat_params(plain(cfg))
         params["overrides"] = " ".join(overrides)[:MAX_PARAM_VAL_LENGTH] or "(none)"
         items = [mlflow.entities.Param(k, v) for k, v in params.items()]
         for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
