@@ -400,3 +400,11 @@ def test_cli_nan_rating_dropped_when_configured(tmp_path):
     assert feedback.filter(user_idx=users[0], chosen=x2[0]).height == 0
     events = pl.concat(pl.read_parquet(out / f"{s}.parquet") for s in SPLITS)
     assert events.height == 10 and not events["rating"].is_nan().any()
+
+
+def test_propensity_must_be_a_probability_above_zero():
+    validate(log(propensity=[1.0, 0.5, 1e-9]), SRC)
+    with pytest.raises(
+        DataError, match=r"'propensity' has 2 value\(s\) outside \(0, 1\] \(row 0: 0.0, row 2: 1.5\)"
+    ):
+        validate(log(propensity=[0.0, 0.5, 1.5]), SRC)

@@ -13,16 +13,18 @@ and, when the log has them:
     position   Int32     0-based rank the item was shown at
     rating     Float64   explicit strength (e.g. a 1-5 star rating)
     weight     Float64   a per-event weight carried into the pairs
+    propensity Float64   the probability that the logging policy showed this item at this
+                         position in this request, in (0, 1] (off-policy evaluation)
     event      Utf8      the raw event type, kept for reference
 
-Float columns hold finite numbers (NaN / inf are refused or dropped), and `LOWER_BOUNDS` holds
-the smallest value a column may take.
+Float columns hold finite numbers (NaN / inf are refused or dropped), and `BOUNDS` holds
+the values a column may take.
 """
 
 import polars as pl
 
 REQUIRED = ("user_id", "item_id", "timestamp")
-OPTIONAL = ("event", "clicked", "request_id", "position", "rating", "weight")
+OPTIONAL = ("event", "clicked", "request_id", "position", "rating", "weight", "propensity")
 
 CANONICAL_DTYPES: dict[str, pl.DataType] = {
     "user_id": pl.Utf8(),
@@ -34,12 +36,19 @@ CANONICAL_DTYPES: dict[str, pl.DataType] = {
     "position": pl.Int32(),
     "rating": pl.Float64(),
     "weight": pl.Float64(),
+    "propensity": pl.Float64(),
     "event": pl.Utf8(),
 }
 
 # A position is a rank (0-based, or 1-based in some logs); a weight scales a loss term, so a
-# negative one would turn the preference around.
-LOWER_BOUNDS: dict[str, int] = {"position": 0, "weight": 0}
+# negative one would turn the preference around; a propensity is a probability, and one of 0
+# (an item the logging policy could not show) would divide by zero in every IPS weight.
+# (low, high, low inclusive): the values allowed, high always inclusive (None: unbounded).
+BOUNDS: dict[str, tuple[float, float | None, bool]] = {
+    "position": (0, None, True),
+    "weight": (0, None, True),
+    "propensity": (0, 1, False),
+}
 
 # Indexed frames (after vocab): ids become contiguous integers. Item index 0 is padding.
 USER_IDX = "user_idx"

@@ -18,7 +18,10 @@ The model (all draws seeded by `SyntheticConfig.seed`):
     policy      without replacement, from softmax_i(l_ui) with the partially informed score
                     l_ui = w_pop * log pop_i + w_util * (s * <U_u + e_u, V_i> + b_i),
                     e_u ~ N(0, (`logging_noise`^2 / d) I)       (the policy knows users imperfectly)
-                Slate order is the draw order; position p = 0..slate_size-1.
+                Slate order is the draw order; position p = 0..slate_size-1. Each shown item's
+                `propensity` is the exact probability that this policy puts it at its
+                position, P(i at p | u) (`recsys_dpo.ranking_policy.plackett_luce_marginals`:
+                a Gumbel integral, ~1e-8 relative error), for off-policy evaluation.
                 Sampling: draws with replacement from softmax(l_u) keeping first occurrences
                 (repeats rejected, which is exactly sequential sampling without replacement);
                 a row that runs out of draws is completed by the Gumbel top-k trick over the
@@ -30,8 +33,8 @@ The model (all draws seeded by `SyntheticConfig.seed`):
 
 With the defaults (2000 users, 500 items) the log has ~160k impressions, a click-through of
 ~16% falling from ~57% at position 0 to ~5% at position 9, and ~99% of users with >= 3 clicks;
-it takes well under a second. The cost is O(users x items) for the logging softmax plus
-O(events) for the rest.
+it takes a few seconds, most of it the propensities: O(users x items x slate_size x ~130
+quadrature nodes); the rest is O(users x items) for the logging softmax plus O(events).
 
 Ids are strings: user_id "u<k>", item_id "i<k>", request_id "u<k>-<j>" (the user's j-th
 request), so every stage is exercised with string ids.
@@ -44,8 +47,11 @@ by one chunk plus one block (the block's user x item logits, a few MiB).
 On disk (`generate`):
 
     out_dir/events/chunk=00000/part-0.parquet ...   request_id, user_id, item_id, timestamp,
-                                                     position, clicked, event ("impression")
-    out_dir/truth/users.parquet                     user_id, vector (Array[Float32, d])
+                                                     position, clicked, propensity,
+                                                     event ("impression")
+    out_dir/truth/users.parquet                     user_id, vector (Array[Float32, d]),
+                                                     logging_vector (U + e, what the logging
+                                                     policy knows; Array[Float64, d])
     out_dir/truth/items.parquet                     item_id, vector, bias, popularity
     out_dir/manifest.json                           written last: config, counts, file list
 
@@ -67,11 +73,14 @@ import pyarrow.parquet as pq
 from rich.progress import Progress
 
 from recsys_dpo.errors import DataError
+from recsys_dpo.ranking_policy import plackett_luce_marginals
 
 GENERATOR = "recsys_dpo.data.synthetic"
-GENERATOR_VERSION = 1
+# 2: the `propensity` column.
+GENERATOR_VERSION = 2
 START_TIMESTAMP = 1_704_067_200  # 2024-01-01T00:00:00Z
-EVENT_COLUMNS = ("request_id", "user_id", "item_id", "timestamp", "position", "clicked", "event")
+EVENT_COLUMNS = ("request_id", "user_id", "item_id", "timestamp", "position", "clicked",
+                 "propensity", "event")
 # Independent random streams: one for the items, then per user block one for each stage, so a
 # data-dependent number of draws in one stage cannot shift the draws of another.
 _ITEMS, _USERS, _SLATES, _CLICKS = range(4)
@@ -128,6 +137,24 @@ class Truth:
     utility_scale: float
     user_index: dict[str, int]
     item_index: dict[str, int]
+    logging_vectors: np.ndarray  # [n_users, d] float64: U_u + e_u
+    config: SyntheticConfig
+
+    def click_probability(self, users: np.ndarray, items: np.ndarray,
+                          positions: np.ndarray) -> np.ndarray:
+        """P(click | user row, item row shown at position) of the click model, elementwise
+        over broadcast arrays (float64)."""
+        cfg = self.config
+        utility = self.utility_scale * np.einsum(
+            "...d,...d->...", self.user_vectors[users].astype(np.float64),
+            self.item_vectors[items].astype(np.float64)) + self.item_bias[items]
+        examine = 1.0 / (1.0 + np.asarray(positions, dtype=np.float64)) ** cfg.examine_eta
+        return examine * _sigmoid(cfg.click_scale * utility + cfg.click_bias)
+
+    def logging_logits(self, users: np.ndarray) -> np.ndarray:
+        """[len(users), n_items]: the logging policy's Plackett-Luce logits l_ui."""
+        return _logging_logits(self.config, self.logging_vectors[users], self.item_vectors,
+                               self.item_bias, self.item_popularity)
 
 
 @dataclass(frozen=True)
@@ -148,6 +175,7 @@ class _Requests:
     timestamp: np.ndarray  # [R]
     slate: np.ndarray  # [R, k] item index, in display order
     clicked: np.ndarray  # [R, k] bool
+    propensity: np.ndarray  # [R, k] P(the slate's item at its position | the user)
 
     def users_between(self, start: int, end: int) -> "_Requests":
         """The requests of users start <= u < end."""
@@ -259,8 +287,37 @@ def _sample_slates(logits: np.ndarray, rows: np.ndarray, k: int, rng: np.random.
     return slates
 
 
-def _simulate_block(cfg: SyntheticConfig, items: _Items, block: int) -> tuple[np.ndarray, _Requests]:
-    """User vectors and requests of user block `block`, from the block's own random streams."""
+def _slot_propensities(logits: np.ndarray, row: np.ndarray, slate: np.ndarray) -> np.ndarray:
+    """[R, k]: P(slate[r, p] at position p) under Plackett-Luce from softmax(logits[row[r]]),
+    computed once per (user, shown item)."""
+    n_users, n_items = logits.shape
+    k = slate.shape[1]
+    shown, where = np.unique((row[:, None] * n_items + slate).ravel(), return_inverse=True)
+    user, item = np.divmod(shown, n_items)
+    counts = np.bincount(user, minlength=n_users)
+    column = np.arange(len(shown)) - np.repeat(np.cumsum(counts) - counts, counts)
+    asked = np.zeros((n_users, max(1, int(counts.max()))), dtype=np.int64)  # padding: item 0
+    asked[user, column] = item
+    marginals = plackett_luce_marginals(logits, k, asked)
+    slot = np.tile(np.arange(k), len(row))
+    return marginals[user[where], column[where], slot].reshape(slate.shape)
+
+
+def _logging_logits(cfg: SyntheticConfig, logging_vectors: np.ndarray, item_vectors: np.ndarray,
+                    bias: np.ndarray, popularity: np.ndarray) -> np.ndarray:
+    """l_ui = w_pop log pop_i + w_util (s <U_u + e_u, V_i> + b_i), float64 [users, items]."""
+    logits = logging_vectors.astype(np.float64) @ item_vectors.T.astype(np.float64)
+    logits *= cfg.logging_util_weight * cfg.utility_scale
+    logits += cfg.logging_pop_weight * np.log(popularity) + cfg.logging_util_weight * bias
+    return logits
+
+
+_Vectors = tuple[np.ndarray, np.ndarray]  # a block's user vectors and logging vectors
+
+
+def _simulate_block(cfg: SyntheticConfig, items: _Items, block: int) -> tuple[_Vectors, _Requests]:
+    """User and logging vectors and the requests of user block `block`, from the block's own
+    random streams."""
     size = _block_users(cfg.n_items)
     first_user = block * size
     n = min(size, cfg.n_users - first_user)
@@ -272,9 +329,8 @@ def _simulate_block(cfg: SyntheticConfig, items: _Items, block: int) -> tuple[np
     counts = np.maximum(1, users_rng.poisson(cfg.mean_requests, n))
     timestamp = _request_times(users_rng, counts, cfg.mean_gap_seconds)
 
-    logits = (user_vectors + noise) @ items.vectors.T.astype(np.float64)
-    logits *= cfg.logging_util_weight * cfg.utility_scale
-    logits += cfg.logging_pop_weight * np.log(items.popularity) + cfg.logging_util_weight * items.bias
+    logging_vectors = user_vectors + noise  # float64: the logits are made from exactly these
+    logits = _logging_logits(cfg, logging_vectors, items.vectors, items.bias, items.popularity)
     row = np.repeat(np.arange(n), counts)
     k = cfg.slate_size
     slate = _sample_slates(logits, row, k, slates_rng, n_draws=2 * k + 8)
@@ -286,24 +342,28 @@ def _simulate_block(cfg: SyntheticConfig, items: _Items, block: int) -> tuple[np
     clicked = clicks_rng.random(slate.shape) < p_click
 
     number = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
-    return user_vectors, _Requests(row + first_user, number, timestamp, slate, clicked)
+    propensity = _slot_propensities(logits, row, slate)
+    return (user_vectors, logging_vectors), _Requests(row + first_user, number, timestamp,
+                                                       slate, clicked, propensity)
 
 
-def _simulate_chunks(cfg: SyntheticConfig, items: _Items) -> Iterator[tuple[np.ndarray, _Requests]]:
-    """(user vectors, requests) per chunk of `chunk_users` users, cut out of the user blocks."""
+def _simulate_chunks(cfg: SyntheticConfig, items: _Items) -> Iterator[tuple[_Vectors, _Requests]]:
+    """((user vectors, logging vectors), requests) per chunk of `chunk_users` users, cut out of
+    the user blocks."""
     size = _block_users(cfg.n_items)
-    cached: tuple[int, tuple[np.ndarray, _Requests]] | None = None
+    cached: tuple[int, tuple[_Vectors, _Requests]] | None = None
     for start in range(0, cfg.n_users, cfg.chunk_users):
         end = min(start + cfg.chunk_users, cfg.n_users)
-        vectors, requests = [], []
+        vectors, logging, requests = [], [], []
         for block in range(start // size, (end - 1) // size + 1):
             if cached is None or cached[0] != block:  # consecutive chunks may share a block
                 cached = (block, _simulate_block(cfg, items, block))
             block_vectors, block_requests = cached[1]
             lo, hi = max(start, block * size), min(end, (block + 1) * size)
-            vectors.append(block_vectors[lo - block * size:hi - block * size])
+            vectors.append(block_vectors[0][lo - block * size:hi - block * size])
+            logging.append(block_vectors[1][lo - block * size:hi - block * size])
             requests.append(block_requests.users_between(lo, hi))
-        yield np.concatenate(vectors), _Requests(
+        yield (np.concatenate(vectors), np.concatenate(logging)), _Requests(
             *(np.concatenate([getattr(r, f.name) for r in requests]) for f in fields(_Requests))
         )
 
@@ -325,6 +385,7 @@ def _events_frame(requests: _Requests) -> pl.DataFrame:
         "position": np.tile(np.arange(k, dtype=np.int32), len(requests.user)),
         "_item": requests.slate.ravel(),
         "clicked": requests.clicked.ravel(),
+        "propensity": requests.propensity.ravel(),
     })
     return frame.select(
         pl.concat_str(_ids("u", pl.col("_user")), pl.lit("-"), pl.col("_number").cast(pl.Utf8))
@@ -334,14 +395,16 @@ def _events_frame(requests: _Requests) -> pl.DataFrame:
         "timestamp",
         "position",
         "clicked",
+        "propensity",
         pl.lit("impression").alias("event"),
     )
 
 
-def _users_frame(first_user: int, vectors: np.ndarray) -> pl.DataFrame:
-    index = pl.Series(np.arange(first_user, first_user + len(vectors)))
+def _users_frame(first_user: int, vectors: _Vectors) -> pl.DataFrame:
+    index = pl.Series(np.arange(first_user, first_user + len(vectors[0])))
     return pl.DataFrame({"user_id": index}).select(
-        _ids("u", pl.col("user_id")).alias("user_id"), pl.Series("vector", vectors)
+        _ids("u", pl.col("user_id")).alias("user_id"), pl.Series("vector", vectors[0]),
+        pl.Series("logging_vector", vectors[1]),
     )
 
 
@@ -445,8 +508,8 @@ def read_synthetic(path: str | Path, **cfg_overrides: int | float) -> pl.LazyFra
     """The synthetic log at `path` as a lazy canonical frame, generating it when needed.
 
     `cfg_overrides` are `SyntheticConfig` fields (plain numbers, as hydra passes them). The log
-    is (re)generated when `path` has no manifest or was generated from another config
-    (`chunk_users` aside, which does not change the events).
+    is (re)generated when `path` has no manifest or was generated by another generator version
+    or from another config (`chunk_users` aside, which does not change the events).
     """
     known = {f.name for f in fields(SyntheticConfig)}
     unknown = sorted(set(cfg_overrides) - known)
@@ -454,7 +517,8 @@ def read_synthetic(path: str | Path, **cfg_overrides: int | float) -> pl.LazyFra
         raise DataError(f"synthetic reader: unknown option(s) {unknown}; known: {sorted(known)}")
     cfg = SyntheticConfig(**cfg_overrides)
     manifest = read_manifest(path)
-    if manifest is None or _content_config(manifest["config"]) != _content_config(asdict(cfg)):
+    if (manifest is None or manifest.get("version") != GENERATOR_VERSION
+            or _content_config(manifest["config"]) != _content_config(asdict(cfg))):
         generate(path, cfg)
     return pl.scan_parquet(
         str(Path(path) / "events" / "**" / "*.parquet"), hive_partitioning=False
@@ -472,15 +536,31 @@ def load_truth(path: str | Path) -> Truth:
         raise DataError(f"{path}: no manifest.json; not a complete synthetic log")
     users = pl.read_parquet(path / "truth" / "users.parquet")
     items = pl.read_parquet(path / "truth" / "items.parquet")
+    return _truth(SyntheticConfig(**manifest["config"]), users, items)
+
+
+def _truth(cfg: SyntheticConfig, users: pl.DataFrame, items: pl.DataFrame) -> Truth:
     return Truth(
         user_vectors=users["vector"].to_numpy(),
         item_vectors=items["vector"].to_numpy(),
         item_bias=items["bias"].to_numpy(),
         item_popularity=items["popularity"].to_numpy(),
-        utility_scale=float(manifest["config"]["utility_scale"]),
+        utility_scale=float(cfg.utility_scale),
         user_index={u: k for k, u in enumerate(users["user_id"].to_list())},
         item_index={i: k for k, i in enumerate(items["item_id"].to_list())},
+        logging_vectors=users["logging_vector"].to_numpy(),
+        config=cfg,
     )
+
+
+def simulate(cfg: SyntheticConfig) -> tuple[Truth, pl.DataFrame]:
+    """The log of `cfg` in memory, (truth, events): the same log as `generate` writes, for
+    studies that draw many (benchmarks/ope_validation.py)."""
+    items = _make_items(cfg)
+    chunks = list(_simulate_chunks(cfg, items))
+    users = pl.concat([_users_frame(k * cfg.chunk_users, v) for k, (v, _) in enumerate(chunks)])
+    events = pl.concat([_events_frame(r) for _, r in chunks])
+    return _truth(cfg, users, _items_frame(items)), events
 
 
 def _rows(index: dict[str, int], ids: Sequence[str], what: str) -> np.ndarray:

@@ -3,7 +3,7 @@
 Checks the contract of `recsys_dpo.data.schema` and fails with one `DataError` naming the
 source, column and rows at fault; normalises dtypes (ids to strings, timestamps to unix
 seconds, a boolean `clicked`); adds `seq`, the original row order; refuses NaN / inf in float
-columns (or drops those rows, `non_finite="drop"`) and values below the contract's bounds;
+columns (or drops those rows, `non_finite="drop"`) and values outside the contract's bounds;
 drops exact duplicates and users with too few positive events, and says how many in a
 `ValidationReport`.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from recsys_dpo.data.schema import CANONICAL_DTYPES, LOWER_BOUNDS, OPTIONAL, REQUIRED
+from recsys_dpo.data.schema import BOUNDS, CANONICAL_DTYPES, OPTIONAL, REQUIRED
 from recsys_dpo.errors import DataError
 
 SHOWN_ROWS = 5
@@ -193,12 +193,17 @@ def _non_finite(df: pl.DataFrame, policy: str, source: str) -> pl.DataFrame:
 
 
 def _out_of_range(df: pl.DataFrame, source: str) -> None:
-    """DataError for values below a column's contract bound (`schema.LOWER_BOUNDS`)."""
-    faults = [
-        _shown_values(df, c, df[c] < low, f"that are below {low}")
-        for c, low in LOWER_BOUNDS.items()
-        if c in df.columns
-    ]
+    """DataError for values outside a column's contract bounds (`schema.BOUNDS`)."""
+    faults = []
+    for c, (low, high, low_inclusive) in BOUNDS.items():
+        if c not in df.columns:
+            continue
+        if high is None:
+            faults.append(_shown_values(df, c, df[c] < low, f"that are below {low}"))
+            continue
+        outside = (df[c] < low if low_inclusive else df[c] <= low) | (df[c] > high)
+        allowed = f"{'[' if low_inclusive else '('}{low}, {high}]"
+        faults.append(_shown_values(df, c, outside, f"outside {allowed}"))
     _raise_faults(faults, source)
 
 
@@ -237,7 +242,7 @@ def validate(
     Output columns: user_id, item_id, timestamp, clicked, seq, then the optional canonical
     columns present, with `schema.CANONICAL_DTYPES`. NaN / inf in a float column (rating,
     weight) is refused, or with `non_finite="drop"` its row is dropped; a value below
-    `schema.LOWER_BOUNDS` is refused. Duplicates are rows equal on user_id,
+    `schema.BOUNDS` is refused. Duplicates are rows equal on user_id,
     item_id, timestamp and, when present, request_id and event (the first is kept). Users with
     fewer than `min_events_per_user` positive (clicked) events are dropped with all their rows.
     `require_click_signal` (the caller builds impression pairs) refuses a log without

@@ -1,0 +1,249 @@
+"""Will the candidate win online? Off-policy estimates of its click-through rate on a split.
+
+When the log records how likely the serving system was to show each item (`propensity`,
+`recsys_dpo.data.schema`), the split's logged slates say what a candidate would have earned
+had it served them (`recsys_dpo.evaluation.ope`). Protocol, for split S:
+
+- the logged slates are every request of S with one row per slot 0..K-1 (K: the log's slate
+  size); a request with missing or repeated slots is skipped and counted. Every request is
+  kept, clicked or not: a set chosen by its clicks would bias every estimate, which is why a
+  leave-one-out split (its held-out requests are each user's last one WITH a click) is
+  refused: OPE needs a temporal split (`data.split.kind=temporal`);
+- the candidate scores each user's catalog once, from their positives before S (the
+  evaluator's query context), the seen policy's items left out (`eval.seen`), and serves its
+  scores as a stochastic ranking policy (`eval.ope.policy`, `recsys_dpo.ranking_policy`);
+- the reward model of the direct method and doubly robust is a logistic regression of the
+  click on the candidate's score and the slot (one-hot), cross-fitted over two halves of the
+  requests (each half's predictions from the model fitted on the other; Chernozhukov et al.
+  2018, "Double/debiased machine learning"), so no request's click predicts itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+from scipy.special import expit
+from sklearn.linear_model import LogisticRegression
+
+from recsys_dpo.data.datamodule import PreparedDataset, Ragged
+from recsys_dpo.data.schema import ITEM_IDX, PAD_ITEM, USER_IDX
+from recsys_dpo.data.synthetic import load_truth
+from recsys_dpo.data.vocab import Vocab
+from recsys_dpo.errors import DataError
+from recsys_dpo.evaluation import ope
+from recsys_dpo.evaluation.evaluator import (
+    SPLITS_BEFORE,
+    Queries,
+    _positives,
+    embed_users,
+    item_vectors,
+)
+from recsys_dpo.models.base import Recommender
+from recsys_dpo.ranking_policy import RankingPolicy
+from recsys_dpo.retrieval.seen import DEFAULT_SEEN, removed_items
+
+LOGGED_COLUMNS = ("request_id", "position", "propensity")
+SYNTHETIC_READER = "recsys_dpo.data.synthetic.read_synthetic"
+
+
+@dataclass(frozen=True)
+class OpeConfig:
+    """`eval.ope`: the candidate's ranking policy, weight clipping and the bootstrap."""
+
+    policy: str = "epsilon_greedy"
+    epsilon: float = 0.1
+    temperature: float = 1.0
+    clip: float | None = None
+    n_resamples: int = 1000
+    ci: float = 0.95
+    seed: int = 0
+
+    @property
+    def ranking_policy(self) -> RankingPolicy:
+        return RankingPolicy(self.policy, self.epsilon, self.temperature)
+
+
+@dataclass(frozen=True)
+class LoggedSlates:
+    """The split's full logged slates [n, K] and the query context of each slate's user."""
+
+    queries: Queries  # one row per user with a logged slate; targets empty
+    request_user: np.ndarray  # [n] the slate's row in `queries`
+    items: np.ndarray  # [n, K] item_idx shown in each slot
+    clicks: np.ndarray  # [n, K] bool
+    propensity: np.ndarray  # [n, K] the logging policy's P(item at slot)
+    skipped: int  # requests without exactly one row per slot
+
+
+def has_propensities(data: PreparedDataset, split: str) -> bool:
+    """Whether the split records request_id, position and propensity."""
+    return set(LOGGED_COLUMNS) <= set(data.events(split).columns)
+
+
+def logged_slates(data: PreparedDataset, split: str, seen: str = DEFAULT_SEEN) -> LoggedSlates:
+    """The logged slates of `split` (module docstring); DataError when the split has none or
+    was cut leave-one-out."""
+    kind = data.manifest.get("config", {}).get("data", {}).get("split", {}).get("kind")
+    if kind == "loo":
+        raise DataError(
+            f"{data.path}: off-policy evaluation needs every request of the split, but a "
+            "leave-one-out split holds out each user's last request WITH a click, a choice made "
+            "by the outcome that biases every estimate; prepare it with data.split.kind=temporal"
+        )
+    rows = data.events(split).filter(pl.col("request_id").is_not_null()).select(
+        "request_id", pl.col(USER_IDX).cast(pl.Int64), pl.col(ITEM_IDX).cast(pl.Int64),
+        pl.col("position").cast(pl.Int64), "clicked", "propensity",
+    )  # fmt: skip
+    k = int(rows["position"].max()) + 1 if rows.height else 0
+    full = (pl.col("position").sort() == pl.int_range(pl.len())).all() & (pl.len() == k)
+    checked = rows.group_by("request_id").agg(full.alias("_full"), pl.col(USER_IDX).first())
+    keep = checked.filter(pl.col("_full")).sort(USER_IDX, "request_id")
+    if keep.height == 0:
+        raise DataError(f"{data.path}: the {split} split has no request with one row per slot "
+                        f"0..{k - 1}: nothing to evaluate off-policy")
+    slates = (
+        rows.join(keep.select("request_id"), on="request_id")
+        .sort(USER_IDX, "request_id", "position")
+    )
+    users = keep[USER_IDX].unique(maintain_order=True).to_numpy()
+    histories = (
+        _positives(data, SPLITS_BEFORE[split])
+        .group_by(USER_IDX, maintain_order=True)
+        .agg(pl.col(ITEM_IDX).alias("history"))
+    )
+    history = (
+        pl.DataFrame({USER_IDX: users}).join(histories, on=USER_IDX, how="left")
+        .with_columns(pl.col("history").fill_null(pl.lit([], dtype=pl.List(pl.Int64))))
+    )["history"]
+    queries = Queries(
+        split=split, user_idx=users, history=Ragged.from_lists(history, None, left=True),
+        targets=[np.empty(0, dtype=np.int64) for _ in users],
+        seen=[removed_items(h, seen) for h in history.to_list()],
+    )  # fmt: skip
+    shape = (keep.height, k)
+    return LoggedSlates(
+        queries=queries,
+        request_user=np.searchsorted(users, keep[USER_IDX].to_numpy()),
+        items=slates[ITEM_IDX].to_numpy().reshape(shape),
+        clicks=slates["clicked"].to_numpy().astype(bool).reshape(shape),
+        propensity=slates["propensity"].to_numpy().reshape(shape),
+        skipped=checked.height - keep.height,
+    )
+
+
+@torch.no_grad()
+def candidate_scores(model: Recommender, slates: LoggedSlates, batch_size: int = 1024) -> np.ndarray:
+    """[users, n_items] float64: the model's scores of the catalog for each slate user, -inf for
+    padding and the seen policy's items (a served list never shows them)."""
+    user_emb = embed_users(model, slates.queries, batch_size)
+    scores = (user_emb @ item_vectors(model).T).double().numpy()
+    scores[:, PAD_ITEM] = -np.inf
+    for row, seen in enumerate(slates.queries.seen):
+        scores[row, seen] = -np.inf
+    return scores
+
+
+def _features(scores: np.ndarray, slots: np.ndarray, k: int) -> np.ndarray:
+    """[.., 1 + k]: the candidate's score (0 where -inf: the item is never shown) and the
+    one-hot slot."""
+    score = np.where(np.isfinite(scores), scores, 0.0)[..., None]
+    return np.concatenate([score, np.eye(k)[slots]], axis=-1)
+
+
+def reward_model(slates: LoggedSlates, scores: np.ndarray, marginals: np.ndarray,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(q [n, K], dm [n]): cross-fitted click probabilities at the logged slots and each
+    request's expected clicks under the candidate, sum_p sum_i pi(i at p) qhat(u, i, p)."""
+    n, k = slates.items.shape
+    logged = scores[slates.request_user[:, None], slates.items]
+    x = _features(logged, np.broadcast_to(np.arange(k), (n, k)), k).reshape(-1, k + 1)
+    y = slates.clicks.ravel()
+    fold = np.repeat(np.random.default_rng(seed).permutation(n) % 2, k)
+    q, dm = np.empty(n * k), np.empty(n)
+    finite = np.where(np.isfinite(scores), scores, 0.0)
+    for part in (0, 1):
+        fit, out = fold != part, fold == part
+        out_requests = out[::k]
+        users = slates.request_user[out_requests]
+        if y[fit].all() or not y[fit].any():  # one class: the other half's click rate
+            q[out] = float(y[fit].mean())
+            dm[out_requests] = q[out][::k] * k
+            continue
+        model = LogisticRegression(max_iter=1000).fit(x[fit], y[fit])
+        q[out] = model.predict_proba(x[out])[:, 1]
+        # The model is linear in (score, slot): qhat(u, i, p) = sigmoid(a s_ui + b_p + c).
+        a, b = model.coef_[0, 0], model.coef_[0, 1:] + model.intercept_[0]
+        qhat = expit(a * finite[users][:, :, None] + b[None, None, :])  # [requests, N, K]
+        dm[out_requests] = (marginals[users] * qhat).sum(axis=(1, 2))
+    return q.reshape(n, k), dm
+
+
+@dataclass(frozen=True)
+class OpeResult:
+    """The off-policy evaluation of one candidate on one split."""
+
+    settings: OpeConfig
+    slates: LoggedSlates
+    marginals: np.ndarray  # [users, N, K] the candidate's P(item at slot) per slate user
+    estimates: dict[str, ope.Estimate]
+    diagnostics: dict[str, float]
+    exact_ctr: float | None = None  # the synthetic log's true value, when known
+
+    def section(self) -> dict:
+        """The `ope` section of metrics.json."""
+        s = self.settings
+        out = {
+            "policy": {"kind": s.policy, "epsilon": s.epsilon, "temperature": s.temperature,
+                       "clip": s.clip},
+            "estimates": {name: vars(e) for name, e in self.estimates.items()},
+            "logged_ctr": float(self.slates.clicks.mean()),
+            "diagnostics": self.diagnostics,
+            "counts": {"requests": len(self.slates.items), "slots": self.slates.items.shape[1],
+                       "users": len(self.slates.queries),
+                       "requests_skipped": self.slates.skipped},
+        }
+        if self.exact_ctr is not None:
+            out["exact_ctr"] = self.exact_ctr
+        return out
+
+
+def evaluate_ope(model: Recommender, data: PreparedDataset, split: str, settings: OpeConfig,
+                 seen: str = DEFAULT_SEEN, batch_size: int = 1024) -> OpeResult:
+    """Every estimate with its CI and the diagnostics of `model` served as
+    `settings.ranking_policy` on the logged slates of `split`, and the exact value when the
+    log is the synthetic one."""
+    slates = logged_slates(data, split, seen)
+    k = slates.items.shape[1]
+    scores = candidate_scores(model, slates, batch_size)
+    marginals = settings.ranking_policy.slot_probabilities(scores, k)
+    target = marginals[slates.request_user[:, None], slates.items, np.arange(k)[None, :]]
+    q, dm = reward_model(slates, scores, marginals, settings.seed)
+    log = ope.SlateLog(target, slates.propensity, slates.clicks, q, dm)
+    estimates = ope.estimate(log, settings.clip, settings.n_resamples, settings.ci, settings.seed)
+    return OpeResult(settings, slates, marginals, estimates, ope.diagnostics(log, settings.clip),
+                     exact_synthetic_ctr(data, slates, marginals))
+
+
+def exact_synthetic_ctr(data: PreparedDataset, slates: LoggedSlates,
+                        marginals: np.ndarray) -> float | None:
+    """The candidate's true click-through rate on the logged slates' requests under the
+    synthetic log's click model, mean_r 1/K sum_p sum_i pi(i at p | u_r) P(click | u_r, i, p);
+    None unless the dataset was prepared from the synthetic log."""
+    reader = data.manifest.get("config", {}).get("data", {}).get("reader", {})
+    if reader.get("_target_") != SYNTHETIC_READER:
+        return None
+    truth = load_truth(reader["path"])
+    vocab = Vocab.load(data.path)
+    items, users = vocab.items.sort(ITEM_IDX), vocab.users.sort(USER_IDX)
+    item_row = np.zeros(data.n_items, dtype=np.int64)  # padding: never shown (pi = 0)
+    item_row[items[ITEM_IDX].to_numpy()] = [truth.item_index[i] for i in items["item_id"]]
+    user_row = np.array([truth.user_index[u] for u in users["user_id"]])
+    k = slates.items.shape[1]
+    truth_users = user_row[slates.queries.user_idx]
+    p_click = truth.click_probability(truth_users[:, None, None], item_row[None, :, None],
+                                      np.arange(k)[None, None, :])  # [users, N, K]
+    per_user = (marginals * p_click).sum(axis=(1, 2)) / k
+    return float(per_user[slates.request_user].mean())
