@@ -11,7 +11,9 @@ is the policy and is compared with that reference (paired bootstrap CIs, exact K
 is `paths.prepared`; the output goes to `eval.out_dir/<eval.name>` (default
 `${paths.artifacts}/eval/<run dir of the checkpoint>-<checkpoint>-<split>`). Bad input (k larger
 than the catalog, a checkpoint of another dataset, users the model does not know, an empty
-split) prints one message and exits with status 2.
+split) prints one message and exits with status 2. When the log records propensities and the
+split is temporal, the candidate's online click-through rate is also estimated off-policy
+(`eval.ope`, recsys_dpo/evaluation/counterfactual.py).
 """
 
 from pathlib import Path
@@ -24,6 +26,7 @@ from recsys_dpo.artifacts import stage_lock
 from recsys_dpo.data.datamodule import PreparedDataset, load_prepared
 from recsys_dpo.data.vocab import Vocab
 from recsys_dpo.errors import DataError
+from recsys_dpo.evaluation.counterfactual import OpeConfig, add_ope
 from recsys_dpo.evaluation.evaluator import RetrievalConfig, compare, evaluate, train_popularity
 from recsys_dpo.evaluation.report import summary_table, write_outputs
 from recsys_dpo.models import Recommender
@@ -82,11 +85,15 @@ def _evaluate(cfg: DictConfig, ckpt: str) -> Path:
     )
     if cfg.reference.ckpt is None:
         outcome = evaluate(model, what=f"eval.ckpt={ckpt}", **settings)
+        models = {"model": model}
     else:
         reference = load(str(cfg.reference.ckpt), "reference.ckpt", data)
         outcome = compare(model, reference, n_resamples=cfg.eval.n_resamples, seed=cfg.seed,
                           ci=cfg.eval.ci, names=(f"eval.ckpt={ckpt}",
                           f"reference.ckpt={cfg.reference.ckpt}"), **settings)  # fmt: skip
+        models = {"policy": model, "reference": reference}
+    add_ope(outcome, models, data, cfg.eval.ope.enabled, OpeConfig.from_eval(cfg.eval, cfg.seed),
+            cfg.eval.seen, cfg.eval.batch_size)
     out = write_outputs(
         output_dir(cfg, ckpt),
         outcome,

@@ -46,6 +46,7 @@ from recsys_dpo.data.datamodule import PreparedDataset, load_prepared
 from recsys_dpo.data.prepare import dataset_hash, prepare_dataset
 from recsys_dpo.data.vocab import Vocab
 from recsys_dpo.errors import DataError
+from recsys_dpo.evaluation.counterfactual import OpeConfig, add_ope
 from recsys_dpo.evaluation.evaluator import (
     RetrievalConfig,
     build_queries,
@@ -181,8 +182,10 @@ class Pipeline:
         self, data: PreparedDataset, policy: str, reference: str, out: Path, config: dict
     ) -> None:
         cfg = self.cfg
+        models = {"policy": load_model(policy, trained_on(data)),
+                  "reference": load_model(reference, trained_on(data))}
         outcome = compare(
-            load_model(policy, trained_on(data)), load_model(reference, trained_on(data)), data,
+            models["policy"], models["reference"], data,
             names=(policy, reference), split=cfg.eval.split,
             k=list(cfg.eval.k), n_resamples=cfg.eval.n_resamples, seed=cfg.seed,
             ci=cfg.eval.ci, retrieval=RetrievalConfig(cfg.eval.index, cfg.eval.nlist,
@@ -190,6 +193,8 @@ class Pipeline:
             batch_size=cfg.eval.batch_size, kl_chunk=cfg.eval.kl_chunk,
             progress=cfg.progress, seen=cfg.eval.seen,
         )  # fmt: skip
+        add_ope(outcome, models, data, cfg.eval.ope.enabled,
+                OpeConfig.from_eval(cfg.eval, cfg.seed), cfg.eval.seen, cfg.eval.batch_size)
         write_outputs(out, outcome, Vocab.load(data.path), train_popularity(data), config)
         self.console.print(summary_table(outcome))
 

@@ -203,6 +203,14 @@ class Tracking(Section):
     enabled: Bool
 
 
+class Ope(Section):
+    enabled: Literal["auto", True, False]
+    policy: Annotated[str, one_of("recsys_dpo.ranking_policy:POLICIES")]
+    epsilon: Fraction
+    temperature: Positive
+    clip: Positive | None
+
+
 class Eval(Section):
     ckpt: str | None
     split: Annotated[str, one_of("recsys_dpo.evaluation.evaluator:SPLITS_BEFORE")]
@@ -219,6 +227,7 @@ class Eval(Section):
     head_fraction: Fraction
     name: str | None
     out_dir: str
+    ope: Ope
 
 
 class PipelineReference(Section):
@@ -313,6 +322,19 @@ class Run(TrainPreference):
     @model_validator(mode="after")
     def primary_metric_is_evaluated(self) -> Run:
         metric = self.pipeline.primary_metric
+        if metric.startswith("ope/"):
+            from recsys_dpo.evaluation.ope import ESTIMATORS  # scipy: only when asked
+
+            estimator = metric.removeprefix("ope/").removesuffix("_ctr")
+            if estimator not in ESTIMATORS or not metric.endswith("_ctr"):
+                raise ValueError(
+                    f"pipeline.primary_metric={metric}: an off-policy metric is ope/<estimator>"
+                    f"_ctr with the estimator one of {', '.join(ESTIMATORS)}"
+                )
+            if self.eval.ope.enabled is False:
+                raise ValueError(f"pipeline.primary_metric={metric} needs eval.ope.enabled "
+                                 "auto or true")
+            return self
         _, at, k = metric.partition("@")
         # impression/ metrics have their own cut-offs; the others are <name>@<one of eval.k>.
         if at and not metric.startswith("impression/") and k not in map(str, self.eval.k):

@@ -135,6 +135,14 @@ BAD = [
     ("run", ["pipeline.primary_metric=ndcg@50"],
      "pipeline.primary_metric=ndcg@50, eval.k=[10, 20]: the candidate rule needs a metric the "
      "evaluation computes, its cut-off must be in eval.k"),
+    ("run", ["pipeline.primary_metric=ope/bogus_ctr"],
+     "pipeline.primary_metric=ope/bogus_ctr: an off-policy metric is ope/<estimator>_ctr with "
+     "the estimator one of ips, snips, direct_method, doubly_robust, pseudo_inverse"),
+    ("run", ["pipeline.primary_metric=ope/snips_ctr", "eval.ope.enabled=false"],
+     "pipeline.primary_metric=ope/snips_ctr needs eval.ope.enabled auto or true"),
+    ("evaluate", ["eval.ope.policy=softmax"],
+     "eval.ope.policy=softmax: must be one of epsilon_greedy, plackett_luce"),
+    ("evaluate", ["eval.ope.epsilon=2.0"], "eval.ope.epsilon=2.0: must be <= 1"),
     ("run", ["tracking.uri=''"], "tracking.uri='': must not be empty"),
     ("run", ["force=1"], "force=1: must be true or false"),
 ]  # fmt: skip
@@ -146,6 +154,10 @@ def test_a_bad_setting_is_refused_with_one_line(stage, overrides, message):
     with pytest.raises(DataError) as caught:
         check(stage, *overrides)
     assert str(caught.value) == f"config: {message}"
+
+
+def test_an_off_policy_primary_metric_passes():
+    check("run", "pipeline.primary_metric=ope/snips_ctr")
 
 
 def test_every_bad_key_is_named_in_one_line():

@@ -21,6 +21,7 @@ had it served them (`recsys_dpo.evaluation.ope`). Protocol, for split S:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -36,6 +37,9 @@ from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation import ope
 from recsys_dpo.evaluation.evaluator import (
     SPLITS_BEFORE,
+    Comparison,
+    Delta,
+    EvalResult,
     Queries,
     _positives,
     embed_users,
@@ -65,6 +69,13 @@ class OpeConfig:
     def ranking_policy(self) -> RankingPolicy:
         return RankingPolicy(self.policy, self.epsilon, self.temperature)
 
+    @classmethod
+    def from_eval(cls, ev: Any, seed: int) -> OpeConfig:
+        """From the `eval` config block: eval.ope's policy and clip, eval's bootstrap."""
+        return cls(ev.ope.policy, float(ev.ope.epsilon), float(ev.ope.temperature),
+                   None if ev.ope.clip is None else float(ev.ope.clip), int(ev.n_resamples),
+                   float(ev.ci), seed)
+
 
 @dataclass(frozen=True)
 class LoggedSlates:
@@ -84,15 +95,11 @@ def has_propensities(data: PreparedDataset, split: str) -> bool:
 
 
 def logged_slates(data: PreparedDataset, split: str, seen: str = DEFAULT_SEEN) -> LoggedSlates:
-    """The logged slates of `split` (module docstring); DataError when the split has none or
-    was cut leave-one-out."""
-    kind = data.manifest.get("config", {}).get("data", {}).get("split", {}).get("kind")
-    if kind == "loo":
-        raise DataError(
-            f"{data.path}: off-policy evaluation needs every request of the split, but a "
-            "leave-one-out split holds out each user's last request WITH a click, a choice made "
-            "by the outcome that biases every estimate; prepare it with data.split.kind=temporal"
-        )
+    """The logged slates of `split` (module docstring); DataError when the split cannot be
+    evaluated off-policy (`unavailable`) or has no full slate."""
+    reason = unavailable(data, split)
+    if reason is not None:
+        raise DataError(reason)
     rows = data.events(split).filter(pl.col("request_id").is_not_null()).select(
         "request_id", pl.col(USER_IDX).cast(pl.Int64), pl.col(ITEM_IDX).cast(pl.Int64),
         pl.col("position").cast(pl.Int64), "clicked", "propensity",
@@ -185,37 +192,17 @@ def reward_model(slates: LoggedSlates, scores: np.ndarray, marginals: np.ndarray
 class OpeResult:
     """The off-policy evaluation of one candidate on one split."""
 
-    settings: OpeConfig
-    slates: LoggedSlates
-    marginals: np.ndarray  # [users, N, K] the candidate's P(item at slot) per slate user
+    log: ope.SlateLog
     estimates: dict[str, ope.Estimate]
     diagnostics: dict[str, float]
     exact_ctr: float | None = None  # the synthetic log's true value, when known
 
-    def section(self) -> dict:
-        """The `ope` section of metrics.json."""
-        s = self.settings
-        out = {
-            "policy": {"kind": s.policy, "epsilon": s.epsilon, "temperature": s.temperature,
-                       "clip": s.clip},
-            "estimates": {name: vars(e) for name, e in self.estimates.items()},
-            "logged_ctr": float(self.slates.clicks.mean()),
-            "diagnostics": self.diagnostics,
-            "counts": {"requests": len(self.slates.items), "slots": self.slates.items.shape[1],
-                       "users": len(self.slates.queries),
-                       "requests_skipped": self.slates.skipped},
-        }
-        if self.exact_ctr is not None:
-            out["exact_ctr"] = self.exact_ctr
-        return out
 
-
-def evaluate_ope(model: Recommender, data: PreparedDataset, split: str, settings: OpeConfig,
-                 seen: str = DEFAULT_SEEN, batch_size: int = 1024) -> OpeResult:
+def evaluate_ope(model: Recommender, slates: LoggedSlates, data: PreparedDataset,
+                 settings: OpeConfig, batch_size: int = 1024) -> OpeResult:
     """Every estimate with its CI and the diagnostics of `model` served as
-    `settings.ranking_policy` on the logged slates of `split`, and the exact value when the
-    log is the synthetic one."""
-    slates = logged_slates(data, split, seen)
+    `settings.ranking_policy` on the logged slates, and the exact value when the log is the
+    synthetic one."""
     k = slates.items.shape[1]
     scores = candidate_scores(model, slates, batch_size)
     marginals = settings.ranking_policy.slot_probabilities(scores, k)
@@ -223,8 +210,73 @@ def evaluate_ope(model: Recommender, data: PreparedDataset, split: str, settings
     q, dm = reward_model(slates, scores, marginals, settings.seed)
     log = ope.SlateLog(target, slates.propensity, slates.clicks, q, dm)
     estimates = ope.estimate(log, settings.clip, settings.n_resamples, settings.ci, settings.seed)
-    return OpeResult(settings, slates, marginals, estimates, ope.diagnostics(log, settings.clip),
+    return OpeResult(log, estimates, ope.diagnostics(log, settings.clip),
                      exact_synthetic_ctr(data, slates, marginals))
+
+
+def unavailable(data: PreparedDataset, split: str) -> str | None:
+    """Why the split cannot be evaluated off-policy, or None when it can."""
+    if not has_propensities(data, split):
+        missing = sorted(set(LOGGED_COLUMNS) - set(data.events(split).columns))
+        return (f"the {split} split of {data.path} has no {', '.join(missing)} column(s): the "
+                "log does not record how likely each shown item was (propensity)")
+    kind = data.manifest.get("config", {}).get("data", {}).get("split", {}).get("kind")
+    if kind == "loo":
+        return (f"{data.path} is split leave-one-out, whose held-out requests are each user's "
+                "last one WITH a click, a choice made by the outcome that biases every "
+                "estimate; prepare it with data.split.kind=temporal")
+    return None
+
+
+def add_ope(outcome: EvalResult | Comparison, models: dict[str, Recommender],
+            data: PreparedDataset, enabled: str | bool, settings: OpeConfig,
+            seen: str = DEFAULT_SEEN, batch_size: int = 1024) -> None:
+    """Add the off-policy evaluation to an evaluation, in place: `ope/<estimator>_ctr` (and
+    `ope/exact_ctr` on the synthetic log) to each model's aggregates, the candidate's lift
+    over the reference with a paired bootstrap CI to a comparison's deltas (so the candidate
+    rule can use it, `pipeline.primary_metric=ope/snips_ctr`), and the `ope` section
+    (settings, diagnostics, counts, or why it was skipped). `models` maps the roles of the
+    outcome ("model", or "policy" and "reference") to their recommenders. `enabled`: "auto"
+    skips a log that cannot be evaluated and says why, True refuses it (DataError), False
+    does nothing."""
+    if enabled is False:
+        return
+    main = outcome.policy if isinstance(outcome, Comparison) else outcome
+    reason = unavailable(data, main.split)
+    if reason is not None:
+        if enabled is True:
+            raise DataError(f"eval.ope.enabled=true: {reason}")
+        outcome.ope = {"skipped": reason}
+        return
+    slates = logged_slates(data, main.split, seen)
+    results = {role: evaluate_ope(m, slates, data, settings, batch_size)
+               for role, m in models.items()}
+    roles = ({"policy": outcome.policy, "reference": outcome.reference}
+             if isinstance(outcome, Comparison) else {"model": outcome})
+    for role, result in results.items():
+        roles[role].aggregates |= {f"ope/{n}_ctr": e.value for n, e in result.estimates.items()}
+        if result.exact_ctr is not None:
+            roles[role].aggregates["ope/exact_ctr"] = result.exact_ctr
+    section = {
+        "policy": {"kind": settings.policy, "epsilon": settings.epsilon,
+                   "temperature": settings.temperature, "clip": settings.clip},
+        "logged_ctr": float(slates.clicks.mean()),
+        "counts": {"requests": len(slates.items), "slots": slates.items.shape[1],
+                   "users": len(slates.queries), "requests_skipped": slates.skipped},
+        "models": {role: {"estimates": {n: vars(e) for n, e in r.estimates.items()},
+                          "diagnostics": r.diagnostics, "exact_ctr": r.exact_ctr}
+                   for role, r in results.items()},
+    }  # fmt: skip
+    if isinstance(outcome, Comparison):
+        lift = ope.estimate_lift(results["policy"].log, results["reference"].log, settings.clip,
+                                 settings.n_resamples, settings.ci, settings.seed)
+        outcome.deltas |= {f"ope/{n}_ctr": Delta(e.value, e.lo, e.hi) for n, e in lift.items()}
+        section["lift"] = {n: vars(e) for n, e in lift.items()}
+        exact = [results[r].exact_ctr for r in ("policy", "reference")]
+        if None not in exact:
+            section["exact_lift"] = exact[0] - exact[1]
+            outcome.aggregates["ope/exact_lift"] = exact[0] - exact[1]
+    outcome.ope = section
 
 
 def exact_synthetic_ctr(data: PreparedDataset, slates: LoggedSlates,

@@ -414,6 +414,7 @@ class EvalResult:
     item_emb: Tensor
     per_request: pl.DataFrame | None = None
     pairs: PairScores | None = None
+    ope: dict | None = None  # the off-policy section (recsys_dpo.evaluation.counterfactual)
 
 
 def _entropy(user_emb: Tensor, item_emb: Tensor, chunk: int, batch_size: int) -> np.ndarray:
@@ -527,6 +528,7 @@ class Comparison:
     deltas: dict[str, Delta]
     aggregates: dict[str, float] = field(default_factory=dict)
     ci: float = 0.95
+    ope: dict | None = None  # the off-policy section (recsys_dpo.evaluation.counterfactual)
 
 
 def _paired(

@@ -90,6 +90,8 @@ def metrics_payload(outcome: Outcome, config: dict[str, Any]) -> dict[str, Any]:
             name: {"mean": d.mean, "lo": d.lo, "hi": d.hi, "significant": d.significant}
             for name, d in outcome.deltas.items()
         }
+    if outcome.ope is not None:
+        payload["ope"] = outcome.ope
     return payload
 
 
@@ -123,6 +125,27 @@ def metric_rows(outcome: Outcome) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def ope_note(section: dict) -> str:
+    """One paragraph on the off-policy rows: how the candidate was served, on what, and the
+    diagnostics; or why there are none."""
+    if "skipped" in section:
+        return f"No off-policy estimate: {section['skipped']}."
+    policy, counts = section["policy"], section["counts"]
+    served = (f"epsilon-greedy around its top-{counts['slots']} (epsilon {policy['epsilon']})"
+              if policy["kind"] == "epsilon_greedy"
+              else f"Plackett-Luce at temperature {policy['temperature']}")
+    diag = "; ".join(
+        f"{role}: ESS {d['diagnostics']['ess']:,.0f} ({d['diagnostics']['ess_share']:.1%}), max "
+        f"weight {d['diagnostics']['max_weight']:.1f}, never shown "
+        f"{d['diagnostics']['zero_support_share']:.1%}"
+        for role, d in section["models"].items()
+    )
+    return (f"ope/: each model served {served} on the {counts['requests']:,} logged requests "
+            f"(logged CTR {section['logged_ctr']:.4f}; clip {policy['clip']}); {diag}. "
+            "ope/exact_ctr is the true value under the simulator's click model. The direct "
+            "method's CI holds its reward model fixed, so it is too narrow.")
+
+
 def summary_table(outcome: Outcome) -> Table:
     """The metric table for the console."""
     header, rows = metric_rows(outcome)
@@ -152,9 +175,12 @@ def markdown(outcome: Outcome, plots: list[str]) -> str:
     if isinstance(outcome, Comparison):
         lines += [
             f"delta = policy - reference, mean over users (per request for impression/ "
-            f"metrics); CI: paired bootstrap, {outcome.ci:.0%}; * = the CI excludes 0.",
+            f"metrics, over logged requests for ope/); CI: paired bootstrap, {outcome.ci:.0%}; "
+            "* = the CI excludes 0.",
             "",
         ]
+    if outcome.ope is not None:
+        lines += [ope_note(outcome.ope), ""]
     lines += [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 

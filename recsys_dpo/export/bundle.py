@@ -205,9 +205,28 @@ def model_card(
         f"share {pol.get(f'tail_share@{k}', 0):.3f} vs "
         f"{metrics['models']['reference'].get(f'tail_share@{k}', 0):.3f}",
         "",
+        _online_line(metrics),
+        "",
         "| metric | candidate | reference | delta [CI] |",
         "|---|---:|---:|---|",
         *(_metric_line(n, metrics) for n in names),
         "",
     ]
     return "\n".join(lines)
+
+
+def _online_line(metrics: Mapping[str, Any]) -> str:
+    """The estimated online lift (off-policy, SNIPS) with its CI and diagnostics, or why the
+    log gave none."""
+    section = metrics.get("ope")
+    if section is None:
+        return "- estimated online lift: none, off-policy evaluation was off (eval.ope.enabled)"
+    if "skipped" in section:
+        return f"- estimated online lift: none, {section['skipped']}"
+    lift, diag = section["lift"]["snips"], section["models"]["policy"]["diagnostics"]
+    exact = section.get("exact_lift")
+    return (f"- estimated online lift in click-through rate (SNIPS, off-policy on "
+            f"{section['counts']['requests']:,} logged requests): {lift['value']:+.4f} "
+            f"[{lift['lo']:+.4f}, {lift['hi']:+.4f}]; candidate ESS {diag['ess']:,.0f} "
+            f"({diag['ess_share']:.1%}), max weight {diag['max_weight']:.1f}"
+            + (f"; true lift on the simulator {exact:+.4f}" if exact is not None else ""))
