@@ -32,6 +32,8 @@ def run(tmp_path_factory) -> tuple[Path, dict]:
                         cwd=tmp)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp / "job" / "pipeline_result.json").read_text())
+    assert "online CTR, off-policy (snips, 95% CI): policy" in " ".join(done.stdout.split())
+    assert "exact (simulator): policy" in " ".join(done.stdout.split())
     return tmp, result
 
 

@@ -146,6 +146,27 @@ def ope_note(section: dict) -> str:
             "method's CI holds its reward model fixed, so it is too narrow.")
 
 
+def ope_summary(metrics: dict[str, Any], estimator: str = "snips") -> str | None:
+    """One line from metrics.json: each model's off-policy click-through rate by `estimator`
+    with its CI, the lift, and the simulator's exact values when known; None without OPE."""
+    section = metrics.get("ope")
+    if section is None or "skipped" in section:
+        return None
+    parts = []
+    for role, values in section["models"].items():
+        e = values["estimates"][estimator]
+        parts.append(f"{role} {e['value']:.4f} [{e['lo']:.4f}, {e['hi']:.4f}]")
+    line = f"online CTR, off-policy ({estimator}, {metrics.get('ci', 0.95):.0%} CI): " + ", ".join(parts)
+    if "lift" in section:
+        lift = section["lift"][estimator]
+        line += f"; lift {lift['value']:+.4f} [{lift['lo']:+.4f}, {lift['hi']:+.4f}]"
+    exact = {role: v["exact_ctr"] for role, v in section["models"].items()
+             if v.get("exact_ctr") is not None}
+    if exact:
+        line += "; exact (simulator): " + ", ".join(f"{r} {v:.4f}" for r, v in exact.items())
+    return line
+
+
 def summary_table(outcome: Outcome) -> Table:
     """The metric table for the console."""
     header, rows = metric_rows(outcome)
