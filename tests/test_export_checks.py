@@ -29,7 +29,8 @@ def done(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("export")
     result = run_pipeline(config("run", root, *TINY))
     other = root / "other"
-    entry_point("prepare")(config("config", root, "progress=false", f"paths.prepared={other}",
+    # Composed from the pipeline's own root config, so the same log and split (the quickstart's).
+    entry_point("prepare")(config("run", root, "progress=false", f"paths.prepared={other}",
                                   "data.pairs.next_item.num_negatives=2"))  # fmt: skip
     return {"root": root, "result": result, "other": other}
 
