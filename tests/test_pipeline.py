@@ -95,6 +95,12 @@ def test_training_and_evaluation_metrics(pipeline):
     logged = children["evaluate"].data.metrics
     assert logged["policy/ndcg_at_10"] == pytest.approx(metrics["models"]["policy"]["ndcg@10"])
     assert logged["delta_lo/ndcg_at_10"] == pytest.approx(metrics["deltas"]["ndcg@10"]["lo"])
+    # The quickstart's log has propensities and a temporal split: the off-policy estimates too.
+    assert logged["policy/ope/snips_ctr"] == pytest.approx(
+        metrics["models"]["policy"]["ope/snips_ctr"])
+    assert logged["reference/ope/exact_ctr"] == pytest.approx(
+        metrics["models"]["reference"]["ope/exact_ctr"])
+    assert logged["delta_lo/ope/snips_ctr"] == pytest.approx(metrics["deltas"]["ope/snips_ctr"]["lo"])
     files = {a.path for a in client.list_artifacts(children["evaluate"].info.run_id, "evaluation")}
     assert {"evaluation/report.md", "evaluation/curves.png", "evaluation/kl.png"} <= files
     assert "config.yaml" in {a.path for a in client.list_artifacts(
