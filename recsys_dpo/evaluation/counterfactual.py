@@ -174,17 +174,18 @@ def reward_model(slates: LoggedSlates, scores: np.ndarray, marginals: np.ndarray
     for part in (0, 1):
         fit, out = fold != part, fold == part
         out_requests = out[::k]
-        users = slates.request_user[out_requests]
         if y[fit].all() or not y[fit].any():  # one class: the other half's click rate
             q[out] = float(y[fit].mean())
             dm[out_requests] = q[out][::k] * k
             continue
         model = LogisticRegression(max_iter=1000).fit(x[fit], y[fit])
         q[out] = model.predict_proba(x[out])[:, 1]
-        # The model is linear in (score, slot): qhat(u, i, p) = sigmoid(a s_ui + b_p + c).
+        # The model is linear in (score, slot): qhat(u, i, p) = sigmoid(a s_ui + b_p + c), a
+        # function of the user (not the request), so dm is computed once per user.
         a, b = model.coef_[0, 0], model.coef_[0, 1:] + model.intercept_[0]
-        qhat = expit(a * finite[users][:, :, None] + b[None, None, :])  # [requests, N, K]
-        dm[out_requests] = (marginals[users] * qhat).sum(axis=(1, 2))
+        qhat = expit(a * finite[:, :, None] + b[None, None, :])  # [users, N, K]
+        per_user = (marginals * qhat).sum(axis=(1, 2))
+        dm[out_requests] = per_user[slates.request_user[out_requests]]
     return q.reshape(n, k), dm
 
 
