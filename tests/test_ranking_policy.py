@@ -5,7 +5,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -23,10 +23,12 @@ def brute_force_pl(logits: np.ndarray, k: int) -> np.ndarray:
     w = np.where(np.isfinite(logits), np.exp(logits - logits[np.isfinite(logits)].max()), 0.0)
     out = np.zeros((n, k))
     for slate in itertools.permutations(range(n), k):
-        p, left = 1.0, w.sum()
-        for item in slate:
+        p = 1.0
+        for slot, item in enumerate(slate):
+            # The weights left summed afresh: subtracting the placed ones from the total loses
+            # a tiny item's weight next to large ones (hypothesis found logits [-10.5, 8, 8]).
+            left = w[[j for j in range(n) if j not in slate[:slot]]].sum()
             p *= w[item] / left if left > 0 else 0.0
-            left -= w[item]
         for slot, item in enumerate(slate):
             out[item, slot] += p
     return out
@@ -39,6 +41,7 @@ def brute_force_pl(logits: np.ndarray, k: int) -> np.ndarray:
     k=st.integers(1, 3),
     hole=st.booleans(),
 )
+@example(logits=np.array([[-10.5, 8.0, 8.0]]), k=3, hole=False)
 def test_plackett_luce_marginals_equal_enumeration(logits, k, hole):
     if hole and logits.shape[1] > k:
         logits = logits.copy()
