@@ -29,25 +29,24 @@ import torch
 from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 
-from recsys_dpo.data.datamodule import PreparedDataset, Ragged
+from recsys_dpo.data.datamodule import PreparedDataset
 from recsys_dpo.data.schema import ITEM_IDX, PAD_ITEM, USER_IDX
 from recsys_dpo.data.synthetic import load_truth
 from recsys_dpo.data.vocab import Vocab
 from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation import ope
 from recsys_dpo.evaluation.evaluator import (
-    SPLITS_BEFORE,
     Comparison,
     Delta,
     EvalResult,
     Queries,
-    _positives,
     embed_users,
     item_vectors,
+    queries_of,
 )
 from recsys_dpo.models.base import Recommender
 from recsys_dpo.ranking_policy import RankingPolicy
-from recsys_dpo.retrieval.seen import DEFAULT_SEEN, removed_items
+from recsys_dpo.retrieval.seen import DEFAULT_SEEN
 
 LOGGED_COLUMNS = ("request_id", "position", "propensity")
 SYNTHETIC_READER = "recsys_dpo.data.synthetic.read_synthetic"
@@ -89,9 +88,9 @@ class LoggedSlates:
     skipped: int  # requests without exactly one row per slot
 
 
-def has_propensities(data: PreparedDataset, split: str) -> bool:
-    """Whether the split records request_id, position and propensity."""
-    return set(LOGGED_COLUMNS) <= set(data.events(split).columns)
+def _missing_columns(data: PreparedDataset, split: str) -> list[str]:
+    """The logged-slate columns the split lacks (its parquet schema only: no rows are read)."""
+    return sorted(set(LOGGED_COLUMNS) - set(pl.read_parquet_schema(data.path / f"{split}.parquet")))
 
 
 def logged_slates(data: PreparedDataset, split: str, seen: str = DEFAULT_SEEN) -> LoggedSlates:
@@ -115,25 +114,13 @@ def logged_slates(data: PreparedDataset, split: str, seen: str = DEFAULT_SEEN) -
         rows.join(keep.select("request_id"), on="request_id")
         .sort(USER_IDX, "request_id", "position")
     )
-    users = keep[USER_IDX].unique(maintain_order=True).to_numpy()
-    histories = (
-        _positives(data, SPLITS_BEFORE[split])
-        .group_by(USER_IDX, maintain_order=True)
-        .agg(pl.col(ITEM_IDX).alias("history"))
-    )
-    history = (
-        pl.DataFrame({USER_IDX: users}).join(histories, on=USER_IDX, how="left")
-        .with_columns(pl.col("history").fill_null(pl.lit([], dtype=pl.List(pl.Int64))))
-    )["history"]
-    queries = Queries(
-        split=split, user_idx=users, history=Ragged.from_lists(history, None, left=True),
-        targets=[np.empty(0, dtype=np.int64) for _ in users],
-        seen=[removed_items(h, seen) for h in history.to_list()],
-    )  # fmt: skip
+    users = keep.select(USER_IDX).unique(maintain_order=True).with_columns(
+        pl.lit([], dtype=pl.List(pl.Int64)).alias("targets"))
+    queries = queries_of(data, split, users, seen)
     shape = (keep.height, k)
     return LoggedSlates(
         queries=queries,
-        request_user=np.searchsorted(users, keep[USER_IDX].to_numpy()),
+        request_user=np.searchsorted(queries.user_idx, keep[USER_IDX].to_numpy()),
         items=slates[ITEM_IDX].to_numpy().reshape(shape),
         clicks=slates["clicked"].to_numpy().astype(bool).reshape(shape),
         propensity=slates["propensity"].to_numpy().reshape(shape),
@@ -217,8 +204,7 @@ def evaluate_ope(model: Recommender, slates: LoggedSlates, data: PreparedDataset
 
 def unavailable(data: PreparedDataset, split: str) -> str | None:
     """Why the split cannot be evaluated off-policy, or None when it can."""
-    if not has_propensities(data, split):
-        missing = sorted(set(LOGGED_COLUMNS) - set(data.events(split).columns))
+    if missing := _missing_columns(data, split):
         return (f"the {split} split of {data.path} has no {', '.join(missing)} column(s): the "
                 "log does not record how likely each shown item was (propensity)")
     kind = data.manifest.get("config", {}).get("data", {}).get("split", {}).get("kind")

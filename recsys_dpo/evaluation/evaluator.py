@@ -120,6 +120,13 @@ def build_queries(data: PreparedDataset, split: str, seen: str = DEFAULT_SEEN) -
             f"{data.path / f'{split}.parquet'}: the {split} split has no positive event "
             f"(column clicked is never true in its {n_rows} rows): nothing to evaluate"
         )
+    return queries_of(data, split, targets, seen)
+
+
+def queries_of(data: PreparedDataset, split: str, targets: pl.DataFrame,
+               seen: str = DEFAULT_SEEN) -> Queries:
+    """Queries of the users in `targets` (user_idx, targets: a list of item_idx each), by
+    user_idx, each with their positives before `split` as history."""
     histories = (
         _positives(data, SPLITS_BEFORE[split])
         .group_by(USER_IDX, maintain_order=True)
