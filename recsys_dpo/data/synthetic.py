@@ -144,12 +144,9 @@ class Truth:
                           positions: np.ndarray) -> np.ndarray:
         """P(click | user row, item row shown at position) of the click model, elementwise
         over broadcast arrays (float64)."""
-        cfg = self.config
-        utility = self.utility_scale * np.einsum(
-            "...d,...d->...", self.user_vectors[users].astype(np.float64),
-            self.item_vectors[items].astype(np.float64)) + self.item_bias[items]
-        examine = 1.0 / (1.0 + np.asarray(positions, dtype=np.float64)) ** cfg.examine_eta
-        return examine * _sigmoid(cfg.click_scale * utility + cfg.click_bias)
+        utility = _utility(self.user_vectors[users], self.item_vectors[items],
+                           self.item_bias[items], self.utility_scale)
+        return _click_probability(self.config, utility, positions)
 
     def logging_logits(self, users: np.ndarray) -> np.ndarray:
         """[len(users), n_items]: the logging policy's Plackett-Luce logits l_ui."""
@@ -188,9 +185,18 @@ class _Requests:
 
 def _utility(user_vectors: np.ndarray, item_vectors: np.ndarray, bias: np.ndarray,
              scale: float) -> np.ndarray:
-    """u = scale * <U, V> + b, row by row (float64 from the stored float32 vectors)."""
-    dot = np.einsum("nd,nd->n", user_vectors.astype(np.float64), item_vectors.astype(np.float64))
+    """u = scale * <U, V> + b, row by row over broadcast leading axes (float64 from the stored
+    float32 vectors)."""
+    dot = np.einsum("...d,...d->...", user_vectors.astype(np.float64),
+                    item_vectors.astype(np.float64))
     return scale * dot + bias
+
+
+def _click_probability(cfg: SyntheticConfig, utility: np.ndarray,
+                       positions: np.ndarray) -> np.ndarray:
+    """P(click | shown at p) = examine(p) * sigmoid(c * u + c0), examine(p) = 1 / (1 + p)^eta."""
+    examine = 1.0 / (1.0 + np.asarray(positions, dtype=np.float64)) ** cfg.examine_eta
+    return examine * _sigmoid(cfg.click_scale * utility + cfg.click_bias)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -337,8 +343,7 @@ def _simulate_block(cfg: SyntheticConfig, items: _Items, block: int) -> tuple[_V
 
     utility = _utility(user_vectors[np.repeat(row, k)], items.vectors[slate.ravel()],
                        items.bias[slate.ravel()], cfg.utility_scale).reshape(slate.shape)
-    examine = 1.0 / (1.0 + np.arange(k)) ** cfg.examine_eta
-    p_click = examine * _sigmoid(cfg.click_scale * utility + cfg.click_bias)
+    p_click = _click_probability(cfg, utility, np.arange(k))
     clicked = clicks_rng.random(slate.shape) < p_click
 
     number = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
