@@ -198,12 +198,14 @@ def _out_of_range(df: pl.DataFrame, source: str) -> None:
     for c, (low, high, low_inclusive) in BOUNDS.items():
         if c not in df.columns:
             continue
+        below = df[c] < low if low_inclusive else df[c] <= low
         if high is None:
-            faults.append(_shown_values(df, c, df[c] < low, f"that are below {low}"))
-            continue
-        outside = (df[c] < low if low_inclusive else df[c] <= low) | (df[c] > high)
-        allowed = f"{'[' if low_inclusive else '('}{low}, {high}]"
-        faults.append(_shown_values(df, c, outside, f"outside {allowed}"))
+            what = f"that are below {low}" if low_inclusive else f"that are at most {low}"
+            faults.append(_shown_values(df, c, below, what))
+        else:
+            bracket = "[" if low_inclusive else "("
+            faults.append(_shown_values(df, c, below | (df[c] > high),
+                                        f"outside {bracket}{low}, {high}]"))
     _raise_faults(faults, source)
 
 
