@@ -184,6 +184,8 @@ class Train(Section):
     k: Count
     early_stopping_patience: Count | None = None
     ckpt_every_n_steps: Count | None = None
+    lr_schedule: Annotated[str, one_of("recsys_dpo.training.schedule:LR_SCHEDULES")] = "constant"
+    warmup_steps: NonNegativeInt = 0
 
 
 class Trainer(Section):
