@@ -70,6 +70,7 @@ def test_wide_table_rows_are_whole_in_a_file(logged):
     assert 80 < len(row) <= LOG_COLUMNS
     assert "…" not in row and row.count("[") == 1 and row.count("]") == 1 and "dpo" in row
     assert "ope/pseudo_inverse_ctr" in stdout  # the evaluation table's longest metric name
+    assert "\n\n\n" not in stdout  # no blank lines left by progress bars a file cannot show
 
 
 def test_mlflow_tracking_uri_and_the_experiment_kind(logged):
