@@ -5,6 +5,7 @@
     python pipelines/run.py -m objective=dpo,sdpo objective.beta=0.05,0.1   # summary.md
     python pipelines/run.py force=true                         # re-run every stage
     python pipelines/run.py tracking.uri=http://127.0.0.1:5000 # a tracking server
+    python pipelines/run.py hparams_search=optuna               # tune on valid (Optuna)
 
 Each stage is skipped when its output exists for the same config hash. When the log records
 propensities (the synthetic log does) and the split is temporal, the last lines show each
@@ -27,7 +28,9 @@ from recsys_dpo.stage import exits_cleanly_on_bad_input
 
 
 @exits_cleanly_on_bad_input
-def run(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> float | None:
+    """The pipeline; its policy's valid pipeline.optimized_metric (None when unset), which
+    a sweeper such as hparams_search=optuna optimises."""
     result = run_pipeline(cfg, list(HydraConfig.get().overrides.task))
     out = job_dir()
     save_result(result, out)
@@ -38,11 +41,15 @@ def run(cfg: DictConfig) -> None:
     if online is not None:
         Console().print(online, highlight=False)
     Console().print(f"bundle: [bold]{result.bundle}[/]", highlight=False)
+    if result.valid_value is not None:
+        Console().print(f"objective (valid {result.optimized_metric}): {result.valid_value:.4f}",
+                        highlight=False)  # fmt: skip
+    return result.valid_value
 
 
 @hydra.main(config_path="../conf", config_name="run", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+def main(cfg: DictConfig) -> float | None:
+    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ Each stage's output has one writer at a time (`recsys_dpo.artifacts.stage_lock`)
 identical run stops with exit 2 and the owner's pid and host. MLflow gets one parent run per
 pipeline and one child per stage (`recsys_dpo.tracking.mlflow_utils`); the training stages log
 into their child through `tracking.run_id`. The config is checked (`recsys_dpo.settings.Run`)
-and the tracking server probed before any work.
+and the tracking server probed before any work. With `pipeline.optimized_metric` set (a tuning
+sweep, hparams_search=optuna) the policy is also evaluated on the valid split, before the test
+split, and that metric's value is the result's `valid_value`, which pipelines/run.py returns to
+the sweeper.
 
 The result (`PipelineResult`) is printed as a table, written as `pipeline_result.json` into the
 hydra job directory, and gathered by `SummaryCallback` into `summary.md` / `summary.json` at the
@@ -20,7 +23,7 @@ end of a multirun sweep.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -55,6 +59,7 @@ from recsys_dpo.evaluation.evaluator import (
 )
 from recsys_dpo.evaluation.report import summary_table, write_outputs
 from recsys_dpo.export.bundle import BundleModel, model_card, write_bundle
+from recsys_dpo.quiet import quiet_output
 from recsys_dpo.settings import Run
 from recsys_dpo.stage import plain, preflight
 from recsys_dpo.tracking.mlflow_utils import Tracker
@@ -88,6 +93,10 @@ class PipelineResult:
     parent_run_id: str | None
     registered: str | None
     ran: list[str]
+    # With pipeline.optimized_metric set: that metric of the policy on the valid split, the
+    # value a hyperparameter sweep optimises (hparams_search=optuna).
+    optimized_metric: str | None = None
+    valid_value: float | None = None
 
 
 def stage_config(cfg: DictConfig, **updates: Any) -> DictConfig:
@@ -156,37 +165,41 @@ class Pipeline:
                                         "trained_in_run": result.get("mlflow_run_id")})  # fmt: skip
         return result
 
-    def evaluate(self, data: PreparedDataset, policy: str, reference: str) -> Path:
-        """Policy vs reference on the test split (the evaluator's library), with its metrics,
-        report and plots on the child run."""
+    def evaluate(
+        self, data: PreparedDataset, policy: str, reference: str, split: str | None = None
+    ) -> Path:
+        """Policy vs reference on `split` (default eval.split, the test split; the evaluator's
+        library), with its metrics, report and plots on the child run (`evaluate`, or
+        `evaluate-<split>` for another split)."""
         cfg = self.cfg
-        config = {**plain(cfg.eval), "ckpt": policy, "reference_ckpt": reference,
-                  "prepared": str(data.path), "seed": cfg.seed}  # fmt: skip
-        out = Path(cfg.eval.out_dir) / f"{Path(policy).parent.name}-{cfg.eval.split}"
+        split = split or cfg.eval.split
+        stage = "evaluate" if split == cfg.eval.split else f"evaluate-{split}"
+        config = {**plain(cfg.eval), "split": split, "ckpt": policy,
+                  "reference_ckpt": reference, "prepared": str(data.path), "seed": cfg.seed}  # fmt: skip
+        out = Path(cfg.eval.out_dir) / f"{Path(policy).parent.name}-{split}"
         done = (out / "manifest.json").is_file() and (
             read_manifest(out).get("config_hash") == config_hash(config)
             and read_manifest(out).get("ckpt_sha256") == file_sha256(Path(policy))
         )
-        with self.tracker.child("evaluate") as run:
-            if self._fresh(done, "evaluate", out):
+        with self.tracker.child(stage) as run:
+            if self._fresh(done, stage, out):
                 with stage_lock(out):  # before computing: a second identical run stops here
-                    self._evaluate(data, policy, reference, out, config)
-            self.tracker.set_tags(run, {"skipped": "evaluate" not in self.ran})
+                    self._evaluate(data, policy, reference, out, config, split)
+            self.tracker.set_tags(run, {"skipped": stage not in self.ran})
             self.tracker.log_metrics(
                 run, eval_metrics(json.loads((out / "metrics.json").read_text()))
             )
             self.tracker.log_artifacts(run, out, "evaluation")
         return out
 
-    def _evaluate(
-        self, data: PreparedDataset, policy: str, reference: str, out: Path, config: dict
-    ) -> None:
+    def _evaluate(self, data: PreparedDataset, policy: str, reference: str, out: Path,
+                  config: dict, split: str) -> None:  # fmt: skip
         cfg = self.cfg
         models = {"policy": load_model(policy, trained_on(data)),
                   "reference": load_model(reference, trained_on(data))}
         outcome = compare(
             models["policy"], models["reference"], data,
-            names=(policy, reference), split=cfg.eval.split,
+            names=(policy, reference), split=split,
             k=list(cfg.eval.k), n_resamples=cfg.eval.n_resamples, seed=cfg.seed,
             ci=cfg.eval.ci, retrieval=RetrievalConfig(cfg.eval.index, cfg.eval.nlist,
             cfg.eval.nprobe, cfg.eval.use_gpu), head_fraction=cfg.eval.head_fraction,
@@ -366,6 +379,9 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResu
         pref_cfg = stage_config(cfg, **{"reference.ckpt": ref_ckpt})
         policy = pipe.train("preference", pref_cfg, f"{cfg.model.name}-{cfg.objective.name}")
         pol_ckpt = policy["best_ckpt"] or policy["last_ckpt"]
+        optimized = cfg.pipeline.optimized_metric
+        # The sweep's objective is read before, and never from, the test evaluation.
+        valid = None if optimized is None else valid_score(pipe, data, pol_ckpt, ref_ckpt)
         evaluation = pipe.evaluate(data, pol_ckpt, ref_ckpt)
         metrics = json.loads((evaluation / "metrics.json").read_text())
         primary = cfg.pipeline.primary_metric
@@ -381,49 +397,95 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResu
             candidate=better, bundle=str(bundle), evaluation=str(evaluation),
             parent_run_id=parent, registered=None if version is None else
             f"{cfg.pipeline.name}-{cfg.model.name}/{version}", ran=pipe.ran,
+            optimized_metric=optimized, valid_value=valid,
         )  # fmt: skip
         tracker.log_metrics(parent, eval_metrics(metrics))
+        if valid is not None:
+            tracker.log_metrics(parent, {f"valid/{optimized}": valid})
         tracker.set_tags(parent, {"candidate": "better" if better else "not_better",
                                   "bundle": bundle})  # fmt: skip
     return result
 
 
-def summary(results: Sequence[PipelineResult], title: str = "candidates") -> Table:
-    """One row per pipeline run: the candidate against its reference on the primary metric."""
+def valid_score(pipe: Pipeline, data: PreparedDataset, policy: str, reference: str) -> float:
+    """pipeline.optimized_metric of the policy on the valid split (its own evaluation, child
+    run `evaluate-valid`)."""
+    metric = pipe.cfg.pipeline.optimized_metric
+    values = json.loads((pipe.evaluate(data, policy, reference, "valid") / "metrics.json")
+                        .read_text())["models"]["policy"]  # fmt: skip
+    if metric not in values:
+        raise DataError(f"pipeline.optimized_metric={metric}: not among the metrics of the "
+                        f"valid evaluation {sorted(values)}")  # fmt: skip
+    return float(values[metric])
+
+
+# Sweep columns: (header, the row's cell) of every run.
+Columns = list[tuple[str, list[str]]]
+
+
+def swept_columns(results: Sequence[PipelineResult], swept: Sequence[Mapping[str, str]]) -> Columns:
+    """One column per swept key (`swept`: each run's values of them, e.g. {"objective.beta":
+    "0.1"}), then the tuning objective when the runs have one."""
+    # A sweep over the objective group has its column already (`objective`).
+    keys = list(dict.fromkeys(k for values in swept for k in values if k != "objective"))
+    columns = [(k, [values.get(k, "") for values in swept]) for k in keys]
+    if results and results[0].optimized_metric is not None:
+        columns.append((f"valid {results[0].optimized_metric}",
+                        [f"{r.valid_value:.4f}" for r in results]))  # fmt: skip
+    return columns
+
+
+def summary(
+    results: Sequence[PipelineResult],
+    title: str = "candidates",
+    swept: Sequence[Mapping[str, str]] = (),
+) -> Table:
+    """One row per pipeline run: the candidate against its reference on the primary metric,
+    after the values of the swept keys (`swept_columns`)."""
     table = Table(title=title)
-    for column in ("run", "objective", "beta", "reference", "policy", "delta [95% CI]", "KL",
-                   "candidate"):  # fmt: skip
+    columns = swept_columns(results, swept)
+    for column in ("run", *(c for c, _ in columns), "objective", "beta", "reference", "policy",
+                   "delta [95% CI]", "KL", "candidate"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("run", "objective") else "right")
-    for r in results:
+    for i, r in enumerate(results):
         table.add_row(
-            f"{r.name}-{r.model}", r.objective, str(r.beta), f"{r.reference:.4f}",
-            f"{r.policy:.4f}", f"{r.delta:+.4f} [{r.lo:+.4f}, {r.hi:+.4f}]", f"{r.kl:.4f}",
-            "yes" if r.candidate else "not better",
+            f"{r.name}-{r.model}", *(cells[i] for _, cells in columns), r.objective, str(r.beta),
+            f"{r.reference:.4f}", f"{r.policy:.4f}", f"{r.delta:+.4f} [{r.lo:+.4f}, {r.hi:+.4f}]",
+            f"{r.kl:.4f}", "yes" if r.candidate else "not better",
         )  # fmt: skip
     return table
 
 
-def summary_markdown(results: Sequence[PipelineResult]) -> str:
-    """summary.md: the summary table as markdown, primary metric named in the header."""
+def summary_markdown(
+    results: Sequence[PipelineResult], swept: Sequence[Mapping[str, str]] = ()
+) -> str:
+    """summary.md: the summary table as markdown, primary metric named in the header, one
+    column per swept key (`swept_columns`)."""
     primary = results[0].primary if results else "ndcg@10"
+    columns = swept_columns(results, swept)
+    extra = "".join(f" {c} |" for c, _ in columns)
     lines = [
         f"# Candidates ({primary}, policy vs reference, paired bootstrap CI)", "",
-        "| run | objective | beta | reference | policy | delta | CI | KL | candidate | bundle |",
-        "|---|---|---:|---:|---:|---:|---|---:|---|---|",
+        f"| run |{extra} objective | beta | reference | policy | delta | CI | KL | candidate | "
+        "bundle |",
+        "|---|" + "---|" * len(columns) + "---|---:|---:|---:|---:|---|---:|---|---|",
     ]  # fmt: skip
     lines += [
-        f"| {r.name}-{r.model} | {r.objective} | {r.beta} | {r.reference:.4f} | {r.policy:.4f} | "
+        f"| {r.name}-{r.model} |{''.join(f' {cells[i]} |' for _, cells in columns)} "
+        f"{r.objective} | {r.beta} | {r.reference:.4f} | {r.policy:.4f} | "
         f"{r.delta:+.4f} | [{r.lo:+.4f}, {r.hi:+.4f}] | {r.kl:.4f} | "
         f"{'yes' if r.candidate else 'not better'} | {r.bundle} |"
-        for r in results
+        for i, r in enumerate(results)
     ]
     return "\n".join(lines) + "\n"
 
 
-def write_summary(directory: Path, results: Sequence[PipelineResult]) -> None:
+def write_summary(
+    directory: Path, results: Sequence[PipelineResult], swept: Sequence[Mapping[str, str]] = ()
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "summary.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    (directory / "summary.md").write_text(summary_markdown(results))
+    (directory / "summary.md").write_text(summary_markdown(results, swept))
 
 
 def job_dir() -> Path | None:
@@ -436,16 +498,43 @@ def save_result(result: PipelineResult, directory: Path) -> None:
     (directory / RESULT_FILE).write_text(json.dumps(asdict(result), indent=2))
 
 
+def swept_keys(config: DictConfig) -> list[str]:
+    """The keys a multirun sweeps: its sweep overrides (`objective=dpo,sdpo`) and the
+    sweeper's own search space (`hydra.sweeper.params`, e.g. hparams_search=optuna's)."""
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [o.key_or_group for o in overrides if o.is_sweep_override()]
+    return list(dict.fromkeys([*keys, *(config.hydra.sweeper.get("params") or {})]))
+
+
+def job_values(job: Path, subdir: str | None, keys: Sequence[str]) -> dict[str, str]:
+    """The values of `keys` in a job's overrides as hydra recorded them
+    (`<job>/<hydra.output_subdir>/overrides.yaml`; nothing when it keeps none)."""
+    record = None if subdir is None else job / subdir / "overrides.yaml"
+    if record is None or not record.is_file():
+        return {}
+    given = OverridesParser.create().parse_overrides(list(OmegaConf.load(record)))
+    values = {o.key_or_group: o.get_value_element_as_str() for o in given}
+    return {k: values[k] for k in keys if k in values}
+
+
+def natural(path: Path) -> int:
+    """A sweep job directory's order: its job number (hydra.sweep.subdir), 10 after 9."""
+    return int(path.parent.name) if path.parent.name.isdigit() else -1
+
+
 class SummaryCallback(Callback):
     """At the end of a sweep, gather every job's pipeline_result.json into summary.md/json in
-    the sweep directory and print the comparison table."""
+    the sweep directory, with a column per swept key, and print the comparison table."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        quiet_output()  # the table's width: this runs outside the jobs' entry point
         sweep = Path(config.hydra.sweep.dir)
-        results = [PipelineResult(**json.loads(p.read_text()))
-                   for p in sorted(sweep.glob(f"*/{RESULT_FILE}"))]  # fmt: skip
+        files = sorted(sweep.glob(f"*/{RESULT_FILE}"), key=lambda p: (natural(p), str(p)))
+        results = [PipelineResult(**json.loads(p.read_text())) for p in files]
         if not results:
             return
-        write_summary(sweep, results)
-        Console().print(summary(results, f"sweep {sweep}"))
+        keys = swept_keys(config)
+        swept = [job_values(p.parent, config.hydra.output_subdir, keys) for p in files]
+        write_summary(sweep, results, swept)
+        Console().print(summary(results, f"sweep {sweep}", swept))
         Console().print(f"summary written to [bold]{sweep / 'summary.md'}[/]", highlight=False)

@@ -184,6 +184,8 @@ class Train(Section):
     k: Count
     early_stopping_patience: Count | None = None
     ckpt_every_n_steps: Count | None = None
+    lr_schedule: Annotated[str, one_of("recsys_dpo.training.schedule:LR_SCHEDULES")] = "constant"
+    warmup_steps: NonNegativeInt = 0
 
 
 class Trainer(Section):
@@ -240,6 +242,7 @@ class Pipeline(Section):
     name: Annotated[str, Field(min_length=1)]
     reference: PipelineReference
     primary_metric: str
+    optimized_metric: str | None = None
     bundle_dir: str
 
 
@@ -320,29 +323,35 @@ class Run(TrainPreference):
         return self
 
     @model_validator(mode="after")
-    def primary_metric_is_evaluated(self) -> Run:
-        metric = self.pipeline.primary_metric
+    def metrics_are_evaluated(self) -> Run:
+        """pipeline.primary_metric (the candidate rule, on test) and pipeline.optimized_metric
+        (a sweep's objective, on valid) name metrics the evaluation computes."""
+        self.check_metric("pipeline.primary_metric", self.pipeline.primary_metric)
+        if self.pipeline.optimized_metric is not None:
+            self.check_metric("pipeline.optimized_metric", self.pipeline.optimized_metric)
+        return self
+
+    def check_metric(self, key: str, metric: str) -> None:
+        what = "the candidate rule" if key == "pipeline.primary_metric" else "the sweep"
         if metric.startswith("ope/"):
             from recsys_dpo.evaluation.ope import ESTIMATORS  # scipy: only when asked
 
             estimator = metric.removeprefix("ope/").removesuffix("_ctr")
             if estimator not in ESTIMATORS or not metric.endswith("_ctr"):
                 raise ValueError(
-                    f"pipeline.primary_metric={metric}: an off-policy metric is ope/<estimator>"
-                    f"_ctr with the estimator one of {', '.join(ESTIMATORS)}"
+                    f"{key}={metric}: an off-policy metric is ope/<estimator>_ctr with the "
+                    f"estimator one of {', '.join(ESTIMATORS)}"
                 )
             if self.eval.ope.enabled is False:
-                raise ValueError(f"pipeline.primary_metric={metric} needs eval.ope.enabled "
-                                 "auto or true")
-            return self
+                raise ValueError(f"{key}={metric} needs eval.ope.enabled auto or true")
+            return
         _, at, k = metric.partition("@")
         # impression/ metrics have their own cut-offs; the others are <name>@<one of eval.k>.
         if at and not metric.startswith("impression/") and k not in map(str, self.eval.k):
             raise ValueError(
-                f"pipeline.primary_metric={metric}, eval.k={list(self.eval.k)}: the candidate "
-                "rule needs a metric the evaluation computes, its cut-off must be in eval.k"
+                f"{key}={metric}, eval.k={list(self.eval.k)}: {what} needs a metric the "
+                "evaluation computes, its cut-off must be in eval.k"
             )
-        return self
 
 
 S = TypeVar("S", bound=BaseModel)

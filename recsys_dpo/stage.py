@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from recsys_dpo.errors import DataError
+from recsys_dpo.quiet import quiet_output
 from recsys_dpo.settings import S, Tracking, validate
 
 
@@ -47,11 +48,13 @@ def preflight(cfg: DictConfig, schema: type[S]) -> S:
 
 
 def exits_cleanly_on_bad_input(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a DataError's message on one line (no traceback, no wrapping at the terminal's
-    width; brackets in it are text, not rich markup) and exit with status 2."""
+    """Every entry point's wrapper: third-party noise off first (`recsys_dpo.quiet`), then a
+    DataError's message printed on one line (no traceback, no wrapping at the terminal's width;
+    brackets in it are text, not rich markup) and exit with status 2."""
 
     @wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        quiet_output()
         try:
             return main(*args, **kwargs)
         except DataError as err:

@@ -11,6 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """Each test starts from the session's environment: an entry point called in-process sets
+    process-wide defaults (recsys_dpo.quiet: COLUMNS, MLflow's progress bars)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def shared_file(*parts: str) -> Path:
     """A file of ../shared/data, or a clean skip when the datasets are not there."""
     path = SHARED_DATA.joinpath(*parts)

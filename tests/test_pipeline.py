@@ -135,17 +135,21 @@ def test_summary_written_and_rerun_skips_every_stage(pipeline):
     assert {r.data.tags["skipped"] for r in skipped} == {"True"}
 
 
-@pytest.mark.slow
-def test_multirun_sweep_writes_one_summary(tmp_path):
+def test_multirun_sweep_summary_has_a_column_per_swept_key(tmp_path):
     sweep = tmp_path / "sweep"
-    done = run_pipeline("run.py", "-m", "objective=dpo,sdpo", f"paths.artifacts={tmp_path / 'a'}",
-                        *TINY, "tracking.enabled=false", f"hydra.sweep.dir={sweep}",
-                        cwd=tmp_path)  # fmt: skip
+    done = run_pipeline("run.py", "-m", "objective.beta=0.05,0.2", f"paths.artifacts={tmp_path / 'a'}", *TINY, "tracking.enabled=false",
+                        f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((sweep / "summary.json").read_text())
-    assert [r["objective"] for r in rows] == ["dpo", "sdpo"]
+    assert [r["beta"] for r in rows] == [0.05, 0.2]  # in job order
     assert rows[1]["ran"] == ["preference", "evaluate", "export"]  # data and reference reused
-    assert "sdpo" in (sweep / "summary.md").read_text()
+    lines = (sweep / "summary.md").read_text().splitlines()
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    # the swept key after the run; the overrides every job shares are no columns
+    assert header[:3] == ["run", "objective.beta", "objective"]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines[4:]]
+    assert [c[1] for c in cells] == ["0.05", "0.2"]
+    assert "objective.beta" in done.stdout  # the printed sweep table has them too
 
 
 def test_flat_params_cut_to_mlflow_limit():

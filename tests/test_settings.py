@@ -135,6 +135,12 @@ BAD = [
     ("run", ["pipeline.primary_metric=ndcg@50"],
      "pipeline.primary_metric=ndcg@50, eval.k=[10, 20]: the candidate rule needs a metric the "
      "evaluation computes, its cut-off must be in eval.k"),
+    ("run", ["pipeline.optimized_metric=ndcg@50"],
+     "pipeline.optimized_metric=ndcg@50, eval.k=[10, 20]: the sweep needs a metric the "
+     "evaluation computes, its cut-off must be in eval.k"),
+    ("run", ["train.lr_schedule=linear"],
+     "train.lr_schedule=linear: must be one of constant, cosine"),
+    ("run", ["train.warmup_steps=-1"], "train.warmup_steps=-1: must be >= 0"),
     ("run", ["pipeline.primary_metric=ope/bogus_ctr"],
      "pipeline.primary_metric=ope/bogus_ctr: an off-policy metric is ope/<estimator>_ctr with "
      "the estimator one of ips, snips, direct_method, doubly_robust, pseudo_inverse"),

@@ -13,6 +13,8 @@ import requests
 from mlflow.tracking import MlflowClient
 from test_pipeline import run
 
+from recsys_dpo.tracking.mlflow_utils import EXPERIMENT_KIND, MODEL_TRAINING
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -56,6 +58,7 @@ def test_pipeline_logs_to_a_server_over_http(server, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to a local store
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("recsys-dpo")
+    assert experiment.tags[EXPERIMENT_KIND] == MODEL_TRAINING  # the UI's model-training view
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]

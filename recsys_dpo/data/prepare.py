@@ -57,7 +57,9 @@ class PrepareSummary:
     report: ValidationReport
 
     def table(self) -> Table:
-        table = Table(title=f"prepared dataset: {self.out_dir}", show_header=True)
+        title = f"prepared dataset: {self.out_dir}"
+        # A title wraps at the table's width: as wide as the title, the path stays whole.
+        table = Table(title=title, show_header=True, min_width=len(title))
         table.add_column("what")
         table.add_column("count", justify="right")
         table.add_row("users", f"{self.users:,}")

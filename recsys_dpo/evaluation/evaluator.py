@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
+from rich import get_console
 from rich.progress import track
 from torch import Tensor
 
@@ -175,7 +176,9 @@ def check_k(k: Sequence[int], n_items: int) -> list[int]:
 
 def _batches(n: int, batch_size: int, progress: bool, what: str) -> Iterator[slice]:
     starts = range(0, n, batch_size)
-    for start in track(starts, description=what, disable=not progress, transient=True):
+    # A transient bar shows nothing in a log file but leaves a blank line there.
+    shown = progress and get_console().is_terminal
+    for start in track(starts, description=what, disable=not shown, transient=True):
         yield slice(start, min(start + batch_size, n))
 
 

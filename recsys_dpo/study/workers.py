@@ -30,9 +30,12 @@ from recsys_dpo.errors import DataError
 
 def _one_thread() -> None:
     """Worker initializer: one OpenMP/MKL thread (read when torch starts) and one torch
-    intra-op thread."""
+    intra-op thread; third-party noise off as in the study's own process."""
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
+    from recsys_dpo.quiet import quiet_output
+
+    quiet_output()
     import torch
 
     torch.set_num_threads(1)

@@ -4,7 +4,9 @@ A pipeline run is one PARENT run with one CHILD run per stage (tag `mlflow.paren
 is what `mlflow ui` nests by). The composed config goes in flat as params (values cut to MLflow's
 length limit) and whole as `config.yaml`; the prepared dataset's manifest as a run input whose
 digest is the manifest's config hash; the candidate's registry version gets the alias
-`candidate` or the tag `candidate=not_better`.
+`candidate` or the tag `candidate=not_better`. The experiment is tagged
+`mlflow.experimentKind=custom_model_development`, so the MLflow 3 UI opens it in its
+model-training view (runs, metrics, models) rather than asking or showing the GenAI one.
 
 `check_reachable` probes an HTTP tracking server before any work, so a wrong `tracking.uri`
 fails in seconds with one message instead of after training. `open_tracking` is how every
@@ -36,6 +38,9 @@ from recsys_dpo.stage import flatten, plain
 
 CANDIDATE_ALIAS = "candidate"
 PARENT_TAG = "mlflow.parentRunId"
+# The experiment tag the MLflow 3 UI picks its view by, and its model-training value.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 # How long a process waits for another one to finish setting up a fresh sqlite store.
 SETUP_WAIT_S = 300.0
 
@@ -72,13 +77,17 @@ def _setup_lock(uri: str) -> Any:
 
 def open_tracking(uri: str, experiment: str) -> MlflowClient:
     """A client of `uri` whose tracking and registry schemas exist and which has the
-    experiment `experiment`, set up under `_setup_lock` (MLflow caches the store per process,
-    so later clients and the fluent API reuse it without migrating again)."""
+    experiment `experiment`, tagged as model training (`EXPERIMENT_KIND`, unless it has a kind
+    already), set up under `_setup_lock` (MLflow caches the store per process, so later
+    clients and the fluent API reuse it without migrating again)."""
     with _setup_lock(uri):
         client = MlflowClient(uri)
         client.search_registered_models(max_results=1)  # creates the registry tables too
-        if client.get_experiment_by_name(experiment) is None:
-            client.create_experiment(experiment)
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            client.create_experiment(experiment, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+        elif EXPERIMENT_KIND not in found.tags:
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     return client
 
 

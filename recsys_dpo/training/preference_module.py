@@ -34,6 +34,7 @@ from recsys_dpo.training.reference_module import (
     model_weights,
     read_checkpoint,
 )
+from recsys_dpo.training.schedule import check_schedule, configure_optimizer
 
 # Settings an objective may not use; each must then stay at this neutral value.
 NEUTRAL = {"label_smoothing": 0.0, "gamma": 0.0, "lambda_d": 1.0, "lambda_u": 1.0}
@@ -89,6 +90,8 @@ class PreferenceModule(LightningModule):
             live reference (not precompute). sft has no preference term: the SFT-only
             baseline, which needs sft_alpha > 0.
         sft_alpha: weight of the RPO term, full-catalog cross-entropy on the chosen item.
+        lr, weight_decay: AdamW's; lr_schedule, warmup_steps: its learning rate per step
+            (`recsys_dpo.training.schedule`; "constant", 0: lr throughout).
         precompute: take reference log-probabilities from the batch, keep no reference model
             (then kl/policy_ref cannot be logged).
         disable_dropout: build policy and reference without dropout (as TRL does), so at step 0
@@ -112,6 +115,8 @@ class PreferenceModule(LightningModule):
         sft_alpha: float = 0.0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
         precompute: bool = False,
         disable_dropout: bool = True,
         k: int = 10,
@@ -137,6 +142,7 @@ class PreferenceModule(LightningModule):
             raise ValueError("objective=sft trains the SFT term alone: set sft_alpha > 0")
         if lr <= 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
+        check_schedule(lr_schedule, warmup_steps)
         self.save_hyperparameters()
         checkpoint = read_checkpoint(reference_ckpt)
         if dataset is not None:
@@ -237,10 +243,8 @@ class PreferenceModule(LightningModule):
         if norms:
             self.log("grad_norm", norms["grad_2.0_norm_total"])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.policy.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
+    def configure_optimizers(self) -> Any:
+        return configure_optimizer(self, self.policy.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model"] = model_spec(self.policy, "policy.")

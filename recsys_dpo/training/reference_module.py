@@ -35,6 +35,7 @@ from recsys_dpo.models.base import Batch
 from recsys_dpo.objectives import reference as losses
 from recsys_dpo.training.guards import require_finite, stage_guard
 from recsys_dpo.training.ranking_eval import ranking_metrics
+from recsys_dpo.training.schedule import check_schedule, configure_optimizer
 
 REFERENCE_LOSSES = ("ce", "sampled_softmax", "bce", "gbce", "bpr")
 
@@ -161,6 +162,8 @@ class ReferenceModule(LightningModule):
         loss: "ce" (full-catalog softmax), "sampled_softmax" (uniform negatives, logQ
             corrected), "bce", "gbce" (gSASRec, calibration `gbce_t`) or "bpr".
         num_negatives: uniformly sampled negatives per target for the sampled losses.
+        lr, weight_decay: AdamW's; lr_schedule, warmup_steps: its learning rate per step
+            (`recsys_dpo.training.schedule`; "constant", 0: lr throughout).
         init_from: a checkpoint of this module to start from (the compute-matched control).
         k: cut-off of the validation HR@k / NDCG@k.
         dataset: `trained_on` of the prepared dataset it trains on, recorded in every
@@ -179,6 +182,8 @@ class ReferenceModule(LightningModule):
         gbce_t: float = 0.75,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
         init_from: str | None = None,
         k: int = 10,
         dataset: dict[str, str] | None = None,
@@ -192,6 +197,7 @@ class ReferenceModule(LightningModule):
             )
         if lr <= 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
+        check_schedule(lr_schedule, warmup_steps)
         self.save_hyperparameters()
         self.model = build_model(
             model_name, **{**model_cfg, "n_items": n_items, "n_users": n_users}
@@ -266,10 +272,8 @@ class ReferenceModule(LightningModule):
             sync_dist=True,
         )
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(
-            self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
-        )
+    def configure_optimizers(self) -> Any:
+        return configure_optimizer(self, self.model.parameters())
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["model"] = model_spec(self.model, "model.")

@@ -22,7 +22,12 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch import LightningDataModule, LightningModule, seed_everything
-from lightning.pytorch.callbacks import Callback, EarlyStopping, RichProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    RichProgressBar,
+)
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -191,6 +196,8 @@ def fit(
     if cfg.progress:
         callbacks.append(RichProgressBar())
     logger = mlflow_logger(cfg, run_name, out)
+    if logger and (cfg.train.lr_schedule != "constant" or cfg.train.warmup_steps):
+        callbacks.append(LearningRateMonitor(logging_interval="step"))  # the metric `lr`
     run_id = logger.run_id if logger else None
     owner = rank_zero_only.rank == 0  # DDP re-runs the script per rank into `out`
     if owner:
@@ -275,6 +282,8 @@ def train_reference(cfg: DictConfig) -> Path:
             n_users=data.n_users,
             lr=cfg.train.lr,
             weight_decay=cfg.train.weight_decay,
+            lr_schedule=cfg.train.lr_schedule,
+            warmup_steps=cfg.train.warmup_steps,
             k=cfg.train.k,
             dataset=trained_on(data.dataset),
         )
@@ -350,6 +359,8 @@ def train_preference(cfg: DictConfig) -> Path:
             sft_alpha=objective.get("sft_alpha", 0.0),
             lr=cfg.train.lr,
             weight_decay=cfg.train.weight_decay,
+            lr_schedule=cfg.train.lr_schedule,
+            warmup_steps=cfg.train.warmup_steps,
             precompute=cfg.reference.precompute,
             k=cfg.train.k,
             dataset=trained_on(data.dataset),
