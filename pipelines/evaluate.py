@@ -108,7 +108,7 @@ def _evaluate(cfg: DictConfig, ckpt: str) -> Path:
     return out
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://recsys_dpo.conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> None:
     Console(quiet=not cfg.progress).print(summary.table())
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://recsys_dpo.conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

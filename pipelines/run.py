@@ -40,7 +40,7 @@ def run(cfg: DictConfig) -> None:
     Console().print(f"bundle: [bold]{result.bundle}[/]", highlight=False)
 
 
-@hydra.main(config_path="../conf", config_name="run", version_base="1.3")
+@hydra.main(config_path="pkg://recsys_dpo.conf", config_name="run", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

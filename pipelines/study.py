@@ -34,7 +34,7 @@ def run(cfg: DictConfig) -> None:
     console.print(f"study written to [bold]{out}[/]", highlight=False)
 
 
-@hydra.main(config_path="../conf", config_name="run_study", version_base="1.3")
+@hydra.main(config_path="pkg://recsys_dpo.conf", config_name="run_study", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

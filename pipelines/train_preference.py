@@ -21,7 +21,7 @@ def run(cfg: DictConfig) -> Path:
     return train_preference(cfg)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://recsys_dpo.conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

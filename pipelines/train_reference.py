@@ -22,7 +22,7 @@ def run(cfg: DictConfig) -> Path:
     return train_reference(cfg)
 
 
-@hydra.main(config_path="../conf", config_name="train_reference", version_base="1.3")
+@hydra.main(config_path="pkg://recsys_dpo.conf", config_name="train_reference", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

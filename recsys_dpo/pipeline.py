@@ -1,6 +1,6 @@
 """One command end to end: prepare -> reference -> preference -> evaluate -> export.
 
-`run_pipeline(cfg)` takes the config composed by `conf/run.yaml` (the root config plus a
+`run_pipeline(cfg)` takes the config composed by `recsys_dpo/conf/run.yaml` (the root config plus a
 `pipeline` block and `force`) and runs each stage's library function on the previous stage's
 files. A stage is skipped when its output already exists for the same config hash (the prepared
 manifest, a training run directory's result.json, the evaluation and bundle manifests; the
@@ -61,7 +61,7 @@ from recsys_dpo.tracking.mlflow_utils import Tracker
 from recsys_dpo.training.reference_module import load_model, trained_on
 from recsys_dpo.training.run import run_dir, train_preference, train_reference
 
-# Keys of conf/run.yaml that steer the runner only; the stages never see them.
+# Keys of recsys_dpo/conf/run.yaml that steer the runner only; the stages never see them.
 RUNNER_KEYS = ("pipeline", "force", "export")
 RESULT_FILE = "pipeline_result.json"
 

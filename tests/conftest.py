@@ -9,6 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+# The packaged configs (hydra finds them as pkg://recsys_dpo.conf).
+CONF = ROOT / "recsys_dpo" / "conf"
 
 
 def shared_file(*parts: str) -> Path:

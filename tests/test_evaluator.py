@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import ROOT, run_pipeline
+from conftest import CONF, ROOT, run_pipeline
 from hydra import compose, initialize_config_dir
 from torch import Tensor, nn
 
@@ -231,7 +231,7 @@ def save_checkpoint(model: Recommender, path: Path, data) -> Path:
 def test_cli_end_to_end(data, tmp_path):
     policy = save_checkpoint(sasrec(data, seed=6), tmp_path / "policy.ckpt", data)
     reference = save_checkpoint(sasrec(data, seed=7), tmp_path / "reference.ckpt", data)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[
             f"paths.prepared={data.path}", f"paths.artifacts={tmp_path}", f"eval.ckpt={policy}",
             f"reference.ckpt={reference}", "eval.k=[5,10]", "eval.n_resamples=50",

@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import ROOT, run_pipeline
+from conftest import CONF, ROOT, run_pipeline
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -64,7 +64,7 @@ PERMUTED = [NAMES[k] for k in np.random.default_rng(1).permutation(N_ITEMS)]
 
 
 def config(name: str, prepared: Path, root: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name=name, overrides=[
             f"paths.artifacts={root}", f"paths.prepared={prepared}", *SMALL, *overrides])  # fmt: skip
 
