@@ -20,8 +20,10 @@ end of a multirun sweep.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +71,10 @@ RESULT_FILE = "pipeline_result.json"
 @dataclass
 class PipelineResult:
     """What one pipeline run produced: the candidate against its reference on the primary
-    metric (mean paired delta and CI), where everything went, and which stages ran."""
+    metric (mean paired delta and CI; `candidate`: its CI lies above 0), where everything went
+    (the prepared dataset, both checkpoints, the evaluation directory, the bundle), the MLflow
+    parent run and its child run per stage (None and {} without tracking), and which stages
+    ran. `metrics` is the evaluation's metrics.json."""
 
     name: str
     model: str
@@ -83,11 +88,19 @@ class PipelineResult:
     hi: float
     kl: float
     candidate: bool
-    bundle: str
+    prepared: str
+    reference_ckpt: str
+    policy_ckpt: str
     evaluation: str
+    bundle: str
     parent_run_id: str | None
+    stage_run_ids: dict[str, str]
     registered: str | None
     ran: list[str]
+
+    @cached_property
+    def metrics(self) -> dict[str, Any]:
+        return json.loads((Path(self.evaluation) / "metrics.json").read_text())
 
 
 def stage_config(cfg: DictConfig, **updates: Any) -> DictConfig:
@@ -113,6 +126,15 @@ class Pipeline:
         self.tracker = tracker
         self.console = console
         self.ran: list[str] = []
+        self.run_ids: dict[str, str] = {}
+
+    @contextmanager
+    def child(self, stage: str) -> Iterator[str | None]:
+        """The stage's MLflow child run (tracker.child), its id kept for the result."""
+        with self.tracker.child(stage) as run:
+            if run is not None:
+                self.run_ids[stage] = run
+            yield run
 
     def _fresh(self, done: bool, stage: str, where: Path) -> bool:
         """True when the stage must run; logs the skip otherwise."""
@@ -126,7 +148,7 @@ class Pipeline:
         cfg, out = self.cfg, Path(self.cfg.paths.prepared)
         wanted = dataset_hash(prepare_config(cfg))
         done = (out / "manifest.json").is_file() and read_manifest(out)["config_hash"] == wanted
-        with self.tracker.child("prepare") as run:
+        with self.child("prepare") as run:
             if self._fresh(done, "prepare", out):
                 reader = instantiate(cfg.data.reader, _partial_=True)
                 summary = prepare_dataset(
@@ -146,7 +168,7 @@ class Pipeline:
         """Run (or skip) one training stage; its result.json."""
         out = run_dir(stage_cfg, stage, name)
         done = (out / "result.json").is_file()
-        with self.tracker.child(stage) as run:
+        with self.child(stage) as run:
             if self._fresh(done, stage, out):
                 with open_dict(stage_cfg):
                     stage_cfg.tracking.run_id = run
@@ -167,7 +189,7 @@ class Pipeline:
             read_manifest(out).get("config_hash") == config_hash(config)
             and read_manifest(out).get("ckpt_sha256") == file_sha256(Path(policy))
         )
-        with self.tracker.child("evaluate") as run:
+        with self.child("evaluate") as run:
             if self._fresh(done, "evaluate", out):
                 with stage_lock(out):  # before computing: a second identical run stops here
                     self._evaluate(data, policy, reference, out, config)
@@ -209,7 +231,7 @@ class Pipeline:
             read_manifest(out).get("config_hash") == manifest["config_hash"]
         )
         name = f"{cfg.pipeline.name}-{cfg.model.name}"
-        with self.tracker.child("export") as run:
+        with self.child("export") as run:
             if self._fresh(done, "export", out):
                 export_bundle(cfg, data, policy, evaluation, out)
             self.tracker.set_tags(run, {"skipped": "export" not in self.ran, "bundle": out})
@@ -231,7 +253,7 @@ def check_evaluation(evaluation: Path, policy: str, data: PreparedDataset) -> di
     manifest = read_manifest(evaluation)
     if manifest.get("stage") != "evaluate" or "metrics.json" not in manifest.get("files", {}):
         raise DataError(f"{evaluation}: not an evaluation output directory (its manifest is of "
-                        f"stage {manifest.get('stage')!r}); pass the pipelines/evaluate.py "
+                        f"stage {manifest.get('stage')!r}); pass the recsys-dpo evaluate "
                         "output of this checkpoint")  # fmt: skip
     verify_files(evaluation, manifest)
     metrics = json.loads((evaluation / "metrics.json").read_text())
@@ -240,7 +262,7 @@ def check_evaluation(evaluation: Path, policy: str, data: PreparedDataset) -> di
     if manifest.get("ckpt_sha256") != sha:
         raise DataError(f"{evaluation}: it evaluated the checkpoint {evaluated} (sha256 "
                         f"{str(manifest.get('ckpt_sha256'))[:12]}), not {policy} (sha256 "
-                        f"{sha[:12]}); evaluate this checkpoint (pipelines/evaluate.py) and "
+                        f"{sha[:12]}); evaluate this checkpoint (recsys-dpo evaluate) and "
                         "export with that output")  # fmt: skip
     wanted = content_hash(data.manifest)
     if manifest.get("dataset_hash") != wanted:
@@ -378,9 +400,10 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResu
             reference=metrics["models"]["reference"][primary],
             policy=metrics["models"]["policy"][primary], delta=delta["mean"], lo=delta["lo"],
             hi=delta["hi"], kl=metrics.get("comparison", {}).get("kl", float("nan")),
-            candidate=better, bundle=str(bundle), evaluation=str(evaluation),
-            parent_run_id=parent, registered=None if version is None else
-            f"{cfg.pipeline.name}-{cfg.model.name}/{version}", ran=pipe.ran,
+            candidate=better, prepared=str(data.path), reference_ckpt=ref_ckpt,
+            policy_ckpt=pol_ckpt, evaluation=str(evaluation), bundle=str(bundle),
+            parent_run_id=parent, stage_run_ids=pipe.run_ids, registered=None if version is
+            None else f"{cfg.pipeline.name}-{cfg.model.name}/{version}", ran=pipe.ran,
         )  # fmt: skip
         tracker.log_metrics(parent, eval_metrics(metrics))
         tracker.set_tags(parent, {"candidate": "better" if better else "not_better",

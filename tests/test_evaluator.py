@@ -5,17 +5,17 @@ prepare stage; test models implement the real `Recommender` interface.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import CONF, ROOT, run_pipeline
+from conftest import CONF, run_pipeline
 from hydra import compose, initialize_config_dir
 from torch import Tensor, nn
 
+from recsys_dpo.commands import evaluate as evaluate_cli
 from recsys_dpo.data.datamodule import load_prepared
 from recsys_dpo.data.prepare import prepare_dataset
 from recsys_dpo.data.vocab import Vocab
@@ -25,9 +25,6 @@ from recsys_dpo.evaluation.report import write_outputs
 from recsys_dpo.models import SASRec, TwoTower
 from recsys_dpo.models.base import Batch, Recommender
 from recsys_dpo.training.reference_module import model_spec, trained_on
-
-sys.path.insert(0, str(ROOT / "pipelines"))
-import evaluate as evaluate_cli  # noqa: E402
 
 N_USERS, CLICKS = 400, 6
 

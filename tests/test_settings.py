@@ -123,7 +123,7 @@ BAD = [
     ("evaluate", ["eval.nprobe=0"], "eval.nprobe=0: must be >= 1"),
     ("evaluate", ["eval.kl_chunk=0"], "eval.kl_chunk=0: must be >= 1"),
     ("run", ["objective=bce"],
-     "objective=bce is a reference-stage loss, but the objective of pipelines/run.py is the "
+     "objective=bce is a reference-stage loss, but the objective of recsys-dpo run is the "
      "preference (stage 2) objective: pick one (e.g. objective=dpo) and give stage 1 its loss "
      "by pipeline.reference.objective.name=bce"),
     ("run", ["pipeline.reference.objective.stage=preference"],
