@@ -20,7 +20,7 @@ install-dev: $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 
 quickstart: install
-	$(BIN)/python pipelines/run.py experiment=quickstart
+	$(BIN)/recsys-dpo run experiment=quickstart
 
 lint: install-dev
 	$(BIN)/ruff check .

@@ -70,7 +70,8 @@ MODELS = {
 RESULTS = Path(__file__).parent / "results" / "bench_train.json"
 EPOCH_RESULTS = RESULTS.with_name("bench_train_epoch_threads{threads}.json")
 QUALITY_RESULTS = RESULTS.with_name("bench_train_quality_seeds{seeds}.json")
-# The reference recipe of conf/experiment/ml1m_sasrec_dpo.yaml (model, data.max_len, batch).
+# The reference recipe of recsys_dpo/conf/experiment/ml1m_sasrec_dpo.yaml (model, data.max_len,
+# batch).
 RECIPE = {"dim": 64, "n_layers": 2, "n_heads": 1, "max_len": 200, "dropout": 0.2}
 RECIPE_BATCH, RECIPE_LR, CLIP = 128, 1e-3, 1.0
 PROFILED_STEPS = 3

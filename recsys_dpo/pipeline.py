@@ -1,6 +1,6 @@
 """One command end to end: prepare -> reference -> preference -> evaluate -> export.
 
-`run_pipeline(cfg)` takes the config composed by `conf/run.yaml` (the root config plus a
+`run_pipeline(cfg)` takes the config composed by `recsys_dpo/conf/run.yaml` (the root config plus a
 `pipeline` block and `force`) and runs each stage's library function on the previous stage's
 files. A stage is skipped when its output already exists for the same config hash (the prepared
 manifest, a training run directory's result.json, the evaluation and bundle manifests; the
@@ -23,8 +23,10 @@ end of a multirun sweep.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +68,7 @@ from recsys_dpo.tracking.mlflow_utils import Tracker
 from recsys_dpo.training.reference_module import load_model, trained_on
 from recsys_dpo.training.run import run_dir, train_preference, train_reference
 
-# Keys of conf/run.yaml that steer the runner only; the stages never see them.
+# Keys of recsys_dpo/conf/run.yaml that steer the runner only; the stages never see them.
 RUNNER_KEYS = ("pipeline", "force", "export")
 RESULT_FILE = "pipeline_result.json"
 
@@ -74,7 +76,10 @@ RESULT_FILE = "pipeline_result.json"
 @dataclass
 class PipelineResult:
     """What one pipeline run produced: the candidate against its reference on the primary
-    metric (mean paired delta and CI), where everything went, and which stages ran."""
+    metric (mean paired delta and CI; `candidate`: its CI lies above 0), where everything went
+    (the prepared dataset, both checkpoints, the evaluation directory, the bundle), the MLflow
+    parent run and its child run per stage (None and {} without tracking), and which stages
+    ran. `metrics` is the evaluation's metrics.json."""
 
     name: str
     model: str
@@ -88,15 +93,23 @@ class PipelineResult:
     hi: float
     kl: float
     candidate: bool
-    bundle: str
+    prepared: str
+    reference_ckpt: str
+    policy_ckpt: str
     evaluation: str
+    bundle: str
     parent_run_id: str | None
+    stage_run_ids: dict[str, str]
     registered: str | None
     ran: list[str]
     # With pipeline.optimized_metric set: that metric of the policy on the valid split, the
     # value a hyperparameter sweep optimises (hparams_search=optuna).
     optimized_metric: str | None = None
     valid_value: float | None = None
+
+    @cached_property
+    def metrics(self) -> dict[str, Any]:
+        return json.loads((Path(self.evaluation) / "metrics.json").read_text())
 
 
 def stage_config(cfg: DictConfig, **updates: Any) -> DictConfig:
@@ -122,6 +135,15 @@ class Pipeline:
         self.tracker = tracker
         self.console = console
         self.ran: list[str] = []
+        self.run_ids: dict[str, str] = {}
+
+    @contextmanager
+    def child(self, stage: str) -> Iterator[str | None]:
+        """The stage's MLflow child run (tracker.child), its id kept for the result."""
+        with self.tracker.child(stage) as run:
+            if run is not None:
+                self.run_ids[stage] = run
+            yield run
 
     def _fresh(self, done: bool, stage: str, where: Path) -> bool:
         """True when the stage must run; logs the skip otherwise."""
@@ -135,7 +157,7 @@ class Pipeline:
         cfg, out = self.cfg, Path(self.cfg.paths.prepared)
         wanted = dataset_hash(prepare_config(cfg))
         done = (out / "manifest.json").is_file() and read_manifest(out)["config_hash"] == wanted
-        with self.tracker.child("prepare") as run:
+        with self.child("prepare") as run:
             if self._fresh(done, "prepare", out):
                 reader = instantiate(cfg.data.reader, _partial_=True)
                 summary = prepare_dataset(
@@ -155,7 +177,7 @@ class Pipeline:
         """Run (or skip) one training stage; its result.json."""
         out = run_dir(stage_cfg, stage, name)
         done = (out / "result.json").is_file()
-        with self.tracker.child(stage) as run:
+        with self.child(stage) as run:
             if self._fresh(done, stage, out):
                 with open_dict(stage_cfg):
                     stage_cfg.tracking.run_id = run
@@ -181,7 +203,7 @@ class Pipeline:
             read_manifest(out).get("config_hash") == config_hash(config)
             and read_manifest(out).get("ckpt_sha256") == file_sha256(Path(policy))
         )
-        with self.tracker.child(stage) as run:
+        with self.child(stage) as run:
             if self._fresh(done, stage, out):
                 with stage_lock(out):  # before computing: a second identical run stops here
                     self._evaluate(data, policy, reference, out, config, split)
@@ -222,7 +244,7 @@ class Pipeline:
             read_manifest(out).get("config_hash") == manifest["config_hash"]
         )
         name = f"{cfg.pipeline.name}-{cfg.model.name}"
-        with self.tracker.child("export") as run:
+        with self.child("export") as run:
             if self._fresh(done, "export", out):
                 export_bundle(cfg, data, policy, evaluation, out)
             self.tracker.set_tags(run, {"skipped": "export" not in self.ran, "bundle": out})
@@ -244,7 +266,7 @@ def check_evaluation(evaluation: Path, policy: str, data: PreparedDataset) -> di
     manifest = read_manifest(evaluation)
     if manifest.get("stage") != "evaluate" or "metrics.json" not in manifest.get("files", {}):
         raise DataError(f"{evaluation}: not an evaluation output directory (its manifest is of "
-                        f"stage {manifest.get('stage')!r}); pass the pipelines/evaluate.py "
+                        f"stage {manifest.get('stage')!r}); pass the recsys-dpo evaluate "
                         "output of this checkpoint")  # fmt: skip
     verify_files(evaluation, manifest)
     metrics = json.loads((evaluation / "metrics.json").read_text())
@@ -253,7 +275,7 @@ def check_evaluation(evaluation: Path, policy: str, data: PreparedDataset) -> di
     if manifest.get("ckpt_sha256") != sha:
         raise DataError(f"{evaluation}: it evaluated the checkpoint {evaluated} (sha256 "
                         f"{str(manifest.get('ckpt_sha256'))[:12]}), not {policy} (sha256 "
-                        f"{sha[:12]}); evaluate this checkpoint (pipelines/evaluate.py) and "
+                        f"{sha[:12]}); evaluate this checkpoint (recsys-dpo evaluate) and "
                         "export with that output")  # fmt: skip
     wanted = content_hash(data.manifest)
     if manifest.get("dataset_hash") != wanted:
@@ -394,9 +416,10 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResu
             reference=metrics["models"]["reference"][primary],
             policy=metrics["models"]["policy"][primary], delta=delta["mean"], lo=delta["lo"],
             hi=delta["hi"], kl=metrics.get("comparison", {}).get("kl", float("nan")),
-            candidate=better, bundle=str(bundle), evaluation=str(evaluation),
-            parent_run_id=parent, registered=None if version is None else
-            f"{cfg.pipeline.name}-{cfg.model.name}/{version}", ran=pipe.ran,
+            candidate=better, prepared=str(data.path), reference_ckpt=ref_ckpt,
+            policy_ckpt=pol_ckpt, evaluation=str(evaluation), bundle=str(bundle),
+            parent_run_id=parent, stage_run_ids=pipe.run_ids, registered=None if version is
+            None else f"{cfg.pipeline.name}-{cfg.model.name}/{version}", ran=pipe.ran,
             optimized_metric=optimized, valid_value=valid,
         )  # fmt: skip
         tracker.log_metrics(parent, eval_metrics(metrics))

@@ -2,7 +2,7 @@
 
 A bad setting fails in a second with one line naming the key, the value and what is allowed
 (`config: train.batch_size=0: must be >= 1`), instead of a traceback mid-run, a run that trains
-on nonsense (`train.k=0` picks the best checkpoint by ndcg@0), or `pipelines/run.py` refusing
+on nonsense (`train.k=0` picks the best checkpoint by ndcg@0), or `recsys-dpo run` refusing
 its objective only after it has trained the reference.
 
 One pydantic model per config section and one per entry point (`Prepare`, `TrainReference`,
@@ -304,7 +304,7 @@ class ExportStage(Stage):
 
 
 class Run(TrainPreference):
-    """pipelines/run.py: the root objective is stage 2's, pipeline.reference.objective stage
+    """recsys-dpo run: the root objective is stage 2's, pipeline.reference.objective stage
     1's, so either one of the wrong stage is refused before the first stage runs."""
 
     pipeline: Pipeline
@@ -316,7 +316,7 @@ class Run(TrainPreference):
         if self.objective.stage != "preference":
             raise ValueError(
                 f"objective={name} is a reference-stage loss, but the objective of "
-                "pipelines/run.py is the preference (stage 2) objective: pick one (e.g. "
+                "recsys-dpo run is the preference (stage 2) objective: pick one (e.g. "
                 "objective=dpo) and give stage 1 its loss by "
                 f"pipeline.reference.objective.name={name}"
             )

@@ -3,7 +3,7 @@ a temporary directory that the next run of the stage removes (a live writer's is
 are 0755 / 0644; a read-only or full output directory stops prepare and evaluate with exit 2,
 one message and nothing written. The disk tests mount a small tmpfs and so run as root only."""
 
-import importlib.util
+import importlib
 import os
 import signal
 import stat
@@ -19,17 +19,16 @@ from conftest import ROOT
 from test_train_cli import SMALL, config, result
 
 from recsys_dpo.artifacts import atomic_dir, read_manifest
+from recsys_dpo.stage import exits_cleanly_on_bad_input
 from recsys_dpo.training.run import train_reference
 
 TMP_GLOB = ".synthetic.tmp-*"
 
 
 def entry_point(name: str):
-    """The `run` function of pipelines/<name>.py (exits 2 with one message on bad input)."""
-    spec = importlib.util.spec_from_file_location(f"cli_{name}", ROOT / "pipelines" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.run
+    """The stage recsys_dpo/commands/<name>.py as its command line runs it: exit 2 with one
+    message on bad input."""
+    return exits_cleanly_on_bad_input(importlib.import_module(f"recsys_dpo.commands.{name}").run)
 
 
 def modes(root: Path) -> set[tuple[str, int]]:

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_pipeline
+from conftest import CONF, run_pipeline
 from hydra import compose, initialize_config_dir
 from test_pipeline import TINY
 
@@ -33,7 +33,7 @@ def prepared(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("artifacts")
     done = run_pipeline("prepare.py", f"paths.artifacts={root}", "progress=false", *DATA, cwd=root)
     assert done.returncode == 0, done.stderr
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train_reference", overrides=[
             f"paths.artifacts={root}", *DATA, "model.dim=16", "model.n_layers=1",
             "model.n_heads=1", "trainer.max_epochs=1", "progress=false",

@@ -5,17 +5,17 @@ prepare stage; test models implement the real `Recommender` interface.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import ROOT, run_pipeline
+from conftest import CONF, run_pipeline
 from hydra import compose, initialize_config_dir
 from torch import Tensor, nn
 
+from recsys_dpo.commands import evaluate as evaluate_cli
 from recsys_dpo.data.datamodule import load_prepared
 from recsys_dpo.data.prepare import prepare_dataset
 from recsys_dpo.data.vocab import Vocab
@@ -25,9 +25,6 @@ from recsys_dpo.evaluation.report import write_outputs
 from recsys_dpo.models import SASRec, TwoTower
 from recsys_dpo.models.base import Batch, Recommender
 from recsys_dpo.training.reference_module import model_spec, trained_on
-
-sys.path.insert(0, str(ROOT / "pipelines"))
-import evaluate as evaluate_cli  # noqa: E402
 
 N_USERS, CLICKS = 400, 6
 
@@ -231,7 +228,7 @@ def save_checkpoint(model: Recommender, path: Path, data) -> Path:
 def test_cli_end_to_end(data, tmp_path):
     policy = save_checkpoint(sasrec(data, seed=6), tmp_path / "policy.ckpt", data)
     reference = save_checkpoint(sasrec(data, seed=7), tmp_path / "reference.ckpt", data)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[
             f"paths.prepared={data.path}", f"paths.artifacts={tmp_path}", f"eval.ckpt={policy}",
             f"reference.ckpt={reference}", "eval.k=[5,10]", "eval.n_resamples=50",

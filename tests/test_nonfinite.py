@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_pipeline
+from conftest import CONF, run_pipeline
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -40,7 +40,7 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 def config(name: str, artifacts: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(name, overrides=[f"paths.artifacts={artifacts}", *DATA, *SMALL, *overrides])
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SHARED_DATA
+from conftest import CONF, ROOT, SHARED_DATA
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from test_pipeline import TINY
@@ -84,13 +84,13 @@ def test_mlflow_tracking_uri_and_the_experiment_kind(logged):
 
 def test_an_explicit_tracking_uri_wins_over_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         from_env = compose("run").tracking.uri
         given = compose("run", overrides=[f"tracking.uri=sqlite:///{tmp_path}/x.db"]).tracking.uri
     assert from_env == "http://127.0.0.1:5999"
     assert given == f"sqlite:///{tmp_path}/x.db"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         assert compose("run").tracking.uri == "sqlite:///mlflow.db"
 
 

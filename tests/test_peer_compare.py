@@ -19,7 +19,7 @@ def test_the_peer_gets_the_study_reference_recipe_at_fixed_epochs(tmp_path: Path
     cfg, study_epochs = compare.reference_config(tmp_path / "data", tmp_path, 3, 1)
     settings = compare.peer_settings(cfg, 3, 1)
     # the study file's own cap, whatever it is set to
-    assert study_epochs == OmegaConf.load(ROOT / "conf/study/ml1m_sasrec.yaml").study.reference.max_epochs
+    assert study_epochs == OmegaConf.load(ROOT / "recsys_dpo/conf/study/ml1m_sasrec.yaml").study.reference.max_epochs
     assert cfg.trainer.max_epochs == 3 and cfg.train.early_stopping_patience is None
     assert cfg.objective.name == "ce" and cfg.mode == "fresh" and cfg.seed == 1
     assert settings == {

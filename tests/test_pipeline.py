@@ -1,4 +1,4 @@
-"""`pipelines/run.py` end to end on a tiny synthetic log, then what MLflow holds, read back with
+"""`recsys-dpo run` (as `pipelines/run.py`) end to end on a tiny synthetic log, then what MLflow holds, read back with
 MlflowClient: a parent run with one child per stage, config params and artifacts, the dataset
 input, training and evaluation metrics, the registered candidate; a re-run skips every stage."""
 
@@ -55,6 +55,10 @@ def test_one_parent_with_a_child_per_stage(pipeline):
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId")
                 == parent.info.run_id}  # fmt: skip
     assert set(children) == STAGES
+    # the result names each stage's child run (the training stages log as "reference" and
+    # "preference")
+    assert job_result(tmp, "job1")["stage_run_ids"] == {
+        name: r.info.run_id for name, r in children.items()}  # fmt: skip
     assert all(r.info.status == "FINISHED" for r in runs)
     assert job_result(tmp, "job1")["ran"] == [
         "prepare",

@@ -1,4 +1,4 @@
-"""The `conf/experiment/` presets: each composes, and sets only keys the base config has.
+"""The `recsys_dpo/conf/experiment/` presets: each composes, and sets only keys the base config has.
 
 Hydra merges a preset into a plain (unstructured) config, so a misspelt key
 (`reference.hard_negative: 16`) would be added silently and change nothing.
@@ -7,12 +7,12 @@ Hydra merges a preset into a plain (unstructured) config, so a misspelt key
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import CONF
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 MISSING = object()
-PRESETS = sorted((ROOT / "conf" / "experiment").glob("*.yaml"))
+PRESETS = sorted((CONF / "experiment").glob("*.yaml"))
 
 
 def leaves(tree: dict, prefix: str = "") -> list[str]:
@@ -30,7 +30,7 @@ def unknown_keys(preset: dict, base: DictConfig) -> list[str]:
 
 
 def composed(tmp_path: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("run", overrides=[f"paths.artifacts={tmp_path}", *overrides])
 
 

@@ -3,7 +3,7 @@ every preset passes, and each bad setting is refused with one line naming the ke
 and what is allowed. tests/test_entry_points.py runs a few of these through the real CLIs."""
 
 import pytest
-from conftest import ROOT
+from conftest import CONF
 from hydra import compose, initialize_config_dir
 
 from recsys_dpo.errors import DataError
@@ -22,12 +22,12 @@ from recsys_dpo.stage import plain
 STAGES = {"prepare": ("config", Prepare), "train_reference": ("train_reference", TrainReference),
           "train_preference": ("config", TrainPreference), "evaluate": ("config", Evaluate),
           "export": ("run", ExportStage), "run": ("run", Run)}  # fmt: skip
-PRESETS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 def check(stage: str, *overrides: str) -> None:
     config_name, schema = STAGES[stage]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name, overrides=list(overrides))
     validate(plain(cfg), schema)
 
@@ -123,7 +123,7 @@ BAD = [
     ("evaluate", ["eval.nprobe=0"], "eval.nprobe=0: must be >= 1"),
     ("evaluate", ["eval.kl_chunk=0"], "eval.kl_chunk=0: must be >= 1"),
     ("run", ["objective=bce"],
-     "objective=bce is a reference-stage loss, but the objective of pipelines/run.py is the "
+     "objective=bce is a reference-stage loss, but the objective of recsys-dpo run is the "
      "preference (stage 2) objective: pick one (e.g. objective=dpo) and give stage 1 its loss "
      "by pipeline.reference.objective.name=bce"),
     ("run", ["pipeline.reference.objective.stage=preference"],

@@ -74,10 +74,10 @@ def test_mean_sd_and_selection_rule():
 
 
 def tiny_study(**changes) -> OmegaConf:
-    study = OmegaConf.load(ROOT / "conf/study/synthetic_tiny.yaml")["study"]
-    root = OmegaConf.load(ROOT / "conf/run_study.yaml")["study"]
+    study = OmegaConf.load(ROOT / "recsys_dpo/conf/study/synthetic_tiny.yaml")["study"]
+    root = OmegaConf.load(ROOT / "recsys_dpo/conf/run_study.yaml")["study"]
     objectives = {
-        n: OmegaConf.load(ROOT / f"conf/objective/{n}.yaml") for n in ("ce", "dpo", "sft")
+        n: OmegaConf.load(ROOT / f"recsys_dpo/conf/objective/{n}.yaml") for n in ("ce", "dpo", "sft")
     }
     cfg = OmegaConf.merge(
         root, study, {"objectives": objectives, "out_dir": "o", "eval_cache": "e"}
@@ -214,7 +214,7 @@ def test_recipe_from_fixes_every_row_at_its_selected_point(tiny, tmp_path):
 def compose_study(name: str, *overrides: str):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "recsys_dpo" / "conf"), version_base="1.3"):
         return compose("run_study", [f"study={name}", *overrides])
 
 
@@ -266,7 +266,7 @@ def test_the_ml1m_and_ml100k_studies_compose_and_check():
 
 
 @pytest.mark.parametrize(
-    "path", sorted((ROOT / "conf" / "study").glob("*.yaml")), ids=lambda p: p.stem
+    "path", sorted((ROOT / "recsys_dpo" / "conf" / "study").glob("*.yaml")), ids=lambda p: p.stem
 )
 def test_a_study_file_sets_only_keys_the_base_config_has(path):
     """Outside its `study` block a study file sets root settings; a misspelt one would be
@@ -278,7 +278,7 @@ def test_a_study_file_sets_only_keys_the_base_config_has(path):
     groups = [f"{g.removeprefix('override /')}={choice}" for entry in body.pop("defaults", [])
               if isinstance(entry, dict) for g, choice in entry.items() if g.startswith("override")]  # fmt: skip
     body.pop("study")
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "recsys_dpo" / "conf"), version_base="1.3"):
         base = compose("config", groups)
     assert unknown_keys(body, base) == []
 

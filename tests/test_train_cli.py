@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import ROOT, run_pipeline
+from conftest import CONF, run_pipeline
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -46,7 +46,7 @@ def negatives(objective: str) -> tuple[str, ...]:
 
 def config(name: str, artifacts: Path, *overrides: str) -> DictConfig:
     """The config the CLI would compose for `overrides`."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name=name, overrides=[f"paths.artifacts={artifacts}", *DATA,
                                                    *overrides])  # fmt: skip
 

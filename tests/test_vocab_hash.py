@@ -9,28 +9,26 @@ stage has one.
 """
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import ROOT, run_pipeline
+from conftest import CONF, run_pipeline
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from recsys_dpo.artifacts import content_hash
+from recsys_dpo.commands import evaluate as evaluate_cli
 from recsys_dpo.data.datamodule import load_prepared
 from recsys_dpo.data.prepare import prepare_dataset
 from recsys_dpo.data.vocab import ITEMS_SCHEMA, USERS_SCHEMA, Vocab, check_same_vocab
 from recsys_dpo.errors import DataError
 from recsys_dpo.pipeline import export_bundle
+from recsys_dpo.stage import exits_cleanly_on_bad_input
 from recsys_dpo.training.reference_module import read_checkpoint
 from recsys_dpo.training.run import train_preference, train_reference
-
-sys.path.insert(0, str(ROOT / "pipelines"))
-import evaluate as evaluate_cli  # noqa: E402
 
 N_USERS, N_ITEMS, CLICKS = 120, 40, 6
 SMALL = ("model=sasrec", "model.dim=8", "model.n_layers=1", "model.n_heads=1", "data.max_len=10",
@@ -64,7 +62,7 @@ PERMUTED = [NAMES[k] for k in np.random.default_rng(1).permutation(N_ITEMS)]
 
 
 def config(name: str, prepared: Path, root: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name=name, overrides=[
             f"paths.artifacts={root}", f"paths.prepared={prepared}", *SMALL, *overrides])  # fmt: skip
 
@@ -138,9 +136,10 @@ def test_the_other_consumers_refuse_it_too(setup, tmp_path, capsys):
     # the same reference trained on b is fine as a policy; the foreign one as its reference is not
     own = train_reference(config("train_reference", b, root, f"paths.runs={root / 'runs_b'}"))
     own_ckpt = json.loads((own / "result.json").read_text())["last_ckpt"]
+    evaluate = exits_cleanly_on_bad_input(evaluate_cli.run)
     with pytest.raises(SystemExit, match="2"):
-        evaluate_cli.run(config("config", b, tmp_path, f"eval.ckpt={own_ckpt}",
-                                f"reference.ckpt={ckpt}", "eval.k=[5]"))  # fmt: skip
+        evaluate(config("config", b, tmp_path, f"eval.ckpt={own_ckpt}",
+                        f"reference.ckpt={ckpt}", "eval.k=[5]"))  # fmt: skip
     message = " ".join(capsys.readouterr().err.split())
     assert f"reference.ckpt={ckpt}" in message and "vocabulary hash" in message
     with pytest.raises(DataError, match="vocabulary hash"):

@@ -4,10 +4,11 @@ recipe, same epochs, one after the other in one run on the same box (issue 11 po
     python benchmarks/peer/compare.py --data artifacts/prepared/ml1m_sas --epochs 3 \
         [--peer-python benchmarks/peer/.venv/bin/python] [--threads 1] [--full-budget]
 
-- The recipe is the ML-1M study's reference (`conf/study/ml1m_sasrec.yaml`: the `model:` and
-  `train:` blocks and `study.reference`), composed by hydra exactly as `pipelines/study.py`
-  composes it, except: `--epochs` fixed epochs for both and no early stopping (RecTools has no
-  valid-NDCG early stopping), and both models are read at their LAST epoch.
+- The recipe is the ML-1M study's reference (`recsys_dpo/conf/study/ml1m_sasrec.yaml`: the
+  `model:` and `train:` blocks and `study.reference`), composed by hydra exactly as
+  `pipelines/study.py` composes it, except: `--epochs` fixed epochs for both and no early
+  stopping (RecTools has no valid-NDCG early stopping), and both models are read at their LAST
+  epoch.
 - Ours: `recsys_dpo.training.run.train_reference` on that config, in this process. Its epoch
   time is the gap between consecutive epochs' `val/ndcg@10` in MLflow (training plus the
   built-in full-catalog validation pass); the validation pass is timed on its own over the
@@ -68,7 +69,7 @@ def load() -> dict[str, Any]:
 def reference_config(data: Path, work: Path, epochs: int, seed: int) -> tuple[Any, int]:
     """The study's reference stage config (as `Study.reference` builds it) at fixed epochs,
     and the study's own max_epochs."""
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "recsys_dpo" / "conf"), version_base="1.3"):
         cfg = compose("run_study", [
             f"study={STUDY}", f"paths.artifacts={work}", f"paths.prepared={data}",
             f"tracking.uri=sqlite:///{work}/mlflow.db", "progress=false",

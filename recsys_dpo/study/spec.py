@@ -1,4 +1,5 @@
-"""Typed study settings: `conf/study/<name>.yaml` (the `study` block) -> `StudySpec`, checked.
+"""Typed study settings: `recsys_dpo/conf/study/<name>.yaml` (the `study` block) -> `StudySpec`,
+checked.
 
 A study (DESIGN.md, "Study protocol") is the dataset and model of the root config plus:
 
@@ -17,7 +18,7 @@ A study (DESIGN.md, "Study protocol") is the dataset and model of the root confi
   `plan_only`: print the plan and what of it is cached, train nothing.
 
 `objectives` holds the objective group configs the rows name (composed by hydra from
-conf/objective/ in the study file's defaults list), so a row says `objective: dpo`.
+recsys_dpo/conf/objective/ in the study file's defaults list), so a row says `objective: dpo`.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ def bad_setting(what: str) -> Iterator[None]:
 def require_stage(cfg: DictConfig, stage: str) -> None:
     """Refuse an objective of the other stage (e.g. train_reference with objective=dpo)."""
     if cfg.objective.stage != stage:
-        script = f"pipelines/train_{cfg.objective.stage}.py"
+        script = f"recsys-dpo train-{cfg.objective.stage}"
         raise DataError(
             f"objective={cfg.objective.name} is a {cfg.objective.stage}-stage objective, but "
             f"this is the {stage} stage: use {script}, or pick a {stage} objective"
@@ -97,7 +97,7 @@ def require_reference(cfg: DictConfig, data: PreparedDataset) -> dict[str, Any]:
     if path is None:
         raise DataError(
             "reference.ckpt is not set: pass reference.ckpt=<a checkpoint written by "
-            "pipelines/train_reference.py on this dataset>"
+            "recsys-dpo train-reference on this dataset>"
         )
     with bad_setting(f"reference.ckpt={path} on {cfg.paths.prepared}"):
         checkpoint = read_checkpoint(path)

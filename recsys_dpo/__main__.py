@@ -1,0 +1,6 @@
+"""`python -m recsys_dpo <command> ...` is `recsys-dpo <command> ...`."""
+
+from recsys_dpo.cli import main
+
+if __name__ == "__main__":
+    main()
