@@ -54,7 +54,7 @@ from recsys_dpo.evaluation.evaluator import (
     train_popularity,
 )
 from recsys_dpo.evaluation.report import summary_table, write_outputs
-from recsys_dpo.export.bundle import BundleModel, model_card, write_bundle
+from recsys_dpo.export.bundle import log_pyfunc, model_card, write_bundle
 from recsys_dpo.settings import Run
 from recsys_dpo.stage import plain, preflight
 from recsys_dpo.tracking.mlflow_utils import Tracker
@@ -113,6 +113,7 @@ class Pipeline:
         self.tracker = tracker
         self.console = console
         self.ran: list[str] = []
+        self.evaluate_run: str | None = None
 
     def _fresh(self, done: bool, stage: str, where: Path) -> bool:
         """True when the stage must run; logs the skip otherwise."""
@@ -168,6 +169,7 @@ class Pipeline:
             and read_manifest(out).get("ckpt_sha256") == file_sha256(Path(policy))
         )
         with self.tracker.child("evaluate") as run:
+            self.evaluate_run = run  # the registered candidate's source run: it has the metrics
             if self._fresh(done, "evaluate", out):
                 with stage_lock(out):  # before computing: a second identical run stops here
                     self._evaluate(data, policy, reference, out, config)
@@ -215,8 +217,7 @@ class Pipeline:
             self.tracker.set_tags(run, {"skipped": "export" not in self.ran, "bundle": out})
             version = None
             if run is not None:
-                info = _log_pyfunc(out, name)
-                version = str(info.registered_model_version)
+                version = log_pyfunc(out, name, self.evaluate_run)
                 self.tracker.mark_candidate(name, version, better)
         return out, version
 
@@ -287,20 +288,10 @@ def export_bundle(
     metrics, manifest = bundle_manifest(cfg, data, policy, evaluation)
     primary = cfg.pipeline.primary_metric
     card = model_card(f"{cfg.pipeline.name}-{cfg.model.name}", plain(cfg.data),
-                      plain(cfg.objective), metrics, primary, decide(metrics, primary))  # fmt: skip
+                      plain(cfg.objective), metrics, primary, decide(metrics, primary), model,
+                      cfg.eval.seen, data_window(data))  # fmt: skip
     return write_bundle(out, model, Vocab.load(data.path), user_histories(data),
                         evaluation / "topk.parquet", card, manifest)  # fmt: skip
-
-
-def _log_pyfunc(bundle: Path, name: str) -> Any:
-    """Log the bundle as a pyfunc model on the active run and register it as `name`."""
-    import mlflow.pyfunc
-
-    # Explicit requirements: inferring them would start a subprocess that imports the model.
-    return mlflow.pyfunc.log_model(
-        name="candidate", python_model=BundleModel(), artifacts={"bundle": str(bundle)},
-        registered_model_name=name, pip_requirements=["recsys-dpo"],
-    )  # fmt: skip
 
 
 def eval_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -335,6 +326,12 @@ def user_histories(data: PreparedDataset) -> pl.DataFrame:
         "user_id": users[queries.user_idx].tolist(),
         "history": [item_ids[h].tolist() for h in idx],
     }, schema={"user_id": pl.Utf8, "history": pl.List(pl.Utf8)})  # fmt: skip
+
+
+def data_window(data: PreparedDataset) -> tuple[int, int] | None:
+    """(min, max) timestamp of the training split's events; None when it is empty."""
+    stamps = data.events("train")["timestamp"]
+    return None if stamps.is_empty() else (int(stamps.min()), int(stamps.max()))
 
 
 def decide(metrics: dict[str, Any], primary: str) -> bool:

@@ -12,7 +12,6 @@ import polars as pl
 import pytest
 import torch
 from conftest import run_pipeline
-from test_pipeline import run
 
 from recsys_dpo.data.datamodule import load_prepared
 from recsys_dpo.errors import DataError
@@ -21,8 +20,9 @@ from recsys_dpo.export.bundle import load_bundle
 from recsys_dpo.training.reference_module import load_model
 
 K = 10
-FILES = {"model.safetensors", "model.json", "vocab_items.parquet", "vocab_users.parquet",
-         "histories.parquet", "index.faiss", "topk.parquet", "MODEL_CARD.md", "manifest.json"}  # fmt: skip
+FILES = {"user_tower.pt2", "item_embeddings.npy", "index.faiss", "vocab.json", "histories.json",
+         "serve.py", "requirements.txt", "model.safetensors", "model.json", "topk.parquet",
+         "MODEL_CARD.md", "manifest.json"}  # fmt: skip
 RECOMMEND = """
 import json, sys
 from recsys_dpo.export.bundle import load_bundle
@@ -32,13 +32,10 @@ print(json.dumps({u: bundle.recommend(u, int(sys.argv[2])) for u in sys.argv[3:]
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> tuple[Path, Path]:
+def bundle(untracked_run) -> tuple[Path, Path]:
     """(bundle dir, prepared dataset dir) of a tiny untracked pipeline run."""
-    tmp = tmp_path_factory.mktemp("bundle")
-    done = run(tmp, "job", "tracking.enabled=false")
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp / "job" / "pipeline_result.json").read_text())
-    return Path(result["bundle"]), tmp / "artifacts" / "prepared" / "synthetic"
+    prepared = untracked_run["tmp"] / "artifacts" / "prepared" / "synthetic"
+    return Path(untracked_run["bundle"]), prepared
 
 
 def brute_force_topk(ckpt: str, prepared: Path, k: int) -> dict[str, list[tuple[str, float]]]:
@@ -129,7 +126,7 @@ def test_export_cli_rebuilds_the_same_bundle(bundle, tmp_path):
                         cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads((out / "manifest.json").read_text())["files"]
-    for name in ("model.safetensors", "index.faiss", "topk.parquet", "histories.parquet"):
+    for name in FILES - {"manifest.json"}:
         assert again[name]["sha256"] == manifest["files"][name]["sha256"]
     missing = run_pipeline("export.py", f"export.ckpt='{manifest['policy_ckpt']}'", cwd=tmp_path)
     assert missing.returncode == 2 and "export.evaluation" in missing.stderr
