@@ -3,6 +3,7 @@ exactly what the trained checkpoint ranks (load_model + an independent brute-for
 agrees with the evaluator's topk.parquet."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,15 @@ def test_bundle_has_every_file(bundle):
     assert {p.name for p in path.iterdir()} == FILES
     card = (path / "MODEL_CARD.md").read_text()
     assert "objective: dpo, beta = 0.1" in card and "| ndcg@10 |" in card and "KL" in card
+    for section in ("## How to load it", "## Input contract", "## Seen policy", "## Provenance",
+                    "## Known limitations"):  # fmt: skip
+        assert section in card
+    assert "python serve.py" in card and "mlflow models serve" in card and "load_bundle" in card
+    assert "context [B, 10] int64" in card and "ids are strings" in card
+    assert "cold start: an unknown user_id is an error; serve a new user by their history" in card
+    assert "- `remove` (eval.seen" in card and "torch==2.13.0" in card
+    assert re.search(r"- code: git ([0-9a-f]{40}|unknown)", card)
+    assert re.search(r"- data window: timestamp \d+ \.\. \d+ \(training split\)", card)
 
 
 def test_fresh_process_recommends_what_the_checkpoint_ranks(bundle):
@@ -126,7 +136,8 @@ def test_export_cli_rebuilds_the_same_bundle(bundle, tmp_path):
                         cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads((out / "manifest.json").read_text())["files"]
-    for name in FILES - {"manifest.json"}:
+    # Every file but the card (it names the raw log's path, here another paths.artifacts).
+    for name in FILES - {"manifest.json", "MODEL_CARD.md"}:
         assert again[name]["sha256"] == manifest["files"][name]["sha256"]
     missing = run_pipeline("export.py", f"export.ckpt='{manifest['policy_ckpt']}'", cwd=tmp_path)
     assert missing.returncode == 2 and "export.evaluation" in missing.stderr

@@ -18,11 +18,13 @@ import mlflow
 import polars as pl
 import pytest
 import requests
+import torch
 from conftest import report, venv_env
 from mlflow.tracking import MlflowClient
 
 from recsys_dpo.export import serve
-from recsys_dpo.export.bundle import load_bundle
+from recsys_dpo.export.bundle import export_user_tower, load_bundle
+from recsys_dpo.models import SASRec, TwoTower
 from recsys_dpo.tracking.mlflow_utils import CANDIDATE_ALIAS
 
 K = 10
@@ -194,3 +196,23 @@ def test_mlflow_models_serve_answers_the_evaluated_topk(registered_run, model_se
     unknown = requests.post(f"{model_server}/invocations", timeout=60,
                             json={"dataframe_records": [{"user_id": "nobody"}]})  # fmt: skip
     assert unknown.status_code == 400 and "unknown user_id 'nobody'" in unknown.text
+
+
+@pytest.mark.parametrize("model", [
+    SASRec(n_items=30, dim=8, n_layers=2, n_heads=2, max_len=6, dropout=0.0),
+    TwoTower(n_items=30, n_users=5, dim=8, max_len=6, dropout=0.0),
+    TwoTower(n_items=30, n_users=5, dim=8, max_len=6, use_user_id=False),
+], ids=["sasrec", "two_tower", "two_tower_history_only"])  # fmt: skip
+def test_the_exported_tower_is_the_models_user_tower_at_any_batch_size(model, tmp_path):
+    """Padding (an empty history too) and batch sizes other than the traced one."""
+    export_user_tower(model, tmp_path / "tower.pt2")
+    tower = torch.export.load(tmp_path / "tower.pt2").module()
+    generator = torch.Generator().manual_seed(0)
+    for batch in (1, 2, 5):
+        user_idx = torch.randint(0, 5, (batch,), generator=generator)
+        context = torch.randint(1, 30, (batch, 6), generator=generator)
+        context[:, : batch % 6] = 0  # left padding
+        context[0] = 0
+        with torch.no_grad():
+            expected = model.eval().user_embeddings({"user_idx": user_idx, "context": context})
+            assert torch.equal(tower(user_idx, context), expected)

@@ -44,6 +44,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 import pandas as pd
 import polars as pl
@@ -69,9 +70,12 @@ SERVING_PACKAGES = ("torch", "numpy", "faiss-cpu", "pandas", "mlflow")
 
 
 def requirements() -> list[str]:
-    """Exact pins of SERVING_PACKAGES as installed here; a local version label (torch's
-    "+cpu") is dropped, so the pin resolves on any index."""
-    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
+    """Exact pins of SERVING_PACKAGES as installed here. A local version label (torch's
+    "+cpu") is dropped, so the pin resolves on any index; faiss is pinned as faiss-cpu at the
+    version of the faiss installed (a faiss-gpu install has no faiss-cpu distribution)."""
+    installed = {name: version(name) for name in SERVING_PACKAGES if name != "faiss-cpu"}
+    installed["faiss-cpu"] = faiss.__version__
+    return [f"{name}=={installed[name].split('+')[0]}" for name in SERVING_PACKAGES]
 
 
 class UserTower(nn.Module):
