@@ -45,11 +45,14 @@ from pathlib import Path
 from typing import Any
 
 import faiss
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import polars as pl
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.types import ColSpec, DataType, Schema
 from mlflow.types.schema import Array
 from safetensors.torch import save_model
@@ -194,10 +197,6 @@ def log_pyfunc(bundle: Path, name: str, source_run: str) -> str:
     no recsys_dpo) and register it as a version of `name` whose source run is `source_run`
     (the run holding the evaluation metrics) and whose description is MODEL_CARD.md; the
     version."""
-    import mlflow.pyfunc
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import ALREADY_EXISTS, RESOURCE_ALREADY_EXISTS, ErrorCode
-
     user = next(iter(json.loads((bundle / "histories.json").read_text())))
     info = mlflow.pyfunc.log_model(
         name="candidate", python_model=str(PYFUNC_FILE), artifacts={"bundle": str(bundle)},
