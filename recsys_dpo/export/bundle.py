@@ -344,7 +344,8 @@ def _serving_lines(name: str, model: Recommender, seen: str) -> list[str]:
         "pip install -r requirements.txt               # torch, numpy, faiss-cpu (+ pandas, "
         "mlflow for the pyfunc)",
         "python serve.py <bundle dir> <user_id> 10     # or: --history <item_id> ...",
-        f"mlflow models serve -m 'models:/{name}@candidate' --env-manager local -p 5000",
+        f"MLFLOW_TRACKING_URI=<tracking.uri> mlflow models serve -m 'models:/{name}@candidate' "
+        "--env-manager local -p 5000",
         "```",
         "",
         "In Python: `serve.Recommender(<bundle dir>).recommend(user_id or [item_id, ...], k)` "
