@@ -60,7 +60,7 @@ from recsys_dpo.evaluation.evaluator import (
     train_popularity,
 )
 from recsys_dpo.evaluation.report import summary_table, write_outputs
-from recsys_dpo.export.bundle import BundleModel, model_card, write_bundle
+from recsys_dpo.export.bundle import log_pyfunc, model_card, write_bundle
 from recsys_dpo.quiet import quiet_output
 from recsys_dpo.settings import Run
 from recsys_dpo.stage import plain, preflight
@@ -250,8 +250,7 @@ class Pipeline:
             self.tracker.set_tags(run, {"skipped": "export" not in self.ran, "bundle": out})
             version = None
             if run is not None:
-                info = _log_pyfunc(out, name)
-                version = str(info.registered_model_version)
+                version = log_pyfunc(out, name, self.run_ids.get("evaluate"))
                 self.tracker.mark_candidate(name, version, better)
         return out, version
 
@@ -322,20 +321,10 @@ def export_bundle(
     metrics, manifest = bundle_manifest(cfg, data, policy, evaluation)
     primary = cfg.pipeline.primary_metric
     card = model_card(f"{cfg.pipeline.name}-{cfg.model.name}", plain(cfg.data),
-                      plain(cfg.objective), metrics, primary, decide(metrics, primary))  # fmt: skip
+                      plain(cfg.objective), metrics, primary, decide(metrics, primary), model,
+                      cfg.eval.seen, data_window(data))  # fmt: skip
     return write_bundle(out, model, Vocab.load(data.path), user_histories(data),
                         evaluation / "topk.parquet", card, manifest)  # fmt: skip
-
-
-def _log_pyfunc(bundle: Path, name: str) -> Any:
-    """Log the bundle as a pyfunc model on the active run and register it as `name`."""
-    import mlflow.pyfunc
-
-    # Explicit requirements: inferring them would start a subprocess that imports the model.
-    return mlflow.pyfunc.log_model(
-        name="candidate", python_model=BundleModel(), artifacts={"bundle": str(bundle)},
-        registered_model_name=name, pip_requirements=["recsys-dpo"],
-    )  # fmt: skip
 
 
 def eval_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -370,6 +359,12 @@ def user_histories(data: PreparedDataset) -> pl.DataFrame:
         "user_id": users[queries.user_idx].tolist(),
         "history": [item_ids[h].tolist() for h in idx],
     }, schema={"user_id": pl.Utf8, "history": pl.List(pl.Utf8)})  # fmt: skip
+
+
+def data_window(data: PreparedDataset) -> tuple[int, int] | None:
+    """(min, max) timestamp of the training split's events; None when it is empty."""
+    stamps = data.events("train")["timestamp"]
+    return None if stamps.is_empty() else (int(stamps.min()), int(stamps.max()))
 
 
 def decide(metrics: dict[str, Any], primary: str) -> bool:

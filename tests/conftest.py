@@ -1,6 +1,8 @@
-"""Shared test fixtures: the repository root, the real datasets beside it, and the package
-installed from a wheel into a fresh virtualenv (one per test session)."""
+"""Shared test fixtures: the repository root and the real datasets beside it; tiny pipeline
+runs, the package installed from a wheel into a fresh virtualenv, and the one fresh serving
+virtualenv, each built once per session."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -59,13 +61,69 @@ def bad_input_message(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-# Seconds each environment-building fixture took, shown at the end of the session.
-BUILD_SECONDS: dict[str, float] = {}
+def report(config: pytest.Config, line: str) -> None:
+    """A measured figure printed in the test output, past pytest's capture (never asserted:
+    the box is shared)."""
+    with config.pluginmanager.get_plugin("capturemanager").global_and_fixture_disabled():
+        config.pluginmanager.get_plugin("terminalreporter").write_line(f"[measured] {line}")
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
-    for what, seconds in BUILD_SECONDS.items():
-        terminalreporter.write_line(f"{what}: built in {seconds:.0f} s")
+def _tiny_run(tmp: Path, *overrides: str) -> dict:
+    """A tiny pipelines/run.py run (test_pipeline's settings) under `tmp`: its
+    pipeline_result.json, plus "tmp"."""
+    from test_pipeline import run
+
+    done = run(tmp, "job", *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {**json.loads((tmp / "job" / "pipeline_result.json").read_text()), "tmp": tmp}
+
+
+@pytest.fixture(scope="session")
+def untracked_run(tmp_path_factory) -> dict:
+    """An untracked tiny pipeline run, seen policy `remove` (the default)."""
+    return _tiny_run(tmp_path_factory.mktemp("untracked"), "tracking.enabled=false")
+
+
+@pytest.fixture(scope="session")
+def registered_run(tmp_path_factory) -> dict:
+    """A tiny pipeline run tracked in a sqlite store ("uri"), which registers the bundle as an
+    MLflow model, under `eval.seen=keep`: on this repeat-consumption log the evaluated top-K
+    then holds items of the users' histories, so a server that removed them would differ."""
+    tmp = tmp_path_factory.mktemp("registered")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    return {**_tiny_run(tmp, f"tracking.uri={uri}", "eval.seen=keep"), "uri": uri}
+
+
+@pytest.fixture(scope="session")
+def serving_venv(request, registered_run, tmp_path_factory) -> Path:
+    """ONE fresh virtualenv for every environment test of the session: the packages of the
+    registered model's own requirements.txt (downloaded from the registry), nothing else, so
+    no recsys_dpo. Its directory."""
+    import mlflow
+
+    name = registered_run["registered"].split("/")[0]
+    mlflow.set_tracking_uri(registered_run["uri"])
+    requirements = mlflow.artifacts.download_artifacts(
+        f"models:/{registered_run['registered']}/requirements.txt",
+        dst_path=str(tmp_path_factory.mktemp("requirements")),
+    )
+    venv = tmp_path_factory.mktemp("venv") / name
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "-r", requirements],
+                         capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    report(request.config, f"serving venv built in {time.monotonic() - start:.0f} s "
+           f"({Path(requirements).read_text().split()})")  # fmt: skip
+    return venv
+
+
+def venv_env(venv: Path) -> dict[str, str]:
+    """The environment of a process of `venv`: its bin first on PATH (mlflow models serve
+    starts uvicorn from there), no PYTHONPATH (so nothing of this checkout is importable)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+            "VIRTUAL_ENV": str(venv)}  # fmt: skip
 
 
 def _check(cmd: list[str]) -> None:
@@ -76,7 +134,7 @@ def _check(cmd: list[str]) -> None:
 
 
 @pytest.fixture(scope="session")
-def installed(tmp_path_factory) -> Path:
+def installed(request, tmp_path_factory) -> Path:
     """bin/ of a fresh virtualenv holding the package as a user installs it: a wheel built from
     this checkout (`pip wheel`), torch pinned first, the other dependencies from the index."""
     started = time.monotonic()
@@ -95,13 +153,11 @@ def installed(tmp_path_factory) -> Path:
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile"]
     _check([*pip, "torch==2.13.0"])
     _check([*pip, str(wheel)])
-    BUILD_SECONDS["wheel virtualenv (tests/conftest.py::installed)"] = time.monotonic() - started
+    report(request.config, f"wheel virtualenv built in {time.monotonic() - started:.0f} s")
     return venv / "bin"
 
 
 def installed_env(bin_dir: Path) -> dict[str, str]:
     """The environment of a user of that virtualenv: its bin/ first on PATH, nothing of the
     checkout importable, the real datasets where they are."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
-            "VIRTUAL_ENV": str(bin_dir.parent), "RECSYS_DPO_SHARED_DATA": str(SHARED_DATA)}
+    return {**venv_env(bin_dir.parent), "RECSYS_DPO_SHARED_DATA": str(SHARED_DATA)}

@@ -3,6 +3,7 @@ exactly what the trained checkpoint ranks (load_model + an independent brute-for
 agrees with the evaluator's topk.parquet."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,6 @@ import polars as pl
 import pytest
 import torch
 from conftest import run_pipeline
-from test_pipeline import run
 
 from recsys_dpo.data.datamodule import load_prepared
 from recsys_dpo.errors import DataError
@@ -21,8 +21,9 @@ from recsys_dpo.export.bundle import load_bundle
 from recsys_dpo.training.reference_module import load_model
 
 K = 10
-FILES = {"model.safetensors", "model.json", "vocab_items.parquet", "vocab_users.parquet",
-         "histories.parquet", "index.faiss", "topk.parquet", "MODEL_CARD.md", "manifest.json"}  # fmt: skip
+FILES = {"user_tower.pt2", "item_embeddings.npy", "index.faiss", "vocab.json", "histories.json",
+         "serve.py", "requirements.txt", "model.safetensors", "model.json", "topk.parquet",
+         "MODEL_CARD.md", "manifest.json"}  # fmt: skip
 RECOMMEND = """
 import json, sys
 from recsys_dpo.export.bundle import load_bundle
@@ -32,13 +33,10 @@ print(json.dumps({u: bundle.recommend(u, int(sys.argv[2])) for u in sys.argv[3:]
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> tuple[Path, Path]:
+def bundle(untracked_run) -> tuple[Path, Path]:
     """(bundle dir, prepared dataset dir) of a tiny untracked pipeline run."""
-    tmp = tmp_path_factory.mktemp("bundle")
-    done = run(tmp, "job", "tracking.enabled=false")
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp / "job" / "pipeline_result.json").read_text())
-    return Path(result["bundle"]), tmp / "artifacts" / "prepared" / "synthetic"
+    prepared = untracked_run["tmp"] / "artifacts" / "prepared" / "synthetic"
+    return Path(untracked_run["bundle"]), prepared
 
 
 def brute_force_topk(ckpt: str, prepared: Path, k: int) -> dict[str, list[tuple[str, float]]]:
@@ -67,6 +65,15 @@ def test_bundle_has_every_file(bundle):
     assert {p.name for p in path.iterdir()} == FILES
     card = (path / "MODEL_CARD.md").read_text()
     assert "objective: dpo, beta = 0.1" in card and "| ndcg@10 |" in card and "KL" in card
+    for section in ("## How to load it", "## Input contract", "## Seen policy", "## Provenance",
+                    "## Known limitations"):  # fmt: skip
+        assert section in card
+    assert "python serve.py" in card and "mlflow models serve" in card and "load_bundle" in card
+    assert "context [B, 10] int64" in card and "ids are strings" in card
+    assert "cold start: an unknown user_id is an error; serve a new user by their history" in card
+    assert "- `remove` (eval.seen" in card and "torch==2.13.0" in card
+    assert re.search(r"- code: git ([0-9a-f]{40}|unknown)", card)
+    assert re.search(r"- data window: timestamp \d+ \.\. \d+ \(training split\)", card)
 
 
 def test_fresh_process_recommends_what_the_checkpoint_ranks(bundle):
@@ -129,7 +136,8 @@ def test_export_cli_rebuilds_the_same_bundle(bundle, tmp_path):
                         cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads((out / "manifest.json").read_text())["files"]
-    for name in ("model.safetensors", "index.faiss", "topk.parquet", "histories.parquet"):
+    # Every file but the card (it names the raw log's path, here another paths.artifacts).
+    for name in FILES - {"manifest.json", "MODEL_CARD.md"}:
         assert again[name]["sha256"] == manifest["files"][name]["sha256"]
     missing = run_pipeline("export.py", f"export.ckpt='{manifest['policy_ckpt']}'", cwd=tmp_path)
     assert missing.returncode == 2 and "export.evaluation" in missing.stderr

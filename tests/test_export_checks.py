@@ -122,7 +122,7 @@ def test_an_edited_metrics_file_is_refused(done, tmp_path, capsys):
 def test_load_bundle_refuses_a_changed_file(done, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(done["result"].bundle, bundle)
-    histories = bundle / "histories.parquet"
+    histories = bundle / "histories.json"
     histories.write_bytes(histories.read_bytes()[:-10])
     with pytest.raises(DataError, match=f"{histories}: sha256 differs"):
         load_bundle(bundle)

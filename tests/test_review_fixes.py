@@ -32,7 +32,7 @@ from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.evaluator import build_queries, compare, evaluate, listed_targets
 from recsys_dpo.evaluation.report import topk_frame
 from recsys_dpo.export.bundle import load_bundle, write_bundle
-from recsys_dpo.models import SASRec
+from recsys_dpo.models import SASRec, TwoTower
 from recsys_dpo.objectives import preference
 from recsys_dpo.pipeline import user_histories
 from recsys_dpo.retrieval.hard_negatives import reference_hard_negatives
@@ -339,15 +339,18 @@ def repeats(tmp_path_factory):
     return prepare_frame(log, tmp_path_factory.mktemp("repeats") / "prepared")
 
 
-def _sasrec(data) -> SASRec:
+def _model(data, name: str = "sasrec") -> SASRec | TwoTower:
     torch.manual_seed(0)
+    if name == "two_tower":
+        return TwoTower(n_items=data.n_items, n_users=data.n_users, dim=8, max_len=10).eval()
     return SASRec(n_items=data.n_items, n_users=data.n_users, dim=8, n_layers=1, n_heads=1,
                   max_len=10).eval()  # fmt: skip
 
 
+@pytest.mark.parametrize("name", ["sasrec", "two_tower"])
 @pytest.mark.parametrize("seen", ["remove", "keep"])
-def test_served_top_k_is_the_evaluated_top_k_for_every_test_user(repeats, tmp_path, seen):
-    model, k = _sasrec(repeats), 10
+def test_served_top_k_is_the_evaluated_top_k_for_every_test_user(repeats, tmp_path, seen, name):
+    model, k = _model(repeats, name), 10
     result = evaluate(model, repeats, "test", k=[k], seen=seen)
     vocab = Vocab.load(repeats.path)
     topk = topk_frame(result, vocab)
@@ -370,6 +373,9 @@ def test_served_top_k_is_the_evaluated_top_k_for_every_test_user(repeats, tmp_pa
                  for (u,), g in topk.group_by("user_id")}  # fmt: skip
     assert len(served) == len(evaluated) == len(queries)
     assert served == evaluated
+    if name == "two_tower":  # its tower embeds the user id: a bare history has none
+        with pytest.raises(DataError, match="embeds user ids"):
+            bundle.recommend(["i1"], k)
 
 
 @pytest.mark.parametrize("seen", ["remove", "keep"])

@@ -7,9 +7,10 @@ The evaluation directory is the one `recsys-dpo evaluate` wrote for this checkpo
 reference (metrics.json with CIs, topk.parquet); the dataset is `paths.prepared`. Export refuses
 (exit 2) an evaluation without its manifest (killed or still running), with files that no longer
 match their sha256, or of another checkpoint or dataset than the ones given. The bundle holds
-safetensors weights, model.json, vocab, user histories, a faiss index, the top-K lists and a
-model card (see recsys_dpo/export/bundle.py). `recsys-dpo run` runs this stage and also
-registers the bundle in MLflow.
+the torch.export'ed user tower, the item embeddings and faiss index, vocab and user histories
+as JSON, a standalone serve.py with its pinned requirements, the safetensors weights, the top-K
+lists and a model card (see recsys_dpo/export/bundle.py). `recsys-dpo run` runs this stage and
+also registers the bundle in MLflow (a self-contained pyfunc).
 """
 
 from pathlib import Path
