@@ -66,7 +66,7 @@ def test_bundle_has_every_file(bundle):
     path, _ = bundle
     assert {p.name for p in path.iterdir()} == FILES
     card = (path / "MODEL_CARD.md").read_text()
-    assert "objective: dpo, beta = 0.1" in card and "| ndcg@10 |" in card and "KL" in card
+    assert "objective: dpo, beta = 0.1" in card and "| ndcg_at_10 |" in card and "KL" in card
 
 
 def test_fresh_process_recommends_what_the_checkpoint_ranks(bundle):
