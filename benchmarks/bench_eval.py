@@ -1,5 +1,5 @@
 """Full-catalog evaluation retrieval: faiss exact vs torch matmul + topk vs a naive per-user loop,
-and IVF recall@10 against exact at its speed.
+and IVF recall_at_10 against exact at its speed.
 
     python benchmarks/bench_eval.py                       # 100k users x 100k items, d = 64
     python benchmarks/bench_eval.py --users 20000         # quicker; users/s does not change
@@ -97,21 +97,21 @@ def main() -> None:
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         sec, top = timed(lambda d=device: torch_topk(users, items, seen, 1024, d))
         rows[f"torch matmul + topk ({device})"] = {
-            "seconds": sec, "agrees_with_faiss@10": recall_at(top, exact, 10),
+            "seconds": sec, "agrees_with_faiss_at_10": recall_at(top, exact, 10),
         }  # fmt: skip
 
     subset = args.naive_users
     sec, top = timed(lambda: naive(users[:subset], items, seen[:subset]))
     rows["naive per-user numpy loop"] = {
         "seconds": sec * args.users / subset, "extrapolated_from_users": subset,
-        "agrees_with_faiss@10": recall_at(top, exact[:subset], 10),
+        "agrees_with_faiss_at_10": recall_at(top, exact[:subset], 10),
     }  # fmt: skip
 
     for nprobe in (8, 32):
         build_s, ivf = timed(lambda n=nprobe: build_index(items, "ivf_flat", nprobe=n))
         sec, (_, approx) = timed(lambda i=ivf: search(i, users, K, seen, args.batch))
         rows[f"faiss ivf_flat nprobe={nprobe}"] = {
-            "seconds": sec, "build_s": build_s, "recall@10_vs_exact": recall_at(approx, exact, 10),
+            "seconds": sec, "build_s": build_s, "recall_at_10_vs_exact": recall_at(approx, exact, 10),
         }  # fmt: skip
 
     for row in rows.values():

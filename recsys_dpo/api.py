@@ -5,7 +5,7 @@ runs that stage in this process.
     from recsys_dpo import api
 
     result = api.run(["experiment=quickstart", "paths.artifacts=/tmp/a"])
-    result.candidate, result.bundle, result.metrics["deltas"]["ndcg@10"]
+    result.candidate, result.bundle, result.metrics["deltas"]["ndcg_at_10"]
     prepared = api.prepare(["data=table", "data.name=mylog", "data.reader.path=clicks.parquet"])
 
 Bad input raises recsys_dpo.errors.DataError (where the command line prints it and exits 2).

@@ -479,7 +479,7 @@ def summary_markdown(
 ) -> str:
     """summary.md: the summary table as markdown, primary metric named in the header, one
     column per swept key (`swept_columns`)."""
-    primary = results[0].primary if results else "ndcg@10"
+    primary = results[0].primary if results else "ndcg_at_10"
     columns = swept_columns(results, swept)
     extra = "".join(f" {c} |" for c, _ in columns)
     lines = [

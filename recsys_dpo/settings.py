@@ -2,7 +2,7 @@
 
 A bad setting fails in a second with one line naming the key, the value and what is allowed
 (`config: train.batch_size=0: must be >= 1`), instead of a traceback mid-run, a run that trains
-on nonsense (`train.k=0` picks the best checkpoint by ndcg@0), or `recsys-dpo run` refusing
+on nonsense (`train.k=0` picks the best checkpoint by ndcg_at_0), or `recsys-dpo run` refusing
 its objective only after it has trained the reference.
 
 One pydantic model per config section and one per entry point (`Prepare`, `TrainReference`,
@@ -345,9 +345,11 @@ class Run(TrainPreference):
             if self.eval.ope.enabled is False:
                 raise ValueError(f"{key}={metric} needs eval.ope.enabled auto or true")
             return
-        _, at, k = metric.partition("@")
-        # impression/ metrics have their own cut-offs; the others are <name>@<one of eval.k>.
-        if at and not metric.startswith("impression/") and k not in map(str, self.eval.k):
+        name, at, k = metric.rpartition("_at_")
+        # impression/ metrics have their own cut-offs; the others are <name>_at_<one of eval.k>,
+        # and mrr (within the top max(eval.k) list) only mrr_at_<max(eval.k)>.
+        cuts = [max(self.eval.k)] if name == "mrr" else self.eval.k
+        if at and not metric.startswith("impression/") and k not in map(str, cuts):
             raise ValueError(
                 f"{key}={metric}, eval.k={list(self.eval.k)}: {what} needs a metric the "
                 "evaluation computes, its cut-off must be in eval.k"

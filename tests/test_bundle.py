@@ -64,7 +64,7 @@ def test_bundle_has_every_file(bundle):
     path, _ = bundle
     assert {p.name for p in path.iterdir()} == FILES
     card = (path / "MODEL_CARD.md").read_text()
-    assert "objective: dpo, beta = 0.1" in card and "| ndcg@10 |" in card and "KL" in card
+    assert "objective: dpo, beta = 0.1" in card and "| ndcg_at_10 |" in card and "KL" in card
     for section in ("## How to load it", "## Input contract", "## Seen policy", "## Provenance",
                     "## Known limitations"):  # fmt: skip
         assert section in card

@@ -112,7 +112,7 @@ def sasrec(data, seed: int) -> SASRec:
 def test_oracle_model_scores_perfectly(data, split):
     result = evaluate(oracle(data, split), data, split, k=[1, 5])
     assert result.counts["users"] == len(held_out(data, split)) == N_USERS
-    for name in ("hr@1", "ndcg@1", "hr@5", "ndcg@5", "mrr"):
+    for name in ("hr_at_1", "ndcg_at_1", "hr_at_5", "ndcg_at_5", "mrr_at_5"):
         assert result.aggregates[name] == 1.0
 
 
@@ -126,7 +126,7 @@ def test_random_model_hits_k_over_n(big):
     n_seen = np.array([len(h) for h in history(big, "test").values()])
     expected = np.mean(k / (big.n_items - 1 - n_seen))
     sd = np.sqrt(expected * (1 - expected) / N_USERS)
-    assert abs(result.aggregates[f"hr@{k}"] - expected) < 4 * sd
+    assert abs(result.aggregates[f"hr_at_{k}"] - expected) < 4 * sd
 
 
 def test_matches_brute_force_full_scores(data):
@@ -149,15 +149,15 @@ def test_matches_brute_force_full_scores(data):
     assert per_user["user_idx"].to_list() == users
     for cut in k:
         hit = (rank < cut).astype(float)
-        np.testing.assert_array_equal(per_user[f"hr@{cut}"].to_numpy(), hit)
-        np.testing.assert_allclose(per_user[f"ndcg@{cut}"].to_numpy(), hit / np.log2(rank + 2),
+        np.testing.assert_array_equal(per_user[f"hr_at_{cut}"].to_numpy(), hit)
+        np.testing.assert_allclose(per_user[f"ndcg_at_{cut}"].to_numpy(), hit / np.log2(rank + 2),
                                    rtol=1e-6)  # fmt: skip
 
 
 def test_compare_with_itself_is_exactly_zero(data):
     model = sasrec(data, seed=1)
     result = compare(model, model, data, "test", k=[5, 10], n_resamples=200)
-    assert result.deltas and {"hr@5", "ndcg@10", "mrr"} <= set(result.deltas)
+    assert result.deltas and {"hr_at_5", "ndcg_at_10", "mrr_at_10"} <= set(result.deltas)
     for name, delta in result.deltas.items():
         assert (delta.mean, delta.lo, delta.hi) == (0.0, 0.0, 0.0), name
         assert not delta.significant
@@ -168,7 +168,7 @@ def test_compare_with_itself_is_exactly_zero(data):
 def test_compare_detects_a_better_policy(data):
     result = compare(oracle(data, "test"), sasrec(data, seed=2), data, "test", k=[5],
                      n_resamples=200)  # fmt: skip
-    assert result.deltas["hr@5"].significant and result.deltas["hr@5"].lo > 0
+    assert result.deltas["hr_at_5"].significant and result.deltas["hr_at_5"].lo > 0
     assert (result.per_user["kl"].to_numpy() > 0).all()
 
 
@@ -194,8 +194,8 @@ def test_outputs_in_original_ids_without_seen_items(data, tmp_path):
         assert not set(row["item_id"]) & set(row["seen"])
         assert row["score"] == sorted(row["score"], reverse=True)
     payload = json.loads((out / "metrics.json").read_text())
-    assert set(payload["models"]) == {"policy", "reference"} and "hr@7" in payload["deltas"]
-    assert "| hr@7 |" in (out / "report.md").read_text()
+    assert set(payload["models"]) == {"policy", "reference"} and "hr_at_7" in payload["deltas"]
+    assert "| hr_at_7 |" in (out / "report.md").read_text()
 
 
 def test_bad_inputs_raise_clear_errors(data, tmp_path):
@@ -239,7 +239,7 @@ def test_cli_end_to_end(data, tmp_path):
     payload = json.loads((out / "metrics.json").read_text())
     assert payload["config"]["ckpt"] == str(policy) and payload["counts"]["users"] == N_USERS
     per_user = pl.read_parquet(out / "per_user.parquet")
-    assert {"user_id", "hr@5/policy", "hr@5/reference", "hr@5/delta", "kl"} <= set(
+    assert {"user_id", "hr_at_5/policy", "hr_at_5/reference", "hr_at_5/delta", "kl"} <= set(
         per_user.columns
     )
 

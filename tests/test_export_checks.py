@@ -111,7 +111,7 @@ def test_an_edited_metrics_file_is_refused(done, tmp_path, capsys):
     evaluation = tmp_path / "evaluation"
     shutil.copytree(done["result"].evaluation, evaluation)
     metrics = json.loads((evaluation / "metrics.json").read_text())
-    metrics["models"]["policy"]["ndcg@10"] = 0.99
+    metrics["models"]["policy"]["ndcg_at_10"] = 0.99
     (evaluation / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(SystemExit) as excinfo:
         export(done, tmp_path, evaluation)

@@ -12,7 +12,7 @@ from test_pipeline import TINY
 
 
 def policy_value(evaluation: str) -> float:
-    return json.loads(open(f"{evaluation}/metrics.json").read())["models"]["policy"]["ndcg@10"]
+    return json.loads(open(f"{evaluation}/metrics.json").read())["models"]["policy"]["ndcg_at_10"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def sweep(tmp_path_factory):
 def test_the_objective_is_the_valid_metric_read_before_test(sweep):
     _, trials = sweep
     for trial in trials:
-        assert trial["optimized_metric"] == "ndcg@10"
+        assert trial["optimized_metric"] == "ndcg_at_10"
         # the valid evaluation first, then the test one (which no trial's objective reads)
         assert trial["ran"][-3:] == ["evaluate-valid", "evaluate", "export"]
         valid_dir = trial["evaluation"].removesuffix("-test") + "-valid"
@@ -51,7 +51,7 @@ def test_summary_has_the_tuned_keys_and_the_objective(sweep):
     directory, trials = sweep
     lines = (directory / "summary.md").read_text().splitlines()
     header = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert header[:4] == ["run", "objective.beta", "train.lr", "valid ndcg@10"]
+    assert header[:4] == ["run", "objective.beta", "train.lr", "valid ndcg_at_10"]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[4:]]
     assert [float(r[1]) for r in rows] == pytest.approx([t["beta"] for t in trials])
     assert [float(r[3]) for r in rows] == pytest.approx([t["valid_value"] for t in trials],

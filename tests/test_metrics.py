@@ -31,7 +31,7 @@ from recsys_dpo.evaluation.metrics import (
 
 
 def bf_ranking(row: list, rel: set, k: int) -> dict:
-    """HR@k, recall@k, NDCG@k and MRR of one user by direct summation (NaN without relevant)."""
+    """HR@k, recall_at_k, NDCG@k and MRR of one user by direct summation (NaN without relevant)."""
     if not rel:
         return dict.fromkeys(("hr", "recall", "ndcg", "mrr"), math.nan)
     top = [x for x in row[:k] if x >= 0]
@@ -255,7 +255,7 @@ def test_perfect_model_scores_one():
     ):
         assert (values == 1.0).all()
     report = ranking_metrics(ranked, target, [1, 10])
-    assert report["hr@1"] == report["ndcg@10"] == report["mrr"] == 1.0
+    assert report["hr_at_1"] == report["ndcg_at_10"] == report["mrr_at_10"] == 1.0
     assert report["users"] == 200 and report["users_excluded"] == 0
 
 

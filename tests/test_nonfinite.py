@@ -1,7 +1,7 @@
 """No non-finite number passes silently (issue 15, item 5).
 
 A NaN score compares false with everything, so `(scores >= nan).sum() - 1` ranked a NaN target
-at -1 and NDCG@k came out inf: a reference trained at lr 1e30 was cached with val/ndcg@10
+at -1 and NDCG@k came out inf: a reference trained at lr 1e30 was cached with val/ndcg_at_10
 "Infinity" (exit 0). Both training stages now stop with a message naming the stage and the
 setting (exit 2, no result.json, no checkpoint of the diverged state); the in-training ranking
 and the evaluator refuse non-finite scores.
@@ -79,7 +79,7 @@ def test_preference_stage_stops_on_a_nan_loss(artifacts, reference, tmp_path):
 def test_a_finite_loss_with_diverged_weights_stops_at_validation(artifacts, reference, stage,
                                                                  tmp_path):  # fmt: skip
     """One step at lr 1e30: that step's loss was finite, but the weights it left score inf or
-    NaN; before, val/ndcg@10 = Infinity became the best checkpoint and result.json."""
+    NaN; before, val/ndcg_at_10 = Infinity became the best checkpoint and result.json."""
     overrides = ("+trainer.limit_train_batches=1", "train.lr=1e30", f"paths.runs={tmp_path}")
     train = train_reference if stage == "reference" else train_preference
     name = "train_reference" if stage == "reference" else "config"

@@ -18,7 +18,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     html = "".join(o.get("data", {}).get("text/html", "") for o in outputs)
     # the policy-vs-reference table, with the CI columns, rendered inline
-    assert "ci_lo" in html and "ndcg@10" in html and "significant" in html
+    assert "ci_lo" in html and "ndcg_at_10" in html and "significant" in html
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 4  # training curves + the three evaluation plots
     assert (tmp_path / "mlflow.db").is_file() and os.listdir(tmp_path / "artifacts" / "bundles")

@@ -39,5 +39,5 @@ def test_peer_lists_are_aligned_to_the_query_users_in_rank_order(tmp_path: Path)
     assert ranked[0].tolist() == [-1] * k
     assert ranked[1].tolist() == [100 + r for r in range(k)]
     scores = compare.scored(ranked, [np.array([100]), np.array([102])])
-    assert scores["hr@10"].tolist() == [0.0, 1.0]
-    assert np.isclose(scores["ndcg@10"][1], 1 / np.log2(4))
+    assert scores["hr_at_10"].tolist() == [0.0, 1.0]
+    assert np.isclose(scores["ndcg_at_10"][1], 1 / np.log2(4))

@@ -97,8 +97,8 @@ def test_training_and_evaluation_metrics(pipeline):
     assert len(history) >= 1
     metrics = json.loads((Path(job_result(tmp, "job1")["evaluation"]) / "metrics.json").read_text())
     logged = children["evaluate"].data.metrics
-    assert logged["policy/ndcg_at_10"] == pytest.approx(metrics["models"]["policy"]["ndcg@10"])
-    assert logged["delta_lo/ndcg_at_10"] == pytest.approx(metrics["deltas"]["ndcg@10"]["lo"])
+    assert logged["policy/ndcg_at_10"] == pytest.approx(metrics["models"]["policy"]["ndcg_at_10"])
+    assert logged["delta_lo/ndcg_at_10"] == pytest.approx(metrics["deltas"]["ndcg_at_10"]["lo"])
     # The quickstart's log has propensities and a temporal split: the off-policy estimates too.
     assert logged["policy/ope/snips_ctr"] == pytest.approx(
         metrics["models"]["policy"]["ope/snips_ctr"])
@@ -116,7 +116,7 @@ def test_registered_version_alias_matches_the_ci(pipeline):
     client = MlflowClient(uri)
     result = job_result(tmp, "job1")
     metrics = json.loads((Path(result["evaluation"]) / "metrics.json").read_text())
-    better = metrics["deltas"]["ndcg@10"]["lo"] > 0
+    better = metrics["deltas"]["ndcg_at_10"]["lo"] > 0
     versions = client.search_model_versions("name='quickstart-sasrec'")
     assert len(versions) == 1
     version = versions[0]

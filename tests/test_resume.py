@@ -7,7 +7,7 @@
   checkpoints and stops with one message, exit 2.
 - An empty, truncated, random or non-checkpoint file given as any checkpoint setting is one
   message, exit 2, no traceback.
-- Early stopping stops when val/ndcg@k does not improve, and says so in result.json.
+- Early stopping stops when val/ndcg_at_k does not improve, and says so in result.json.
 """
 
 import json
@@ -36,7 +36,7 @@ EPOCHS = 10
 # On in the kill tests: its state (best score, epochs without improvement) must resume too.
 PATIENCE = ("train.early_stopping_patience=3",)
 # result.json entries a resumed run must share with the uninterrupted one.
-SAME_RESULT = ("val/ndcg@10", "best_epoch", "stopped_epoch", "stopped_early")
+SAME_RESULT = ("val/ndcg_at_10", "best_epoch", "stopped_epoch", "stopped_early")
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def test_ckpt_every_n_steps_rewrites_last_ckpt_within_an_epoch(artifacts, tmp_pa
 
 
 def test_early_stopping_stops_when_valid_ndcg_does_not_improve(artifacts, tmp_path):
-    """lr 1e-12 leaves the weights (and so val/ndcg@10) unchanged: with patience 1 the run
+    """lr 1e-12 leaves the weights (and so val/ndcg_at_10) unchanged: with patience 1 the run
     stops after epoch 1 of 6 and result.json says so."""
     done = run_pipeline("train_reference.py", f"paths.artifacts={artifacts}", *DATA, *TRAIN,
                         *REFERENCE, "train.lr=1e-12", "train.early_stopping_patience=1",

@@ -280,10 +280,10 @@ def test_training_validation_and_evaluator_agree_on_ties_in_closed_form(small, s
     for k in ks:
         ndcg = want[k] / np.log2(np.array([rank[u] for u in users]) + 2.0)
         trained = ranking_metrics(model, batch, k)
-        np.testing.assert_array_equal(result[f"hr@{k}"].to_numpy(), want[k])
-        np.testing.assert_allclose(result[f"ndcg@{k}"].to_numpy(), ndcg, rtol=1e-6)
-        np.testing.assert_array_equal(trained[f"val/hr@{k}"][order].numpy(), want[k])
-        np.testing.assert_allclose(trained[f"val/ndcg@{k}"][order].numpy(), ndcg, rtol=1e-6)
+        np.testing.assert_array_equal(result[f"hr_at_{k}"].to_numpy(), want[k])
+        np.testing.assert_allclose(result[f"ndcg_at_{k}"].to_numpy(), ndcg, rtol=1e-6)
+        np.testing.assert_array_equal(trained[f"val/hr_at_{k}"][order].numpy(), want[k])
+        np.testing.assert_allclose(trained[f"val/ndcg_at_{k}"][order].numpy(), ndcg, rtol=1e-6)
     assert 0 < want[20].mean() < 1  # ties decide some hits: the case is not trivial
 
 
@@ -362,7 +362,7 @@ def test_served_top_k_is_the_evaluated_top_k_for_every_test_user(repeats, tmp_pa
     if seen == "remove":
         assert removed > 20  # the case the policies disagree on is common here
         assert result.counts["targets_removed_as_seen"] == removed
-        hit = result.per_user["hr@10"].to_numpy()
+        hit = result.per_user["hr_at_10"].to_numpy()
         for row, (t, s) in enumerate(zip(queries.targets, queries.seen, strict=True)):
             if np.isin(t, s).all():
                 assert hit[row] == 0.0  # a removed target is a guaranteed miss

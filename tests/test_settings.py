@@ -132,11 +132,11 @@ BAD = [
      "pipeline.reference.objective.name=dpo: must be one of ce, sampled_softmax, bce, gbce, bpr"),
     ("run", ["pipeline.reference.max_epochs=0"], "pipeline.reference.max_epochs=0: must be >= 1"),
     ("run", ["pipeline.reference.lr=-1"], "pipeline.reference.lr=-1: must be > 0"),
-    ("run", ["pipeline.primary_metric=ndcg@50"],
-     "pipeline.primary_metric=ndcg@50, eval.k=[10, 20]: the candidate rule needs a metric the "
+    ("run", ["pipeline.primary_metric=ndcg_at_50"],
+     "pipeline.primary_metric=ndcg_at_50, eval.k=[10, 20]: the candidate rule needs a metric the "
      "evaluation computes, its cut-off must be in eval.k"),
-    ("run", ["pipeline.optimized_metric=ndcg@50"],
-     "pipeline.optimized_metric=ndcg@50, eval.k=[10, 20]: the sweep needs a metric the "
+    ("run", ["pipeline.optimized_metric=ndcg_at_50"],
+     "pipeline.optimized_metric=ndcg_at_50, eval.k=[10, 20]: the sweep needs a metric the "
      "evaluation computes, its cut-off must be in eval.k"),
     ("run", ["train.lr_schedule=linear"],
      "train.lr_schedule=linear: must be one of constant, cosine"),

@@ -94,8 +94,8 @@ def test_spec_refuses_selection_on_test_and_unknown_objectives():
         study_spec(tiny_study(**{"selection.split": "test"}), [10, 20])
     with pytest.raises(DataError, match=r"study.rows.rpo.objective: objective 'ipo'"):
         study_spec(tiny_study(**{"rows.rpo.objective": "ipo"}), [10, 20])
-    with pytest.raises(DataError, match=r"study.selection.metric='ndcg@5'"):
-        study_spec(tiny_study(**{"selection.metric": "ndcg@5"}), [10, 20])
+    with pytest.raises(DataError, match=r"study.selection.metric='ndcg_at_5'"):
+        study_spec(tiny_study(**{"selection.metric": "ndcg_at_5"}), [10, 20])
     assert study_spec(tiny_study(jobs=2), [10, 20]).jobs == 2
     for bad in (0, 1.5, True):
         with pytest.raises(DataError, match=rf"study.jobs={bad!r}: expected a whole number"):
@@ -132,17 +132,17 @@ def test_every_entry_has_valid_and_test_and_the_row_its_controls(tiny):
     assert names[4] == f"continue-{steps[0]}steps @ rpo" and steps[0] > 0
     for row in result["rows"]:
         for split in ("valid", "test"):
-            figure = row[split]["ndcg@10"]
+            figure = row[split]["ndcg_at_10"]
             assert len(figure["per_reference"]) == 2 and 0 <= figure["mean"] <= 1
     rpo = result["rows"][2]
     assert set(rpo["deltas"]) == {"vs reference", "vs sft", "vs continue"}
-    d = rpo["deltas"]["vs sft"]["ndcg@10"]
+    d = rpo["deltas"]["vs sft"]["ndcg_at_10"]
     assert d["lo"] <= d["mean"] <= d["hi"] and len(d["per_reference"]) == 2
     assert [g["selected"] for g in rpo["grid"]].count(True) == 1
     best = max(rpo["grid"], key=lambda g: g["valid"]["mean"])
     assert best["selected"] and rpo["selected"] == best["point"]
     table = (tmp / "art" / "studies" / "synthetic_tiny" / "table.md").read_text()
-    assert "chosen on **valid ndcg@10** only" in table and "two-level" in table
+    assert "chosen on **valid ndcg_at_10** only" in table and "two-level" in table
     assert "| rpo | objective.beta=" in table
 
 

@@ -88,7 +88,7 @@ def test_every_reference_objective_trains(artifacts, model, objective):
     out = result(run)
     assert Path(out["best_ckpt"]).is_file() and Path(out["last_ckpt"]).is_file()
     assert "=" not in Path(out["best_ckpt"]).name  # usable as a hydra override value unquoted
-    assert 0.0 <= out["val/ndcg@10"] <= 1.0 and out["seed"] == 0
+    assert 0.0 <= out["val/ndcg_at_10"] <= 1.0 and out["seed"] == 0
     saved = read_checkpoint(out["last_ckpt"])
     assert saved["hyper_parameters"]["loss"] == objective
     assert load_model(out["best_ckpt"]).name == model
@@ -212,7 +212,7 @@ def test_mlflow_records_params_and_metrics(artifacts, references, tmp_path):
     assert run.data.params["seed"] == "3"
     assert run.data.params["objective/name"] == "dpo"
     assert run.data.params["reference/ckpt"] == str(references["sasrec"])
-    # Lightning's MLFlowLogger drops '@' (not allowed by MLflow): val/ndcg@10 -> val/ndcg10.
+    # Lightning's MLFlowLogger drops '@' (not allowed by MLflow): val/ndcg_at_10 -> val/ndcg10.
     assert {"val/ndcg10", "rewards/margins", "val/rewards/margins"} <= set(run.data.metrics)
 
 

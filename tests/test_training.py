@@ -220,7 +220,7 @@ def test_reference_fit_beats_random(prepared):
     fit = trainer(epochs=25, check_val_every_n_epoch=25)
     fit.fit(module, data)
     random_hr = 10 / (N_REAL - TRAIN_LEN)
-    assert fit.callback_metrics["val/hr@10"] > random_hr + 0.3
+    assert fit.callback_metrics["val/hr_at_10"] > random_hr + 0.3
 
 
 # --------------------------------------------------------------------------- preference
@@ -244,7 +244,7 @@ def test_reference_is_frozen_and_never_saved(prepared, reference_ckpt, tmp_path)
     reloaded = load_model(fit.checkpoint_callback.best_model_path)
     assert all(torch.equal(reloaded.state_dict()[k], policy[k]) for k in policy)
     for name in ("rewards/margins", "logps/chosen", "kl/policy_ref", "entropy/policy",
-                 "grad_norm", "val/hr@10", "val/preference/accuracy"):  # fmt: skip
+                 "grad_norm", "val/hr_at_10", "val/preference/accuracy"):  # fmt: skip
         assert name in fit.callback_metrics, name
 
 

@@ -40,7 +40,7 @@ def test_console_script_runs_the_quickstart_outside_the_checkout(installed, work
     bundle, evaluation = workdir / result["bundle"], workdir / result["evaluation"]
     assert (bundle / "manifest.json").is_file() and (bundle / "MODEL_CARD.md").is_file()
     metrics = json.loads((evaluation / "metrics.json").read_text())
-    assert "ndcg@10" in metrics["deltas"] and (workdir / "mlflow.db").is_file()
+    assert "ndcg_at_10" in metrics["deltas"] and (workdir / "mlflow.db").is_file()
 
 
 def test_api_of_the_installed_package_composes_what_the_console_script_did(installed, workdir):

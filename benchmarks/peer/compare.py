@@ -10,7 +10,7 @@ recipe, same epochs, one after the other in one run on the same box (issue 11 po
   stopping (RecTools has no valid-NDCG early stopping), and both models are read at their LAST
   epoch.
 - Ours: `recsys_dpo.training.run.train_reference` on that config, in this process. Its epoch
-  time is the gap between consecutive epochs' `val/ndcg@10` in MLflow (training plus the
+  time is the gap between consecutive epochs' `val/ndcg_at_10` in MLflow (training plus the
   built-in full-catalog validation pass); the validation pass is timed on its own over the
   same loader and subtracted, so `train_epoch_s` of both sides is training only.
 - Peer: `benchmarks/peer/rectools_sasrec.py` in its own virtualenv (`setup_venv.sh`), on the
@@ -57,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = ROOT / "benchmarks" / "results" / "peer_sasrec_ml1m.json"
 STUDY = "ml1m_sasrec"
 K = 10
-METRICS = (f"ndcg@{K}", f"hr@{K}")
+METRICS = (f"ndcg_at_{K}", f"hr_at_{K}")
 
 
 def load() -> dict[str, Any]:
@@ -112,9 +112,8 @@ def validation_pass_seconds(cfg: Any, ckpt: str) -> float:
 
 
 def epoch_gaps(tracking_uri: str, run_id: str) -> list[float]:
-    """Seconds between consecutive epochs' val/ndcg@10 logs (epoch 1 onwards)."""
-    # MLflow keys drop the "@": val/ndcg@10 is stored as val/ndcg10.
-    history = MlflowClient(tracking_uri).get_metric_history(run_id, f"val/ndcg{K}")
+    """Seconds between consecutive epochs' val/ndcg_at_10 logs (epoch 1 onwards)."""
+    history = MlflowClient(tracking_uri).get_metric_history(run_id, f"val/ndcg_at_{K}")
     stamps = sorted(m.timestamp for m in history)
     return [(b - a) / 1000 for a, b in zip(stamps, stamps[1:], strict=False)]
 

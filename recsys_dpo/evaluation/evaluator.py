@@ -290,27 +290,28 @@ def listed_targets(
 
 
 def per_user_ranking(ranked: np.ndarray, targets: Sequence[np.ndarray], ks: Sequence[int]) -> dict:
-    """Per-user hr@k, recall@k, ndcg@k for each k, and mrr (within the ranked list) [U]."""
+    """Per-user hr_at_k, recall_at_k, ndcg_at_k for each k, and mrr_at_<K_max> (within the ranked
+    list of width K_max) [U]."""
     out: dict[str, np.ndarray] = {}
     for k in ks:
-        out[f"hr@{k}"] = metrics.hit_rate_at_k(ranked, targets, k)
-        out[f"recall@{k}"] = metrics.recall_at_k(ranked, targets, k)
-        out[f"ndcg@{k}"] = metrics.ndcg_at_k(ranked, targets, k)
-    out["mrr"] = metrics.mrr(ranked, targets)
+        out[f"hr_at_{k}"] = metrics.hit_rate_at_k(ranked, targets, k)
+        out[f"recall_at_{k}"] = metrics.recall_at_k(ranked, targets, k)
+        out[f"ndcg_at_{k}"] = metrics.ndcg_at_k(ranked, targets, k)
+    out[f"mrr_at_{ranked.shape[1]}"] = metrics.mrr(ranked, targets)
     return out
 
 
 def beyond_accuracy(
     ranked: np.ndarray, ks: Sequence[int], item_counts: np.ndarray, head_fraction: float
 ) -> dict[str, float]:
-    """coverage@k, avg_popularity@k, gini@k and tail_share@k of the top-k lists, each k."""
+    """coverage_at_k, avg_popularity_at_k, gini_at_k and tail_share_at_k of the top-k lists, each k."""
     n_items = len(item_counts)
     out = {}
     for k in ks:
-        out[f"coverage@{k}"] = metrics.coverage_at_k(ranked, k, n_items)
-        out[f"avg_popularity@{k}"] = metrics.average_popularity(ranked, k, item_counts)
-        out[f"gini@{k}"] = metrics.gini_index(ranked, k, n_items)
-        out[f"tail_share@{k}"] = metrics.tail_share(ranked, k, item_counts, head_fraction)
+        out[f"coverage_at_{k}"] = metrics.coverage_at_k(ranked, k, n_items)
+        out[f"avg_popularity_at_{k}"] = metrics.average_popularity(ranked, k, item_counts)
+        out[f"gini_at_{k}"] = metrics.gini_index(ranked, k, n_items)
+        out[f"tail_share_at_{k}"] = metrics.tail_share(ranked, k, item_counts, head_fraction)
     return out
 
 
@@ -365,13 +366,13 @@ def build_impressions(data: PreparedDataset, queries: Queries) -> Impressions | 
 
 
 def per_request_metrics(scores: np.ndarray, imp: Impressions) -> dict[str, np.ndarray]:
-    """auc, mrr, ndcg@5, ndcg@10 per request, in np.unique(request_id) order."""
+    """auc, mrr, ndcg_at_5, ndcg_at_10 per request, in np.unique(request_id) order."""
     out = {
         "auc": metrics.impression_auc(scores, imp.clicked, imp.request_id),
         "mrr": metrics.impression_mrr(scores, imp.clicked, imp.request_id),
     }
     for k in IMPRESSION_NDCG_K:
-        out[f"ndcg@{k}"] = metrics.impression_ndcg_at_k(scores, imp.clicked, imp.request_id, k)
+        out[f"ndcg_at_{k}"] = metrics.impression_ndcg_at_k(scores, imp.clicked, imp.request_id, k)
     return out
 
 

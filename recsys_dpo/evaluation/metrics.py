@@ -100,13 +100,14 @@ def user_mean(values: np.ndarray) -> tuple[float, int]:
 
 
 def ranking_metrics(ranked: np.ndarray, relevant: Relevant, ks: Sequence[int]) -> dict[str, float]:
-    """Means of hr@k, recall@k, ndcg@k for each k, and mrr; plus users/excluded counts."""
+    """Means of hr_at_k, recall_at_k, ndcg_at_k for each k, and mrr_at_<width of `ranked`> (the
+    reciprocal rank within the ranked list, named for that cut-off); plus users/excluded counts."""
     report: dict[str, float] = {}
     for k in ks:
-        report[f"hr@{k}"], _ = user_mean(hit_rate_at_k(ranked, relevant, k))
-        report[f"recall@{k}"], _ = user_mean(recall_at_k(ranked, relevant, k))
-        report[f"ndcg@{k}"], _ = user_mean(ndcg_at_k(ranked, relevant, k))
-    report["mrr"], excluded = user_mean(mrr(ranked, relevant))
+        report[f"hr_at_{k}"], _ = user_mean(hit_rate_at_k(ranked, relevant, k))
+        report[f"recall_at_{k}"], _ = user_mean(recall_at_k(ranked, relevant, k))
+        report[f"ndcg_at_{k}"], _ = user_mean(ndcg_at_k(ranked, relevant, k))
+    report[f"mrr_at_{ranked.shape[1]}"], excluded = user_mean(mrr(ranked, relevant))
     report["users"], report["users_excluded"] = float(len(ranked)), float(excluded)
     return report
 

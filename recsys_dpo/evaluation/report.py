@@ -211,7 +211,7 @@ def plot_curves(outcome: Outcome, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric in zip(axes, ("hr", "ndcg"), strict=True):
         for role, result in _models(outcome).items():
-            values = [result.aggregates[f"{metric}@{k}"] for k in result.ks]
+            values = [result.aggregates[f"{metric}_at_{k}"] for k in result.ks]
             ax.plot(result.ks, values, marker="o", label=role)
         ax.set(xlabel="K", ylabel=f"{metric.upper()}@K", title=f"{metric.upper()}@K")
         ax.grid(alpha=0.3)

@@ -267,10 +267,10 @@ def model_card(
         f"(paired bootstrap {metrics.get('ci', 0.95):.0%} CI lower bound > 0 required)",
         f"- KL(candidate || reference), mean per user: {comparison.get('kl', float('nan')):.4f} "
         "nats",
-        f"- popularity shift @{k}: average popularity {pol.get(f'avg_popularity@{k}', 0):.2f} vs "
-        f"{metrics['models']['reference'].get(f'avg_popularity@{k}', 0):.2f} (reference); tail "
-        f"share {pol.get(f'tail_share@{k}', 0):.3f} vs "
-        f"{metrics['models']['reference'].get(f'tail_share@{k}', 0):.3f}",
+        f"- popularity shift @{k}: average popularity {pol.get(f'avg_popularity_at_{k}', 0):.2f} vs "
+        f"{metrics['models']['reference'].get(f'avg_popularity_at_{k}', 0):.2f} (reference); tail "
+        f"share {pol.get(f'tail_share_at_{k}', 0):.3f} vs "
+        f"{metrics['models']['reference'].get(f'tail_share_at_{k}', 0):.3f}",
         "",
         _online_line(metrics),
         "",

@@ -148,6 +148,11 @@ def select_point(valid_scores: list[list[float]]) -> int:
     return int(np.argmax(means))
 
 
+# Part of every evaluation's cache key: the metric names' spelling (`ndcg_at_10`; evaluations
+# cached when they were `ndcg@10` have other keys, so a re-run recomputes rather than misreads).
+EVAL_FORMAT = "metric_at_k"
+
+
 class EvalCache:
     """Evaluations keyed by (checkpoint sha256, dataset manifest, eval settings, split)."""
 
@@ -166,7 +171,7 @@ class EvalCache:
     def key(self, identity: str, split: str) -> str:
         """The cache key of the model `identity` (its checkpoint sha256) on `split`."""
         return config_hash({"model": identity, "dataset": self.dataset, "eval": self.settings,
-                            "split": split})  # fmt: skip
+                            "split": split, "format": EVAL_FORMAT})  # fmt: skip
 
     def has(self, identity: str, split: str) -> bool:
         return (self.root / self.key(identity, split) / "manifest.json").is_file()

@@ -39,7 +39,7 @@ from recsys_dpo.stage import flatten
 # Hyperparameters are selected on valid and read out on test once: not a free setting.
 SELECTION_SPLIT = "valid"
 SFT = "sft"
-METRIC = re.compile(r"^(hr|recall|ndcg)@(\d+)$|^mrr$")
+METRIC = re.compile(r"^(?:hr|recall|ndcg|mrr)_at_(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -136,9 +136,12 @@ def _selected_grids(path: Path, rows: list[str]) -> dict[str, dict[str, list[Any
 
 def _metric(name: str, ks: list[int], where: str) -> str:
     match = METRIC.match(name)
-    if match is None or (match.group(2) is not None and int(match.group(2)) not in ks):
-        raise DataError(f"{where}={name!r}: expected hr@K, recall@K, ndcg@K with K in eval.k "
-                        f"{ks}, or mrr")  # fmt: skip
+    # mrr is computed within the top max(eval.k) list, so its one cut-off is max(eval.k).
+    if match is None or int(match.group(1)) not in (
+        [max(ks)] if name.startswith("mrr") else ks
+    ):
+        raise DataError(f"{where}={name!r}: expected hr_at_K, recall_at_K or ndcg_at_K with K in "
+                        f"eval.k {ks}, or mrr_at_{max(ks)}")  # fmt: skip
     return name
 
 
@@ -189,13 +192,13 @@ def study_spec(study: DictConfig, eval_k: list[int]) -> StudySpec:
         fine_tune=flatten(s.get("fine_tune") or {}),
         rows=tuple(rows),
         objectives=objectives,
-        selection_metric=_metric(s.get("selection", {}).get("metric", "ndcg@10"), eval_k,
+        selection_metric=_metric(s.get("selection", {}).get("metric", "ndcg_at_10"), eval_k,
                                  "study.selection.metric"),
         sft_control=bool(controls.get("sft", True)),
         continue_control=bool(controls.get("continue", True)),
         popularity=bool(s.get("baselines", {}).get("popularity", True)),
         metrics=tuple(_metric(m, eval_k, "study.report.metrics")
-                      for m in report.get("metrics", ["ndcg@10", "hr@10"])),
+                      for m in report.get("metrics", ["ndcg_at_10", "hr_at_10"])),
         n_resamples=int(report.get("n_resamples", 1000)),
         ci=ci,
         out_dir=Path(s["out_dir"]),

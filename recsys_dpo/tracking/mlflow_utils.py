@@ -164,7 +164,7 @@ class Tracker:
         """Finite numbers only (a NaN metric, e.g. an undefined CI, would fail the batch)."""
         if run_id is None:
             return
-        clean = {k.replace("@", "_at_"): float(v) for k, v in values.items() if v == v}
+        clean = {k: float(v) for k, v in values.items() if v == v}
         metrics = [mlflow.entities.Metric(k, v, 0, 0) for k, v in clean.items()]
         for start in range(0, len(metrics), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(

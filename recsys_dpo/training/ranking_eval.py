@@ -79,9 +79,9 @@ def hit_and_ndcg(rank: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def ranking_metrics(model: Recommender, batch: Batch, k: int = 10) -> dict[str, Tensor]:
-    """Per-user val/hr@k and val/ndcg@k [B] for a validation ranking batch (context, target,
+    """Per-user val/hr_at_k and val/ndcg_at_k [B] for a validation ranking batch (context, target,
     seen; see `recsys_dpo/data/datamodule.py`)."""
     scores = model.full_scores(batch)
     rank = target_rank(scores, batch["target"], "validation scores", seen=batch["seen"])
     hit, ndcg = hit_and_ndcg(rank, k)
-    return {f"val/hr@{k}": hit, f"val/ndcg@{k}": ndcg}
+    return {f"val/hr_at_{k}": hit, f"val/ndcg_at_{k}": ndcg}

@@ -5,7 +5,7 @@
     train_preference(cfg)  stage 2: a DPO-family objective against `reference.ckpt`
 
 Both seed everything, build the DataModule from `cfg.paths.prepared`, instantiate
-`cfg.trainer` with a checkpoint callback (best by val/ndcg@k and last) and an MLflow logger,
+`cfg.trainer` with a checkpoint callback (best by val/ndcg_at_k and last) and an MLflow logger,
 fit (resuming from `cfg.ckpt_path` when given), and write `result.json` beside the checkpoints
 in `<paths.runs>/<stage>/<model>-<objective>-<config hash>/`. Bad settings (an objective of the
 other stage, an unusable reference checkpoint) raise `DataError` before any training, so the
@@ -178,15 +178,15 @@ def fit(
 ) -> Path:
     """Fit with checkpoints in `out` and write `result.json`.
 
-    Checkpoints: the best by val/ndcg@k, and `last.ckpt`, the latest state, at every epoch end
+    Checkpoints: the best by val/ndcg_at_k, and `last.ckpt`, the latest state, at every epoch end
     (and every `train.ckpt_every_n_steps` steps); all written atomically. With
-    `train.early_stopping_patience` set, training stops once val/ndcg@k has not improved for
+    `train.early_stopping_patience` set, training stops once val/ndcg_at_k has not improved for
     that many epochs. `<out>/run.json` records the attempt's MLflow run at its start, so a
     later attempt can resume into that run or mark it KILLED.
     """
     if cfg.ckpt_path is not None:
         read_checkpoint(cfg.ckpt_path, f"ckpt_path={cfg.ckpt_path}")
-    monitor = f"val/ndcg@{cfg.train.k}"
+    monitor = f"val/ndcg_at_{cfg.train.k}"
     best, latest = checkpoint_callbacks(out, monitor, cfg.train.ckpt_every_n_steps)
     callbacks: list[Callback] = [StepSeed(cfg.seed), best, *latest]
     patience = cfg.train.early_stopping_patience
