@@ -8,6 +8,7 @@ runs that stage in this process.
     result.candidate, result.bundle, result.metrics["deltas"]["ndcg_at_10"]
     prepared = api.prepare(["data=table", "data.name=mylog", "data.reader.path=clicks.parquet"])
 
+Third-party noise is off as on the command line (RECSYS_DPO_VERBOSE=1 brings it back).
 Bad input raises recsys_dpo.errors.DataError (where the command line prints it and exits 2).
 `config_dir` is the command line's `--config-dir`: a directory of configs of your own
 (`data/mylog.yaml`, ...) beside the packaged ones. Give them names of their own: a file named
@@ -29,6 +30,7 @@ from omegaconf import DictConfig
 from recsys_dpo.commands import CONF
 from recsys_dpo.errors import DataError
 from recsys_dpo.pipeline import PipelineResult
+from recsys_dpo.quiet import quiet_output
 
 Overrides = Sequence[str]
 ConfigDir = str | PathLike[str] | None
@@ -42,7 +44,8 @@ def _command(stage: str) -> ModuleType:
 def config(stage: str, overrides: Overrides = (), config_dir: ConfigDir = None) -> DictConfig:
     """The config `recsys-dpo <stage> <overrides>` composes (`stage` as the module name of
     recsys_dpo.commands: run, prepare, train_reference, train_preference, evaluate, export,
-    study)."""
+    study). Third-party noise goes off first, as on the command line (`recsys_dpo.quiet`)."""
+    quiet_output()
     name = _command(stage).CONFIG
     overrides = list(overrides)
     if config_dir is not None:
