@@ -89,7 +89,7 @@ def test_training_and_evaluation_metrics(pipeline):
     tmp, uri = pipeline
     client = MlflowClient(uri)
     children = {r.info.run_name: r for r in runs_of(uri) if r.data.tags.get("mlflow.parentRunId")}
-    assert "val/ndcg10" in children["reference"].data.metrics
+    assert "val/ndcg_at_10" in children["reference"].data.metrics
     assert {"loss", "rewards/margins", "rewards/accuracies"} <= set(
         children["preference"].data.metrics
     )
