@@ -127,7 +127,13 @@ class TwoTowerModel(Section):
         return self
 
 
-Model = Annotated[SASRecModel | TwoTowerModel, Field(discriminator="name")]
+class MFModel(Section):
+    name: Literal["mf"]
+    dim: Count
+    max_len: Count
+
+
+Model = Annotated[SASRecModel | TwoTowerModel | MFModel, Field(discriminator="name")]
 
 
 class ReferenceObjective(Section):
