@@ -127,7 +127,13 @@ class TwoTowerModel(Section):
         return self
 
 
-Model = Annotated[SASRecModel | TwoTowerModel, Field(discriminator="name")]
+class MFModel(Section):
+    name: Literal["mf"]
+    dim: Count
+    max_len: Count
+
+
+Model = Annotated[SASRecModel | TwoTowerModel | MFModel, Field(discriminator="name")]
 
 
 class ReferenceObjective(Section):
@@ -138,16 +144,28 @@ class ReferenceObjective(Section):
     num_negatives: Count | None = None
 
 
+def flip_rate(value: Any) -> float | str:
+    """A label-flip rate in [0, 0.5), or "auto": the false-negative share measured on the train
+    pairs at train time (`recsys_dpo/training/false_negatives.py`)."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, float | int) or not 0 <= value < 0.5:
+        raise ValueError("must be a rate in [0, 0.5) or auto")
+    return float(value)
+
+
+
 class PreferenceObjective(Section):
     """A stage-2 (DPO-family) objective."""
 
     name: Annotated[str, one_of("recsys_dpo.objectives.preference:LOSSES")]
     stage: Literal["preference"]
     beta: Positive
-    label_smoothing: Annotated[float, Strict(), Field(ge=0, lt=0.5)] = 0.0
+    label_smoothing: Annotated[Any, AfterValidator(flip_rate)] = 0.0
     gamma: Annotated[float, Strict()] = 0.0
     lambda_d: Positive = 1.0
     lambda_u: Positive = 1.0
+    lambda_: NonNegative = 0.0
     sft_alpha: NonNegative = 0.0
 
     @model_validator(mode="after")
@@ -159,7 +177,7 @@ class PreferenceObjective(Section):
         try:
             objective_params(
                 self.name, self.beta, label_smoothing=self.label_smoothing, gamma=self.gamma,
-                lambda_d=self.lambda_d, lambda_u=self.lambda_u,
+                lambda_d=self.lambda_d, lambda_u=self.lambda_u, lambda_=self.lambda_,
             )  # fmt: skip
         except ValueError as err:
             raise ValueError(f"objective={self.name}: {err}") from err
@@ -197,6 +215,30 @@ class Reference(Section):
     precompute: Bool
     hard_negatives: NonNegativeInt
     hard_negatives_skip: NonNegativeInt
+    hard_negatives_band: Annotated[list[Count], Field(min_length=2, max_length=2)] | None = None
+
+    @model_validator(mode="after")
+    def band_fits(self) -> Reference:
+        """A band [lo, hi] of 1-based reference ranks to draw hard_negatives from, instead of
+        the skip: it needs N > 0 negatives, lo <= hi, and room for N in it."""
+        band = self.hard_negatives_band
+        if band is None:
+            return self
+        lo, hi = band
+        setting = f"reference.hard_negatives_band=[{lo},{hi}]"
+        if lo > hi:
+            raise ValueError(f"{setting}: need lo <= hi")
+        if not 0 < self.hard_negatives <= hi - lo + 1:
+            raise ValueError(
+                f"{setting} reference.hard_negatives={self.hard_negatives}: need "
+                f"1 <= hard_negatives <= hi - lo + 1 = {hi - lo + 1} negatives drawn from it"
+            )
+        if self.hard_negatives_skip:
+            raise ValueError(
+                f"{setting} reference.hard_negatives_skip={self.hard_negatives_skip}: the band "
+                "replaces the skip (skip s, N negatives is the band [s+1, s+N]), set one of them"
+            )
+        return self
 
 
 class Tracking(Section):

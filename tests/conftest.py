@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The real datasets: beside the checkout, or where RECSYS_DPO_SHARED_DATA says (a worktree).
+SHARED_DATA = Path(os.environ.get("RECSYS_DPO_SHARED_DATA", ROOT.parent / "shared" / "data"))
 # The packaged configs (hydra finds them as pkg://recsys_dpo.conf).
 CONF = ROOT / "recsys_dpo" / "conf"
 

@@ -77,3 +77,55 @@ def test_rows_with_fewer_candidates_than_asked_are_padded():
     got = reference_hard_negatives(reference, rows, exclude, 5)
     for row, left in enumerate(keep):
         assert sorted(got[row, :2].tolist()) == left and got[row, 2:].tolist() == [0, 0, 0]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 1000),
+    lo=st.integers(1, 6),
+    extra=st.integers(0, 8),
+    num=st.integers(1, 5),
+    model=st.sampled_from(["sasrec", "two_tower"]),
+)
+def test_band_negatives_come_from_the_band_of_the_brute_force_ranking(seed, lo, extra, num, model):
+    """Every drawn negative's 1-based rank among the unexcluded items is in [lo, hi]; never the
+    chosen item nor an excluded positive; distinct; in rank order; seeded and reproducible."""
+    hi = lo + max(extra, num - 1)
+    torch.manual_seed(seed)
+    config = {"n_items": N_ITEMS, "n_users": 5, "dim": 8, "max_len": 6}
+    reference = build_model(model, **config).eval()
+    rows, exclude = random_rows(seed, 25)
+    got = reference_hard_negatives(reference, rows, exclude, num, band=(lo, hi), seed=seed,
+                                   batch_size=7)  # fmt: skip
+    again = reference_hard_negatives(reference, rows, exclude, num, band=(lo, hi), seed=seed,
+                                     batch_size=25)  # fmt: skip
+    assert torch.equal(got, again)  # same seed, other batch size: same draw
+    batch = rows.__getitems__(list(range(len(rows))))
+    with torch.no_grad():
+        scores = reference.full_scores(batch).double()
+    for row in range(len(rows)):
+        banned = set(exclude[row].tolist()) | {int(batch["chosen"][row])}
+        allowed = [i for i in range(1, N_ITEMS) if i not in banned]
+        ranking = sorted(allowed, key=lambda i: (-scores[row, i].item(), i))
+        rank = {item: r + 1 for r, item in enumerate(ranking)}
+        in_band = [i for i in ranking if lo <= rank[i] <= hi]
+        drawn = [i for i in got[row].tolist() if i != 0]
+        assert len(drawn) == min(num, len(in_band))  # padding only when the band runs out
+        assert got[row].tolist() == drawn + [0] * (num - len(drawn))
+        assert all(lo <= rank[i] <= hi for i in drawn) and not banned & set(drawn)
+        assert [rank[i] for i in drawn] == sorted({rank[i] for i in drawn})
+
+
+def test_band_draws_vary_with_the_seed_and_skip_is_the_full_band():
+    torch.manual_seed(0)
+    reference = build_model("sasrec", n_items=N_ITEMS, n_users=5, dim=8, max_len=6).eval()
+    rows, exclude = random_rows(3, 25)
+    draws = {seed: reference_hard_negatives(reference, rows, exclude, 3, band=(3, 12), seed=seed)
+             for seed in (0, 1)}  # fmt: skip
+    assert not torch.equal(draws[0], draws[1])
+    full = reference_hard_negatives(reference, rows, exclude, 4, band=(3, 6), seed=5)
+    assert torch.equal(full, reference_hard_negatives(reference, rows, exclude, 4, skip=2))
+    with pytest.raises(ValueError, match="needs 1 <= lo <= hi, room for 5 negatives"):
+        reference_hard_negatives(reference, rows, exclude, 5, band=(3, 6))
+    with pytest.raises(ValueError, match="skip = 0"):
+        reference_hard_negatives(reference, rows, exclude, 2, skip=1, band=(3, 6))

@@ -151,6 +151,7 @@ def overfit_data(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         ("two_tower", {}),
         ("two_tower", {"use_user_id": False}),
         ("two_tower", {"use_history": False}),
+        ("mf", {}),
     ],
 )
 def test_overfits_tiny_dataset_with_full_catalog_ce(name, overrides):
@@ -357,3 +358,23 @@ def test_two_tower_item_features(tmp_path):
         model.set_item_features(torch.zeros(N_ITEMS, 3))
     with pytest.raises(ValueError, match="item_features_dim"):
         two_tower().set_item_features(features)
+
+
+# ---- MF ----
+
+
+def test_mf_score_is_factor_product_plus_item_bias():
+    model = make("mf")
+    with torch.no_grad():
+        model.item_bias.weight.normal_()
+        model.item_bias.weight[0] = 0.0
+    batch = random_batch()
+    items = torch.tensor([1, 7, 29])
+    p, q = model.user_emb(batch["user_idx"]), model.item_emb(items)
+    expected = p @ q.T + model.item_bias(items).squeeze(-1)
+    with torch.no_grad():
+        assert torch.allclose(model.score(batch, items), expected, atol=1e-6)
+    # the user is their id: the history does not move the scores
+    other = {**batch, "context": torch.zeros_like(batch["context"])}
+    assert torch.equal(model.user_embeddings(batch), model.user_embeddings(other))
+    assert model.embeds_user_ids

@@ -36,6 +36,7 @@ def t(values, dtype=torch.float64, **kw) -> torch.Tensor:
 # Every paired loss with the extra parameters it needs.
 PARAMS = {
     "dpo": {"beta": 0.5},
+    "dpop": {"beta": 0.5, "lambda_": 2.0},
     "cdpo": {"beta": 0.5, "label_smoothing": 0.1},
     "robust": {"beta": 0.5, "label_smoothing": 0.1},
     "ipo": {"beta": 0.5},
@@ -202,6 +203,33 @@ HAND = {
 def test_pairwise_losses_closed_form_mean_over_negatives(name):
     expected = sum(HAND[name](m) for m in MARGINS) / len(MARGINS)
     assert call(name, ROW).loss.item() == pytest.approx(expected)
+
+
+def test_dpop_closed_form_penalises_chosen_below_reference():
+    """Eq. 3 of Pal et al. (2024): -log sigma(beta * (m - lambda * max(0, ref_c - pi_c)))."""
+    lam = 2.0
+    # ROW's chosen is above the reference (r_c = 0.8): no penalty, DPOP is DPO.
+    assert call("dpop", ROW).loss.item() == pytest.approx(call("dpo", ROW).loss.item())
+    # Chosen 0.3 below the reference: every margin loses lambda * 0.3 inside the sigmoid.
+    below = {**ROW, "policy_chosen": t([-0.1])}  # r_c = -0.3; r_r = [0.1, -0.3]
+    margins = [-0.3 - 0.1, -0.3 + 0.3]
+    expected = sum(nll_sigmoid(BETA * (m - lam * 0.3)) for m in margins) / 2
+    out = call("dpop", below)
+    assert out.loss.item() == pytest.approx(expected)
+    assert out.chosen_rewards.tolist() == pytest.approx([BETA * -0.3])  # rewards unpenalised
+    assert call("dpop", below, beta=BETA, lambda_=0.0).loss.item() == pytest.approx(
+        call("dpo", below).loss.item()
+    )
+
+
+def test_dpop_gradient_on_chosen_grows_with_lambda_below_the_reference():
+    grads = []
+    for lam in (0.0, 5.0):
+        chosen = t([-0.5], requires_grad=True)  # below its reference 0.0
+        out = preference.dpop(chosen, t([[-2.0]]), t([0.0]), t([[0.0]]), beta=0.5, lambda_=lam)
+        out.loss.backward()
+        grads.append(chosen.grad.item())
+    assert grads[1] < grads[0] < 0  # descent raises chosen, harder with the penalty
 
 
 def test_sdpo_closed_form_is_listwise():
@@ -435,6 +463,7 @@ def test_sft_term_is_full_catalog_cross_entropy_on_chosen():
         ),
         ("robust", {"beta": 0.1, "label_smoothing": -0.1}, "robust: label_smoothing must be in"),
         ("simpo", {"beta": 0.1, "gamma": -1.0}, "simpo: gamma must be >= 0, got -1.0"),
+        ("dpop", {"beta": 0.1, "lambda_": -1.0}, "dpop: lambda_ must be >= 0, got -1.0"),
     ],
 )
 def test_invalid_hyperparameters_raise(name, params, message):

@@ -9,6 +9,7 @@ from polars.testing import assert_frame_equal
 
 from recsys_dpo.data.readers import (
     READERS,
+    read_coat,
     read_mind_behaviors,
     read_movielens,
     read_sasrec_txt,
@@ -224,6 +225,7 @@ def test_registry_names():
         "movielens": read_movielens,
         "sasrec_txt": read_sasrec_txt,
         "mind": read_mind_behaviors,
+        "coat": read_coat,
     }
     assert expected == READERS
 

@@ -16,7 +16,12 @@ from conftest import CONF, run_pipeline
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from recsys_dpo.data.datamodule import PairDataModule, load_prepared, pair_examples
+from recsys_dpo.data.datamodule import (
+    PairDataModule,
+    latest_events,
+    load_prepared,
+    pair_examples,
+)
 from recsys_dpo.data.synthetic import load_truth, true_utility
 from recsys_dpo.errors import DataError
 from recsys_dpo.training.reference_module import ReferenceModule, load_model, read_checkpoint
@@ -29,7 +34,7 @@ from recsys_dpo.training.run import (
 
 MODELS = ("sasrec", "two_tower")
 REFERENCE_OBJECTIVES = ("ce", "sampled_softmax", "bce", "bpr")
-PREFERENCE_OBJECTIVES = ("dpo", "cdpo", "ipo", "hinge", "sdpo", "simpo", "kto", "sft")
+PREFERENCE_OBJECTIVES = ("dpo", "dpop", "cdpo", "ipo", "hinge", "sdpo", "simpo", "kto", "sft")
 DATA = ("data.reader.n_users=200", "data.reader.n_items=60", "data.max_len=20")
 SMALL = ("model.dim=16", "trainer.max_epochs=1", "+trainer.limit_train_batches=2",
          "+trainer.limit_val_batches=2", "+trainer.num_sanity_val_steps=0",
@@ -153,6 +158,40 @@ def test_reference_hard_pairs_train_and_exclude_the_users_positives(artifacts, r
                  "reference.hard_negatives=500", *SMALL)  # fmt: skip
     with pytest.raises(DataError, match="reference.hard_negatives=500: .*leaves no room"):
         train_preference(bad)
+
+
+def test_label_smoothing_auto_is_the_train_false_negative_share_of_band_negatives(
+    artifacts, references
+):
+    """cdpo with label_smoothing=auto, negatives drawn from the reference's ranks 3..12 under
+    eval.seen=keep (so later train positives can be drawn): the rate trained with is the share
+    of the mined rejected items that the user clicks in a later train event, brute force."""
+    ref = references["sasrec"]
+    cfg = config("config", artifacts, f"reference.ckpt={ref}", "objective=cdpo",
+                 "objective.label_smoothing=auto", "reference.hard_negatives=4",
+                 "reference.hard_negatives_band=[3,12]", "eval.seen=keep",
+                 "train.max_pairs_per_user=2", *SMALL)  # fmt: skip
+    trained = read_checkpoint(result(train_preference(cfg))["last_ckpt"])
+    rate = trained["hyper_parameters"]["label_smoothing"]
+
+    data = PairDataModule(artifacts / "prepared" / "synthetic", max_len=20,
+                          max_pairs_per_user=2, seen="keep")  # fmt: skip
+    data.setup()
+    use_reference_hard_negatives(data, load_model(ref), 4, 0, progress=False, band=(3, 12),
+                                 seed=cfg.seed)  # fmt: skip
+    pairs = latest_events(data.dataset.pairs("train"), 2)
+    clicks = data.dataset.events("train").filter(pl.col("clicked"))
+    last = {(u, i): (t, q) for u, i, t, q in clicks.select(
+        "user_idx", "item_idx", "timestamp", "seq").sort("timestamp", "seq").iter_rows()}
+    hits = real = 0
+    for row, rejected in zip(pairs.iter_rows(named=True),
+                             data.train_set.columns["rejected"].tolist(), strict=True):
+        for item in rejected:
+            real += item != 0
+            when = last.get((row["user_idx"], item))
+            hits += when is not None and when > (row["timestamp"], row["seq"])
+    assert 0 < hits < real  # the measurement is not trivially 0 or 1 here
+    assert rate == pytest.approx(hits / real)
 
 
 def test_reference_of_another_dataset_is_refused(artifacts, references, tmp_path):

@@ -381,7 +381,8 @@ class SequenceDataModule(_PreparedDataModule):
         return self._loader(self.ranking_set, shuffle=False)
 
 
-TRAIN_MODE: dict[str, TrainMode] = {"sasrec": "sequence", "two_tower": "pointwise"}
+TRAIN_MODE: dict[str, TrainMode] = {"sasrec": "sequence", "two_tower": "pointwise",
+                                    "mf": "pointwise"}
 
 
 class PairDataModule(_PreparedDataModule):

@@ -13,6 +13,7 @@ import glob
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from recsys_dpo.data.schema import OPTIONAL, REQUIRED
@@ -305,9 +306,74 @@ def read_mind_behaviors(path: str | Path) -> pl.LazyFrame:
     return pl.concat([_mind_history(behaviors), _mind_impressions(behaviors)], how="vertical")
 
 
+# Coat's two rating matrices and what their rows become (the `event` the `mcar` split reads).
+COAT_FILES = {"train.ascii": "mnar", "test.ascii": "mcar"}
+COAT_RATINGS = range(6)  # 0 = unrated, else 1-5 stars
+# A Coat rating has no time: MNAR ratings are stamped 0, the MCAR ones 2, so a test event comes
+# after every train one (the `mcar` split stamps its valid slice 1, in between).
+COAT_TIME = {"mnar": 0, "mcar": 2}
+
+
+def _coat_matrix(path: Path, shape: tuple[int, ...] | None) -> np.ndarray:
+    """One Coat rating matrix (users x items, integers 0-5); DataError naming the file."""
+    try:
+        matrix = np.loadtxt(_existing(path), dtype=np.int64, ndmin=2)
+    except ValueError as exc:
+        raise DataError(f"{path}: not a Coat rating matrix of integers: {exc}") from exc
+    if shape is not None and matrix.shape != shape:
+        raise DataError(
+            f"{path}: {matrix.shape[0]} users x {matrix.shape[1]} items, but the train matrix "
+            f"is {shape[0]} x {shape[1]}"
+        )
+    bad = ~np.isin(matrix, COAT_RATINGS)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise DataError(
+            f"{path}: line {row + 1}, column {col + 1} holds {matrix[row, col]}; a Coat rating "
+            "is 0 (unrated) or 1-5"
+        )
+    return matrix
+
+
+def read_coat(path: str | Path, relevant: float = 4.0) -> pl.LazyFrame:
+    """Coat (Schnabel et al., "Recommendations as Treatments", ICML 2016): `path` is the
+    directory holding `train.ascii` and `test.ascii`, users x items matrices, 0 = unrated.
+
+    Every nonzero cell is one row: user_id / item_id = its 0-based row / column, rating, and
+    event "mnar" (train.ascii: items the users chose to rate, missing not at random) or "mcar"
+    (test.ascii: 16 items per user drawn uniformly at random). An MNAR rating is an exposure,
+    clicked = True whatever its value (as for MovieLens: the reference learns what users rate,
+    the feedback pairs what they like). An MCAR row is one item of the user's random test set,
+    request_id "mcar-<user>", clicked = rating >= `relevant`: the relevance the Coat metrics
+    and the full-catalog targets read. Timestamps: `COAT_TIME` (Coat has none); within a file
+    the rows follow the matrix (user, then item id), an order nothing should rely on.
+    """
+    root = _existing(path)
+    frames = []
+    shape = None
+    for name, event in COAT_FILES.items():
+        matrix = _coat_matrix(root / name, shape)
+        shape = matrix.shape
+        user, item = np.nonzero(matrix)
+        rating = matrix[user, item].astype(np.float64)
+        mcar = event == "mcar"
+        frames.append(pl.DataFrame({
+            "user_id": user.astype(str),
+            "item_id": item.astype(str),
+            "timestamp": np.full(len(user), COAT_TIME[event], dtype=np.int64),
+            "rating": rating,
+            "clicked": rating >= relevant if mcar else np.ones(len(user), dtype=bool),
+            "request_id": pl.Series([f"mcar-{u}" for u in user] if mcar else [None] * len(user),
+                                    dtype=pl.Utf8),
+            "event": np.full(len(user), event),
+        }))  # fmt: skip
+    return pl.concat(frames).lazy()
+
+
 READERS: dict[str, Callable[..., pl.LazyFrame]] = {
     "table": read_table,
     "movielens": read_movielens,
     "sasrec_txt": read_sasrec_txt,
     "mind": read_mind_behaviors,
+    "coat": read_coat,
 }

@@ -6,6 +6,7 @@ each row lies in exactly one split.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -130,11 +131,58 @@ def temporal(
     return out.with_columns(_assign(pl.col("_t"), valid_start, test_start)).drop("_t")
 
 
-SPLITTERS: dict[str, Callable[..., pl.DataFrame]] = {"loo": leave_one_out, "temporal": temporal}
+def mcar(
+    df: pl.DataFrame,
+    valid_frac: float = 0.2,
+    relevant: float = 4.0,
+    test_event: str = "mcar",
+    seed: int = 0,
+) -> pl.DataFrame:
+    """A test set the log brings (Coat's random exposures), a valid slice held out of the rest.
+
+    Rows whose `event` is `test_event` -> test, as they are (`readers.read_coat`). Of each
+    user's other rows, round(valid_frac * n) drawn uniformly without replacement (at most
+    n - 1, so every user keeps a train row) -> valid; the rest -> train. The draw is seeded by
+    (seed, crc32 of the user id) over the user's rows in `seq` order: the same rows whatever
+    the bucket or the other users. The valid rows are relabelled as the test ones are, so the
+    selection split is measured like the test one, on biased (MNAR) items only, never the test
+    items: clicked = rating >= `relevant`, one request per user ("valid-<user>"), timestamp 1
+    (after the train rows' 0, before the test rows' 2, so no train context holds one).
+    """
+    missing = [c for c in ("event", "rating") if c not in df.columns]
+    if missing:
+        raise DataError(f"mcar split: the log has no column(s) {missing} (data.reader=coat has)")
+    if not 0 <= valid_frac < 1:
+        raise DataError(f"mcar split: valid_frac must lie in [0, 1), got {valid_frac}")
+    test = pl.col("event") == test_event
+    rest = df.with_row_index("_row").filter(~test).sort(USER_IDX, "seq")
+    held = []
+    for (user,), rows in rest.group_by(USER_IDX, maintain_order=True):
+        n = rows.height
+        k = min(round(valid_frac * n), n - 1)
+        rng = np.random.default_rng([seed, zlib.crc32(str(user).encode())])
+        held.append(rows["_row"].to_numpy()[rng.permutation(n)[:k]])
+    valid = pl.int_range(pl.len()).is_in(np.concatenate([np.empty(0, np.uint32), *held]))
+    relabelled = pl.when(valid)
+    return df.with_columns(
+        split=pl.when(test).then(pl.lit("test")).when(valid).then(pl.lit("valid"))
+        .otherwise(pl.lit("train")),
+        clicked=relabelled.then(pl.col("rating") >= relevant).otherwise(pl.col("clicked")),
+        request_id=relabelled.then(pl.lit("valid-") + pl.col(USER_IDX).cast(pl.Utf8))
+        .otherwise(pl.col("request_id") if "request_id" in df.columns else pl.lit(None, pl.Utf8)),
+        timestamp=relabelled.then(pl.lit(1, pl.Int64)).otherwise(pl.col("timestamp")),
+    )  # fmt: skip
+
+
+SPLITTERS: dict[str, Callable[..., pl.DataFrame]] = {
+    "loo": leave_one_out,
+    "temporal": temporal,
+    "mcar": mcar,
+}
 
 
 def split_frame(df: pl.DataFrame, kind: str, **kwargs: object) -> pl.DataFrame:
-    """Split with the named method ("loo" or "temporal"); DataError if no row lands in train."""
+    """Split with the named method (`SPLITTERS`); DataError if no row lands in train."""
     if kind not in SPLITTERS:
         raise DataError(f"split kind {kind!r} unknown; expected one of {sorted(SPLITTERS)}")
     out = SPLITTERS[kind](df, **kwargs)

@@ -22,7 +22,10 @@ Protocol, for split S in {valid, test} of a prepared dataset:
 Per user: HR@K, Recall@K, NDCG@K for every K, MRR within the top max(K) list, and the entropy of
 pi(.|u) = softmax s(u, .) over the catalog. Aggregates add coverage, average popularity, Gini and
 tail share of the top-K lists (popularity = train positives); impression-level AUC / MRR /
-nDCG@5/10 when S has request_id; preference accuracy on the split's pairs.
+nDCG@5/10 when S has request_id, or, for a dataset split by the `mcar` kind (Coat), the
+random-exposure metrics mcar/auc, mcar/ndcg_at_5, mcar/recall_at_5 of each user's ranking of
+their own random test items (`metrics.mcar_metrics`; the valid split's requests are the
+held-out MNAR items, measured alike); preference accuracy on the split's pairs.
 
 `compare` evaluates policy and reference on the same queries and adds per-user deltas with paired
 bootstrap CIs, the exact KL(policy || reference) per user, and `log_ratio_margin`, the mean
@@ -59,6 +62,7 @@ from recsys_dpo.training.ranking_eval import target_ranks
 
 SPLITS_BEFORE = {"valid": ("train",), "test": ("train", "valid")}
 IMPRESSION_NDCG_K = (5, 10)
+MCAR_K = 5
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ def check_model(model: Recommender, data: PreparedDataset, queries: Queries, wha
             f"{what} was trained with n_items={model.n_items}, but the dataset {data.path} has "
             f"n_items={data.n_items} (manifest.json): evaluate it on the dataset it was trained on"
         )
-    if model.config.get("use_user_id", False):
+    if model.embeds_user_ids:
         n_users = int(model.config["n_users"])
         unknown = queries.user_idx[queries.user_idx >= n_users]
         if len(unknown):
@@ -365,8 +369,20 @@ def build_impressions(data: PreparedDataset, queries: Queries) -> Impressions | 
     )
 
 
-def per_request_metrics(scores: np.ndarray, imp: Impressions) -> dict[str, np.ndarray]:
-    """auc, mrr, ndcg_at_5, ndcg_at_10 per request, in np.unique(request_id) order."""
+def request_metrics_kind(data: PreparedDataset) -> str:
+    """"mcar" for a dataset split by the `mcar` kind, whose requests are each user's random
+    test items (or held-out valid items), else "impression": the prefix of the metrics."""
+    split = data.manifest.get("config", {}).get("data", {}).get("split", {})
+    return "mcar" if split.get("kind") == "mcar" else "impression"
+
+
+def per_request_metrics(
+    scores: np.ndarray, imp: Impressions, kind: str = "impression"
+) -> dict[str, np.ndarray]:
+    """Per request, in np.unique(request_id) order: auc, mrr, ndcg_at_5, ndcg_at_10
+    (impression logs), or auc, ndcg_at_5, recall_at_5 (kind "mcar", `metrics.mcar_metrics`)."""
+    if kind == "mcar":
+        return metrics.mcar_metrics(scores, imp.clicked, imp.request_id, MCAR_K)
     out = {
         "auc": metrics.impression_auc(scores, imp.clicked, imp.request_id),
         "mrr": metrics.impression_mrr(scores, imp.clicked, imp.request_id),
@@ -425,6 +441,7 @@ class EvalResult:
     item_emb: Tensor
     per_request: pl.DataFrame | None = None
     pairs: PairScores | None = None
+    request_metrics: str = "impression"  # the prefix of the per-request metrics
     ope: dict | None = None  # the off-policy section (recsys_dpo.evaluation.counterfactual)
 
 
@@ -494,13 +511,15 @@ def evaluate(
         "catalog_items": data.n_items - 1,
     }
     per_request = None
+    kind = request_metrics_kind(data)
     imp = build_impressions(data, queries)
     if imp is not None:
         imp_scores = _gather_scores(user_emb, item_emb, imp.query_row, imp.item_idx)
         per_request = pl.DataFrame(
-            {"request_id": np.unique(imp.request_id), **per_request_metrics(imp_scores, imp)}
+            {"request_id": np.unique(imp.request_id),
+             **per_request_metrics(imp_scores, imp, kind)}  # fmt: skip
         )
-        aggregates |= {f"impression/{c}": v for c, v in _means(per_request, "request_id").items()}
+        aggregates |= {f"{kind}/{c}": v for c, v in _means(per_request, "request_id").items()}
         counts["requests"] = per_request.height
     pair_scores = None
     if data.has_pairs(split) and (pairs := data.pairs(split)).height:
@@ -510,7 +529,7 @@ def evaluate(
         )
         counts["pairs"] = pairs.height
     return EvalResult(split, ks, per_user, aggregates, counts, ranked, scores, user_emb,
-                      item_emb, per_request, pair_scores)  # fmt: skip
+                      item_emb, per_request, pair_scores, request_metrics=kind)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -531,7 +550,7 @@ class Delta:
 class Comparison:
     """Policy vs reference on the same queries. `per_user` joins both models' per-user metrics
     (suffixes /policy, /reference), their deltas (/delta) and kl; `deltas` maps each per-user
-    (and `impression/` per-request) metric to its Delta."""
+    (and `impression/` or `mcar/` per-request) metric to its Delta."""
 
     policy: EvalResult
     reference: EvalResult
@@ -601,7 +620,7 @@ def compare(
     if pol.per_request is not None and ref.per_request is not None:
         _, request_deltas = _paired(ref.per_request, pol.per_request, "request_id",
                                     n_resamples, seed, ci)  # fmt: skip
-        deltas |= {f"impression/{name}": d for name, d in request_deltas.items()}
+        deltas |= {f"{pol.request_metrics}/{name}": d for name, d in request_deltas.items()}
     if pol.pairs is not None and ref.pairs is not None:
         aggregates["log_ratio_margin"] = metrics.reward_margin_mean(
             pol.pairs.chosen - ref.pairs.chosen, pol.pairs.rejected - ref.pairs.rejected,

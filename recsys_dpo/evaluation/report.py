@@ -195,8 +195,9 @@ def markdown(outcome: Outcome, plots: list[str]) -> str:
     ]
     if isinstance(outcome, Comparison):
         lines += [
-            f"delta = policy - reference, mean over users (per request for impression/ "
-            f"metrics, over logged requests for ope/); CI: paired bootstrap, {outcome.ci:.0%}; "
+            f"delta = policy - reference, mean over users (per request for impression/ and "
+            f"mcar/ metrics, an mcar/ request being one user's random test items; over logged "
+            f"requests for ope/); CI: paired bootstrap, {outcome.ci:.0%}; "
             "* = the CI excludes 0.",
             "",
         ]

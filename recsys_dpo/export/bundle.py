@@ -146,7 +146,7 @@ def serving_spec(model: Recommender) -> dict[str, Any]:
     """What serve.py needs to know of the model: its context width and whether the tower
     embeds user ids (then a bare history cannot be scored)."""
     return {"model": model.name, "max_len": int(model.config["max_len"]),
-            "embeds_user_ids": bool(model.config.get("use_user_id", False))}  # fmt: skip
+            "embeds_user_ids": model.embeds_user_ids}  # fmt: skip
 
 
 @dataclass

@@ -40,6 +40,11 @@ class Recommender(nn.Module, ABC):
     def _item_vectors(self, items: Tensor) -> Tensor:
         """Raw item vectors [..., d] for item indices of any shape (padding not yet zeroed)."""
 
+    @property
+    def embeds_user_ids(self) -> bool:
+        """The user vector reads `user_idx` (an unknown user cannot be scored)."""
+        return bool(self.config.get("use_user_id", False))
+
     def embed_items(self, items: Tensor) -> Tensor:
         """Item vectors [..., d] for item indices [...]; padding (index 0) maps to zeros."""
         return self._item_vectors(items) * (items != PAD_ITEM).unsqueeze(-1)

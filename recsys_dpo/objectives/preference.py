@@ -170,13 +170,17 @@ def _result(row_loss: Tensor, pairs: _Pairs, beta: float) -> PreferenceLoss:
     )
 
 
-def _pairwise(per_pair: Callable[[Tensor], Tensor], pairs: _Pairs, beta: float) -> PreferenceLoss:
-    """Apply per_pair(m), m = chosen - rejected, averaged over each row's real negatives.
+def _pairwise(
+    per_pair: Callable[[Tensor], Tensor], pairs: _Pairs, beta: float, shift: Tensor | None = None
+) -> PreferenceLoss:
+    """Apply per_pair(m), m = chosen - rejected - shift, averaged over each row's real negatives.
 
-    Padded margins are replaced by 0 before the loss so that garbage (inf, NaN) in padded
-    slots can reach neither the loss nor the gradient.
+    shift [B]: a per-row term taken off every margin of the row (DPOP's penalty); the logged
+    rewards stay beta * r. Padded margins are replaced by 0 before the loss so that garbage
+    (inf, NaN) in padded slots can reach neither the loss nor the gradient.
     """
-    margin = torch.where(pairs.mask, pairs.chosen.unsqueeze(1) - pairs.rejected, 0.0)
+    chosen = pairs.chosen if shift is None else pairs.chosen - shift
+    margin = torch.where(pairs.mask, chosen.unsqueeze(1) - pairs.rejected, 0.0)
     pair_loss = torch.where(pairs.mask, per_pair(margin), 0.0)
     return _result(pair_loss.sum(dim=1) / pairs.mask.sum(dim=1), pairs, beta)
 
@@ -196,6 +200,38 @@ def dpo(
         "dpo", beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected, rejected_mask, weight
     )
     return _pairwise(lambda m: -F.logsigmoid(beta * m), pairs, beta)
+
+
+def dpop(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    rejected_mask: Tensor | None = None,
+    weight: Tensor | None = None,
+    *,
+    beta: float,
+    lambda_: float,
+) -> PreferenceLoss:
+    """DPO-Positive, DPOP (Pal et al., 2024, "Smaug: Fixing Failure Modes of Preference
+    Optimisation with DPO-Positive", arXiv:2402.13228, Eq. 3):
+
+        l = -log sigma( beta * ( m - lambda * max(0, log pi_ref(c) - log pi_theta(c)) ) )
+
+    the penalty inside the sigmoid, scaled by beta with the margin. DPO's loss depends on the
+    margin alone, so it may push log pi_theta(chosen) below the reference as long as the
+    rejected item falls further; DPOP charges every nat of that drop, which matters when the
+    rejected items are noisy (a false negative pulls the chosen item down with it).
+    lambda = 0 is DPO. Inputs: NORMALISED log-probabilities (`catalog.logps`, as the
+    preference module passes them), since the penalty -r(chosen) is not a difference of two
+    items of one context and the log-partitions do not cancel in it.
+    """
+    _require("dpop", lambda_ >= 0, f"lambda_ must be >= 0, got {lambda_}")
+    pairs = _prepare(
+        "dpop", beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected, rejected_mask, weight
+    )
+    penalty = torch.relu(-pairs.chosen)  # log pi_ref(c) - log pi_theta(c), clipped at 0
+    return _pairwise(lambda m: -F.logsigmoid(beta * m), pairs, beta, shift=lambda_ * penalty)
 
 
 def cdpo(
@@ -536,6 +572,7 @@ PairwiseLoss = Callable[..., PreferenceLoss]
 # statistic, not a setting) and wants normalised log-probabilities.
 LOSSES: dict[str, PairwiseLoss] = {
     "dpo": dpo,
+    "dpop": dpop,
     "cdpo": cdpo,
     "robust": robust,
     "ipo": ipo,

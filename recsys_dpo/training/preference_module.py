@@ -36,15 +36,19 @@ from recsys_dpo.training.reference_module import (
 )
 from recsys_dpo.training.schedule import check_schedule, configure_optimizer
 
+# A flip rate in [0, 0.5) standing in for label_smoothing=auto in the dry run of the loss.
+AUTO_STAND_IN = 0.25
 # Settings an objective may not use; each must then stay at this neutral value.
-NEUTRAL = {"label_smoothing": 0.0, "gamma": 0.0, "lambda_d": 1.0, "lambda_u": 1.0}
+NEUTRAL = {"label_smoothing": 0.0, "gamma": 0.0, "lambda_d": 1.0, "lambda_u": 1.0, "lambda_": 0.0}
 
 
-def objective_params(objective: str, beta: float, **settings: float) -> dict[str, float]:
+def objective_params(objective: str, beta: float, **settings: float | str) -> dict[str, Any]:
     """The keyword parameters `LOSSES[objective]` takes, checked now by a dry run of the loss.
 
     settings: any of `NEUTRAL`. One the objective ignores but that is not at its neutral value
     (e.g. gamma with DPO) is refused, so a config typo cannot silently train something else.
+    label_smoothing may be "auto" (measured on the pairs before training, `run.py`): the dry
+    run then checks the rest with a stand-in rate.
     """
     if objective not in LOSSES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {sorted(LOSSES)}")
@@ -61,8 +65,9 @@ def objective_params(objective: str, beta: float, **settings: float) -> dict[str
     params = {name: v for name, v in given.items() if name in accepted}
     zero, zeros = torch.zeros(1), torch.zeros(1, 1)
     batch_stats = {"kl_ref": zero} if objective == "kto" else {}
+    stand_in = {n: AUTO_STAND_IN for n, v in params.items() if v == "auto"}
     # Its own checks raise ValueError (beta <= 0, ...).
-    loss(zero, zeros, zero, zeros, **params, **batch_stats)
+    loss(zero, zeros, zero, zeros, **{**params, **stand_in}, **batch_stats)
     return params
 
 
@@ -83,9 +88,9 @@ class PreferenceModule(LightningModule):
     Args:
         reference_ckpt: the stage-1 checkpoint (policy initialisation and frozen reference).
         n_items, n_users: the data's vocab sizes; a reference built for others is refused.
-        objective: a key of `recsys_dpo.objectives.preference.LOSSES` (dpo, cdpo, robust, ipo,
-            hinge, sdpo, simpo, kto, sft); beta, label_smoothing, gamma, lambda_d, lambda_u: its
-            parameters. kto takes the pairs apart into click / no-click rows; its reference
+        objective: a key of `recsys_dpo.objectives.preference.LOSSES` (dpo, dpop, cdpo, robust,
+            ipo, hinge, sdpo, simpo, kto, sft); beta, label_smoothing, gamma, lambda_d,
+            lambda_u, lambda_ (DPOP's): its parameters. kto takes the pairs apart into click / no-click rows; its reference
             point is the exact KL(pi_theta || pi_ref) of the batch's users, so it needs the
             live reference (not precompute). sft has no preference term: the SFT-only
             baseline, which needs sft_alpha > 0.
@@ -112,6 +117,7 @@ class PreferenceModule(LightningModule):
         gamma: float = 0.0,
         lambda_d: float = 1.0,
         lambda_u: float = 1.0,
+        lambda_: float = 0.0,
         sft_alpha: float = 0.0,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
@@ -130,6 +136,7 @@ class PreferenceModule(LightningModule):
             gamma=gamma,
             lambda_d=lambda_d,
             lambda_u=lambda_u,
+            lambda_=lambda_,
         )
         if objective == "kto" and precompute:
             raise ValueError(

@@ -43,6 +43,7 @@ from recsys_dpo.data.datamodule import (
     PreparedDataset,
     RowsDataset,
     SequenceDataModule,
+    latest_events,
 )
 from recsys_dpo.data.schema import USER_IDX
 from recsys_dpo.errors import DataError
@@ -52,6 +53,7 @@ from recsys_dpo.stage import plain
 from recsys_dpo.tracking.mlflow_utils import open_tracking
 from recsys_dpo.training.callbacks import StepSeed
 from recsys_dpo.training.checkpoints import AtomicCheckpointIO, checkpoint_callbacks, write_atomic
+from recsys_dpo.training.false_negatives import false_negative_share, later_positive_hits
 from recsys_dpo.training.preference_module import PreferenceModule, pair_logps
 from recsys_dpo.training.reference_module import (
     ReferenceModule,
@@ -310,11 +312,17 @@ def attach_reference_logps(rows: RowsDataset, reference: Recommender, batch_size
 
 
 def use_reference_hard_negatives(
-    data: PairDataModule, reference: Recommender, num_negatives: int, skip: int, progress: bool
+    data: PairDataModule,
+    reference: Recommender,
+    num_negatives: int,
+    skip: int,
+    progress: bool,
+    band: tuple[int, int] | None = None,
+    seed: int = 0,
 ) -> None:
     """Replace the rejected items of the train and valid pairs by the reference's top-N items
-    (after its first `skip`) that are neither chosen nor train positives of the user that the
-    seen policy removes (`reference_hard`)."""
+    (after its first `skip`; or N drawn from its ranks band = (lo, hi)) that are neither chosen
+    nor train positives of the user that the seen policy removes (`reference_hard`)."""
     positives = {
         user: np.asarray(items, dtype=np.int64)
         for user, items in data.train_sequences.select(USER_IDX, "items").iter_rows()
@@ -325,8 +333,43 @@ def use_reference_hard_negatives(
             continue
         exclude = [positives.get(int(u), none) for u in rows.columns["user_idx"]]
         rows.columns["rejected"] = reference_hard_negatives(
-            reference, rows, exclude, num_negatives, skip, progress=progress, seen=data.seen
+            reference, rows, exclude, num_negatives, skip, progress=progress, seen=data.seen,
+            band=band, seed=seed,
+        )  # fmt: skip
+
+
+def train_false_negative_share(data: PairDataModule) -> float:
+    """The share of the train pairs' real rejected items (as they will train: after mining
+    and max_negatives) that the user clicks in a later train event (`false_negatives.py`).
+    Reads the train split only."""
+    data.setup()
+    pairs = data.dataset.pairs("train")
+    if data.max_pairs_per_user is not None:  # the rows setup() kept, in its order
+        pairs = latest_events(pairs, data.max_pairs_per_user)
+    rejected = data.train_set.columns["rejected"]
+    if not isinstance(rejected, torch.Tensor):
+        rejected = rejected.take(torch.arange(len(data.train_set)))
+    hits = later_positive_hits(pairs, rejected, data.dataset.events("train"))
+    return false_negative_share(hits, rejected)
+
+
+def label_smoothing(cfg: DictConfig, data: PairDataModule) -> float:
+    """objective.label_smoothing, with `auto` measured on the train pairs (and printed)."""
+    value = cfg.objective.get("label_smoothing", 0.0)
+    if value != "auto":
+        return value
+    share = train_false_negative_share(data)
+    if share >= 0.5:
+        raise DataError(
+            f"objective.label_smoothing=auto: {share:.1%} of the train pairs' rejected items "
+            "are later train positives of the user, and a flip rate must be < 0.5: the pairs "
+            "are mostly wrong, change their strategy rather than smooth them"
         )
+    Console(quiet=not cfg.progress).print(
+        f"objective.label_smoothing=auto: {share:.4f}, the share of rejected items the user "
+        "clicks later in train"
+    )
+    return share
 
 
 def train_preference(cfg: DictConfig) -> Path:
@@ -345,6 +388,24 @@ def train_preference(cfg: DictConfig) -> Path:
     )
     spec = require_reference(cfg, data.dataset)
     objective = plain(cfg.objective)
+    hard, band = cfg.reference.hard_negatives, cfg.reference.get("hard_negatives_band")
+    if hard or cfg.reference.precompute:
+        data.setup()
+        reference = load_model(
+            cfg.reference.ckpt, trained_on(data.dataset), f"reference.ckpt={cfg.reference.ckpt}",
+            dropout=0.0,
+        )  # fmt: skip
+    if hard:
+        setting = f"reference.hard_negatives={hard}" + (
+            "" if band is None else f" reference.hard_negatives_band={list(band)}"
+        )
+        with bad_setting(setting):
+            use_reference_hard_negatives(
+                data, reference, hard, cfg.reference.hard_negatives_skip, cfg.progress,
+                band=None if band is None else tuple(band), seed=cfg.seed,
+            )  # fmt: skip
+    # After mining: `auto` measures the negatives the loss will see.
+    smoothing = label_smoothing(cfg, data)
     with bad_setting(f"objective={objective['name']}"):
         module = PreferenceModule(
             str(cfg.reference.ckpt),
@@ -352,10 +413,11 @@ def train_preference(cfg: DictConfig) -> Path:
             data.n_users,
             objective=objective["name"],
             beta=objective.get("beta", 0.1),
-            label_smoothing=objective.get("label_smoothing", 0.0),
+            label_smoothing=smoothing,
             gamma=objective.get("gamma", 0.0),
             lambda_d=objective.get("lambda_d", 1.0),
             lambda_u=objective.get("lambda_u", 1.0),
+            lambda_=objective.get("lambda_", 0.0),
             sft_alpha=objective.get("sft_alpha", 0.0),
             lr=cfg.train.lr,
             weight_decay=cfg.train.weight_decay,
@@ -365,18 +427,6 @@ def train_preference(cfg: DictConfig) -> Path:
             k=cfg.train.k,
             dataset=trained_on(data.dataset),
         )
-    hard = cfg.reference.hard_negatives
-    if hard or cfg.reference.precompute:
-        data.setup()
-        reference = load_model(
-            cfg.reference.ckpt, trained_on(data.dataset), f"reference.ckpt={cfg.reference.ckpt}",
-            dropout=0.0,
-        )  # fmt: skip
-    if hard:
-        with bad_setting(f"reference.hard_negatives={hard}"):
-            use_reference_hard_negatives(
-                data, reference, hard, cfg.reference.hard_negatives_skip, cfg.progress
-            )
     if cfg.reference.precompute:
         for rows in (data.train_set, data.valid_pairs):
             if rows is not None:

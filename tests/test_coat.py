@@ -1,0 +1,205 @@
+"""Coat (data=coat): the reader against the README's hand counts, the `mcar` split (a seeded
+valid slice of the MNAR ratings, the MCAR test untouched by pairs and training), the MCAR
+metrics against a brute force, and `experiment=coat_mf_dpo` end to end with MLflow records.
+The real files come from ../shared/data/coat (or RECSYS_DPO_SHARED_DATA); absent, they skip."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import SHARED_DATA, run_pipeline, shared_file
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlflow.tracking import MlflowClient
+
+from recsys_dpo.data.datamodule import load_prepared
+from recsys_dpo.data.prepare import prepare_dataset
+from recsys_dpo.data.readers import read_coat
+from recsys_dpo.data.splits import mcar
+from recsys_dpo.errors import DataError
+from recsys_dpo.evaluation.metrics import mcar_metrics
+
+# /work/shared/data/coat/README.md
+TRAIN_HIST = {1: 1901, 2: 1437, 3: 1717, 4: 1275, 5: 630}
+TEST_HIST = {1: 1879, 2: 899, 3: 1002, 4: 641, 5: 219}
+SPLIT = {"kind": "mcar", "valid_frac": 0.2, "relevant": 4.0, "seed": 0}
+PAIRS = {"feedback": {"high": 4.0, "low": 2.0, "max_negatives": 4, "max_context": 50}}
+
+
+@pytest.fixture(scope="module")
+def coat() -> Path:
+    shared_file("coat", "train.ascii")
+    return shared_file("coat", "test.ascii").parent
+
+
+@pytest.fixture(scope="module")
+def prepared(coat, tmp_path_factory):
+    out = tmp_path_factory.mktemp("coat") / "prepared"
+    prepare_dataset(read_coat(coat), str(coat), out, validation={"min_events_per_user": 3},
+                    split=SPLIT, pairs=PAIRS, pair_splits=["train", "valid"],
+                    config={"data": {"split": SPLIT}}, progress=False)  # fmt: skip
+    return load_prepared(out)
+
+
+def test_reader_matches_the_readme_counts(coat):
+    log = read_coat(coat).collect()
+    by = {e: log.filter(pl.col("event") == e) for e in ("mnar", "mcar")}
+    assert by["mnar"].height == 6960 and by["mcar"].height == 4640
+    assert log["user_id"].n_unique() == 290 and log["item_id"].n_unique() == 300
+    for event, hist in (("mnar", TRAIN_HIST), ("mcar", TEST_HIST)):
+        counts = by[event]["rating"].value_counts().sort("rating")
+        assert dict(zip(counts["rating"].cast(int), counts["count"], strict=True)) == hist
+    # 24 chosen and 16 random items per user; relevance is rating >= 4 on the MCAR rows only
+    assert set(by["mnar"].group_by("user_id").len()["len"]) == {24}
+    assert set(by["mcar"].group_by("user_id").len()["len"]) == {16}
+    assert by["mnar"]["clicked"].all()
+    assert by["mcar"]["clicked"].to_list() == (by["mcar"]["rating"] >= 4).to_list()
+    both = by["mcar"].group_by("user_id").agg(pl.col("clicked").any() & ~pl.col("clicked").all())
+    assert both["clicked"].sum() == 237
+
+
+def test_reader_refuses_a_bad_matrix(tmp_path):
+    (tmp_path / "train.ascii").write_text("0 1 7\n2 0 0\n")
+    with pytest.raises(DataError, match=r"train.ascii: line 1, column 3 holds 7"):
+        read_coat(tmp_path)
+    (tmp_path / "train.ascii").write_text("0 1 5\n2 0 0\n")
+    (tmp_path / "test.ascii").write_text("0 1\n2 0\n")
+    with pytest.raises(DataError, match=r"test.ascii: 2 users x 2 items, but the train matrix"):
+        read_coat(tmp_path)
+    with pytest.raises(DataError, match="no such file"):
+        read_coat(tmp_path / "absent")
+
+
+def _toy_log(n_users: int = 6, n_rows: int = 10) -> pl.DataFrame:
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(n_users), n_rows).astype(str)
+    events = np.where(np.tile(np.arange(n_rows), n_users) < 3, "mcar", "mnar")
+    return pl.DataFrame({
+        "user_idx": users, "item_id": np.tile(np.arange(n_rows), n_users).astype(str),
+        "timestamp": np.where(events == "mcar", 2, 0), "clicked": events == "mnar",
+        "rating": rng.integers(1, 6, len(users)).astype(float), "event": events,
+        "seq": np.arange(len(users)),
+    })  # fmt: skip
+
+
+def test_mcar_split_holds_out_a_seeded_slice_of_the_train_rows():
+    log = _toy_log()
+    out = mcar(log, valid_frac=0.3, seed=5)
+    assert out["split"].to_list() == mcar(log, valid_frac=0.3, seed=5)["split"].to_list()
+    assert out["split"].to_list() != mcar(log, valid_frac=0.3, seed=6)["split"].to_list()
+    # the test rows are the log's own, untouched; round(0.3 * 7) = 2 valid rows per user
+    assert (out.filter(pl.col("event") == "mcar")["split"] == "test").all()
+    assert out.filter(pl.col("split") == "test").equals(
+        log.filter(pl.col("event") == "mcar").with_columns(
+            pl.lit("test").alias("split"), pl.lit(None, pl.Utf8).alias("request_id")
+        ).select(out.columns)
+    )
+    valid = out.filter(pl.col("split") == "valid")
+    assert set(valid.group_by("user_idx").len()["len"]) == {2}
+    assert (valid["event"] == "mnar").all()
+    assert valid["clicked"].to_list() == (valid["rating"] >= 4).to_list()
+    assert (valid["timestamp"] == 1).all()
+    assert valid["request_id"].to_list() == [f"valid-{u}" for u in valid["user_idx"]]
+    # a user's draw does not depend on the other users
+    alone = mcar(log.filter(pl.col("user_idx") == "3"), valid_frac=0.3, seed=5)
+    assert alone["split"].to_list() == out.filter(pl.col("user_idx") == "3")["split"].to_list()
+
+
+def test_mcar_split_needs_event_and_rating():
+    with pytest.raises(DataError, match=r"mcar split: the log has no column\(s\) \['event'\]"):
+        mcar(_toy_log().drop("event"))
+
+
+def test_prepared_coat_keeps_test_out_of_train_valid_and_pairs(prepared):
+    events = {s: prepared.events(s) for s in ("train", "valid", "test")}
+    assert {s: f.height for s, f in events.items()} == {"train": 5510, "valid": 1450,
+                                                        "test": 4640}  # fmt: skip
+    assert prepared.n_users == 290 and prepared.n_items == 301
+    key = pl.col("user_idx").cast(pl.Int64) * 1000 + pl.col("item_idx")
+    keys = {s: set(f.select(key)["user_idx"]) for s, f in events.items()}
+    assert not keys["train"] & keys["valid"]
+    # the test split is exactly test.ascii: no MNAR row, every MCAR one
+    assert (events["test"]["event"] == "mcar").all()
+    assert not (events["train"]["event"] == "mcar").any()
+    assert not (events["valid"]["event"] == "mcar").any()
+    assert not prepared.has_pairs("test")
+    for split, allowed in (("train", ["train"]), ("valid", ["train", "valid"])):
+        pairs = prepared.pairs(split).explode("rejected")
+        owned = set(pl.concat([events[s] for s in allowed]).select(key)["user_idx"])
+        chosen = set(pairs.select(pl.col("user_idx").cast(pl.Int64) * 1000 + pl.col("chosen"))
+                     ["user_idx"])  # fmt: skip
+        rejected = set(pairs.select(pl.col("user_idx").cast(pl.Int64) * 1000
+                                    + pl.col("rejected"))["user_idx"])  # fmt: skip
+        assert chosen <= set(events[split].select(key)["user_idx"]) and rejected <= owned
+        # contexts hold no item of a later split: a train context is train items only
+        context = set(prepared.pairs(split).explode("context").drop_nulls("context")
+                      .select(pl.col("user_idx").cast(pl.Int64) * 1000 + pl.col("context"))
+                      ["user_idx"])  # fmt: skip
+        assert context <= owned
+
+
+def _brute(scores, relevant, groups, k):
+    """Per user, by enumeration: AUC over every (relevant, other) pair; the list sorted by
+    score with ties against the relevant items; NaN without both classes."""
+    out = {"auc": [], f"ndcg_at_{k}": [], f"recall_at_{k}": []}
+    for g in sorted(set(groups)):
+        s = [x for x, gg in zip(scores, groups, strict=True) if gg == g]
+        r = [bool(x) for x, gg in zip(relevant, groups, strict=True) if gg == g]
+        pos = [a for a, y in zip(s, r, strict=True) if y]
+        neg = [a for a, y in zip(s, r, strict=True) if not y]
+        if not pos or not neg:
+            for v in out.values():
+                v.append(np.nan)
+            continue
+        wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg)
+        out["auc"].append(wins / (len(pos) * len(neg)))
+        ranked = [y for _, y in sorted(zip(s, r, strict=True), key=lambda t: (-t[0], t[1]))]
+        dcg = sum(1 / np.log2(i + 2) for i, y in enumerate(ranked[:k]) if y)
+        idcg = sum(1 / np.log2(i + 2) for i in range(min(k, len(pos))))
+        out[f"ndcg_at_{k}"].append(dcg / idcg)
+        out[f"recall_at_{k}"].append(sum(ranked[:k]) / len(pos))
+    return {name: np.array(v) for name, v in out.items()}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 4), st.integers(-3, 3), st.booleans()), min_size=1, max_size=40
+    ),
+    k=st.integers(1, 6),
+)
+def test_mcar_metrics_match_brute_force(rows, k):
+    groups, scores, relevant = (np.array(c) for c in zip(*rows, strict=True))
+    got = mcar_metrics(scores.astype(float), relevant, groups, k)
+    want = _brute(scores.tolist(), relevant.tolist(), groups.tolist(), k)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-12, err_msg=name)
+
+
+def test_coat_mf_dpo_runs_end_to_end_with_mlflow_records(coat, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = run_pipeline("run.py", "experiment=coat_mf_dpo", f"paths.shared_data={SHARED_DATA}",
+                        f"paths.artifacts={tmp_path / 'artifacts'}", f"tracking.uri={uri}",
+                        "progress=false", f"hydra.run.dir={tmp_path / 'job'}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "job" / "pipeline_result.json").read_text())
+    assert result["ran"] == ["prepare", "reference", "preference", "evaluate", "export"]
+    names = ("mcar/auc", "mcar/ndcg_at_5", "mcar/recall_at_5", "ndcg_at_10")
+    (metrics_file,) = (tmp_path / "artifacts" / "eval").glob("*-test/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["counts"]["requests"] == 237  # the users with both a liked and another item
+    for role in ("policy", "reference"):
+        assert all(0 <= metrics["models"][role][n] <= 1 for n in names), metrics["models"][role]
+    assert metrics["models"]["reference"]["mcar/auc"] > 0.5  # better than random
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("recsys-dpo").experiment_id])
+    evaluate = next(r for r in runs if r.info.run_name == "evaluate")
+    logged = evaluate.data.metrics
+    for name in ("policy/mcar/ndcg_at_5", "reference/mcar/auc", "delta/mcar/recall_at_5"):
+        role, metric = name.split("/", 1)
+        if role == "delta":
+            assert logged[name] == pytest.approx(metrics["deltas"][metric]["mean"]), name
+        else:
+            assert logged[name] == pytest.approx(metrics["models"][role][metric]), name
