@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from recsys_dpo.data.datamodule import load_prepared
 from recsys_dpo.data.prepare import prepare_dataset
 from recsys_dpo.data.readers import read_coat
+from recsys_dpo.data.schema import ITEM_IDX, USER_IDX
 from recsys_dpo.data.splits import mcar
 from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.metrics import mcar_metrics
@@ -203,3 +204,43 @@ def test_coat_mf_dpo_runs_end_to_end_with_mlflow_records(coat, tmp_path):
             assert logged[name] == pytest.approx(metrics["deltas"][metric]["mean"]), name
         else:
             assert logged[name] == pytest.approx(metrics["models"][role][metric]), name
+
+
+def test_study_compares_mcar_metrics_per_user(prepared):
+    """The study runner's per-user table holds each user's mcar/ metrics, equal to a brute
+    force over that user's own random test items, NaN exactly for users with one class."""
+    import torch
+
+    from recsys_dpo.evaluation.evaluator import evaluate
+    from recsys_dpo.models import build_model
+    from recsys_dpo.study.runner import with_request_metrics
+
+    torch.manual_seed(0)
+    model = build_model("mf", n_items=prepared.n_items, n_users=prepared.n_users, dim=8).eval()
+    result = evaluate(model, prepared, "test", k=[5, 10])
+    table = with_request_metrics(result, prepared)
+    assert table.height == result.per_user.height
+    assert table[USER_IDX].to_list() == result.per_user[USER_IDX].to_list()
+    test = prepared.events("test")
+    users, items = test[USER_IDX].to_numpy(), test[ITEM_IDX].to_numpy()
+    with torch.no_grad():  # MF's score: the dot product of its user and item vectors
+        batch = {"user_idx": torch.as_tensor(users, dtype=torch.long),
+                 "context": torch.zeros(len(users), 1, dtype=torch.long)}  # fmt: skip
+        vectors = model.item_embeddings()[torch.as_tensor(items, dtype=torch.long)]
+        scores = (model.user_embeddings(batch) * vectors).sum(1).double().numpy()
+    expected = _brute(scores, test["clicked"].to_numpy(), users, 5)["ndcg_at_5"]
+    got = dict(zip(table[USER_IDX].to_list(), table["mcar/ndcg_at_5"].to_list(), strict=True))
+    for user, value in zip(sorted(set(users.tolist())), expected, strict=True):
+        # a user without a relevant random item is no ranking query (no target): NaN anyway
+        assert got.get(user, np.nan) == pytest.approx(value, nan_ok=True, abs=1e-6), user
+    defined = np.isfinite(table["mcar/auc"].to_numpy()).sum()
+    assert defined == 237  # the README's users with both a rating >= 4 and one below
+
+
+def test_study_selects_on_an_mcar_metric_only_with_its_cut_off():
+    from recsys_dpo.study.spec import MCAR_METRICS, _metric
+
+    assert _metric("mcar/ndcg_at_5", [5, 10], "study.selection.metric") == "mcar/ndcg_at_5"
+    assert "mcar/auc" in MCAR_METRICS
+    with pytest.raises(DataError, match="mcar/ndcg_at_7"):
+        _metric("mcar/ndcg_at_7", [5, 10], "study.selection.metric")

@@ -265,6 +265,14 @@ def test_the_ml1m_and_ml100k_studies_compose_and_check():
             study_spec(cfg.study, list(cfg.eval.k))
 
 
+def test_the_coat_study_selects_on_the_valid_mcar_ranking():
+    cfg = compose_study("coat_mf")
+    spec = study_spec(cfg.study, list(cfg.eval.k))
+    assert cfg.data.name == "coat" and cfg.data.split.kind == "mcar"
+    assert spec.selection_metric == "mcar/ndcg_at_5" and len(spec.reference_seeds) >= 3
+    assert {r.name for r in spec.rows} == {"dpo", "dpop", "cdpo", "sft"}
+
+
 @pytest.mark.parametrize(
     "path", sorted((ROOT / "recsys_dpo" / "conf" / "study").glob("*.yaml")), ids=lambda p: p.stem
 )

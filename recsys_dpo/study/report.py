@@ -55,8 +55,12 @@ def figures(evals: Grid2, metric: str) -> dict[str, Any]:
 
 def delta(entry: Entry, other: Entry, metric: str, n_resamples: int, ci: float) -> dict[str, Any]:
     """entry - other on test, paired per user: mean, sd across references, the two-level CI
-    (lo, hi) and each reference's paired bootstrap CI."""
+    (lo, hi) and each reference's paired bootstrap CI. Users without a value (an `mcar/`
+    metric of a user whose random items are all relevant or all not) are left out; which
+    users those are depends on the data, not the model, so both sides lose the same ones."""
     a, b = per_user(other.test, metric), per_user(entry.test, metric)
+    defined = ~(np.isnan(a).any(axis=0) | np.isnan(b).any(axis=0))
+    a, b = a[:, defined], b[:, defined]
     alpha = 1 - ci
     mean, lo, hi = hierarchical_bootstrap_ci(b - a, n_resamples, BOOTSTRAP_SEED, alpha)
     per_ref = [

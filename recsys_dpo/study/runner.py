@@ -62,8 +62,9 @@ from recsys_dpo.artifacts import (
     write_manifest,
 )
 from recsys_dpo.data.datamodule import PreparedDataset
+from recsys_dpo.data.schema import USER_IDX
 from recsys_dpo.errors import DataError
-from recsys_dpo.evaluation.evaluator import RetrievalConfig, evaluate, train_popularity
+from recsys_dpo.evaluation.evaluator import EvalResult, RetrievalConfig, evaluate, train_popularity
 from recsys_dpo.models import Recommender
 from recsys_dpo.pipeline import Pipeline, stage_config
 from recsys_dpo.settings import TrainPreference, TrainReference, validate
@@ -148,6 +149,24 @@ def select_point(valid_scores: list[list[float]]) -> int:
     return int(np.argmax(means))
 
 
+def with_request_metrics(result: EvalResult, data: PreparedDataset) -> pl.DataFrame:
+    """The per-user table, plus, on an `mcar` split (one request per user: their random
+    items), each user's `mcar/` metrics as columns, so the study compares them per user like
+    the others (NaN for a user without both a relevant and a non-relevant item)."""
+    if result.per_request is None or result.request_metrics != "mcar":
+        return result.per_user
+    owners = (data.events(result.split).filter(pl.col("request_id").is_not_null())
+              .select("request_id", USER_IDX).unique())  # fmt: skip
+    if owners["request_id"].n_unique() != owners.height:
+        raise RuntimeError(f"{result.split}: an mcar request spans several users")
+    columns = {c: f"mcar/{c}" for c in result.per_request.columns if c != "request_id"}
+    table = result.per_request.rename(columns).join(owners, on="request_id").drop("request_id")
+    return result.per_user.join(
+        table.with_columns(pl.col(USER_IDX).cast(result.per_user[USER_IDX].dtype)),
+        on=USER_IDX, how="left", maintain_order="left",
+    )
+
+
 # Part of every evaluation's cache key: the metric names' spelling (`ndcg_at_10`; evaluations
 # cached when they were `ndcg@10` have other keys, so a re-run recomputes rather than misreads).
 EVAL_FORMAT = "metric_at_k"
@@ -186,7 +205,7 @@ class EvalCache:
                               head_fraction=self.head_fraction, batch_size=self.batch_size,
                               kl_chunk=self.kl_chunk, seen=self.seen, what=model)  # fmt: skip
             with atomic_dir(out) as tmp:
-                result.per_user.write_parquet(tmp / "per_user.parquet")
+                with_request_metrics(result, self.data).write_parquet(tmp / "per_user.parquet")
                 (tmp / "metrics.json").write_text(json.dumps(result.aggregates, indent=2))
                 write_manifest(tmp, {"config_hash": key, "model": model, "split": split,
                                      "dataset": self.dataset, "eval": self.settings})  # fmt: skip

@@ -34,12 +34,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from recsys_dpo.errors import DataError
+from recsys_dpo.evaluation.evaluator import MCAR_K
 from recsys_dpo.stage import flatten
 
 # Hyperparameters are selected on valid and read out on test once: not a free setting.
 SELECTION_SPLIT = "valid"
 SFT = "sft"
 METRIC = re.compile(r"^(?:hr|recall|ndcg|mrr)_at_(\d+)$")
+# A dataset split by the `mcar` kind (Coat): each user's ranking of their own random items.
+MCAR_METRICS = ("mcar/auc", f"mcar/ndcg_at_{MCAR_K}", f"mcar/recall_at_{MCAR_K}")
 
 
 @dataclass(frozen=True)
@@ -135,13 +138,16 @@ def _selected_grids(path: Path, rows: list[str]) -> dict[str, dict[str, list[Any
 
 
 def _metric(name: str, ks: list[int], where: str) -> str:
+    if name in MCAR_METRICS:
+        return name
     match = METRIC.match(name)
     # mrr is computed within the top max(eval.k) list, so its one cut-off is max(eval.k).
     if match is None or int(match.group(1)) not in (
         [max(ks)] if name.startswith("mrr") else ks
     ):
         raise DataError(f"{where}={name!r}: expected hr_at_K, recall_at_K or ndcg_at_K with K in "
-                        f"eval.k {ks}, or mrr_at_{max(ks)}")  # fmt: skip
+                        f"eval.k {ks}, mrr_at_{max(ks)}, or on an mcar split one of "
+                        f"{', '.join(MCAR_METRICS)}")  # fmt: skip
     return name
 
 
