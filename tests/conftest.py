@@ -162,3 +162,30 @@ def installed_env(bin_dir: Path) -> dict[str, str]:
     """The environment of a user of that virtualenv: its bin/ first on PATH, nothing of the
     checkout importable, the real datasets where they are."""
     return {**venv_env(bin_dir.parent), "RECSYS_DPO_SHARED_DATA": str(SHARED_DATA)}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, seconds: float, what: str,
+                  log: Path | None = None) -> None:  # fmt: skip
+    """Poll `url` until it answers 2xx; fail if `proc` exits first (with the tail of `log`) or
+    `seconds` pass."""
+    import requests
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if requests.get(url, timeout=1).ok:
+                return
+        except requests.RequestException:
+            pass
+        assert proc.poll() is None, log.read_text()[-3000:] if log else f"{what} exited"
+        assert time.monotonic() < deadline, f"{what} did not come up in {seconds:.0f} s"
+        time.sleep(0.5)

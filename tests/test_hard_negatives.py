@@ -30,6 +30,20 @@ def random_rows(seed: int, n_rows: int):
     return pair_examples(frame, max_len=6, max_negatives=None), exclude
 
 
+def brute_force_rankings(reference, rows, exclude) -> list[tuple[list[int], set[int]]]:
+    """Per row, by enumeration: the reference's ranking of every item neither chosen nor
+    excluded (score descending, ties by item id), and that row's banned items."""
+    batch = rows.__getitems__(list(range(len(rows))))
+    with torch.no_grad():
+        scores = reference.full_scores(batch).double()
+    out = []
+    for row in range(len(rows)):
+        banned = set(exclude[row].tolist()) | {int(batch["chosen"][row])}
+        allowed = [i for i in range(1, N_ITEMS) if i not in banned]
+        out.append((sorted(allowed, key=lambda i: (-scores[row, i].item(), i)), banned))
+    return out
+
+
 @settings(max_examples=15, deadline=None)
 @given(
     seed=st.integers(0, 1000),
@@ -43,13 +57,8 @@ def test_reference_hard_is_the_top_of_the_unexcluded_catalog(seed, num, skip, mo
     reference = build_model(model, **config).eval()
     rows, exclude = random_rows(seed, 25)
     got = reference_hard_negatives(reference, rows, exclude, num, skip, batch_size=7)
-    batch = rows.__getitems__(list(range(len(rows))))
-    with torch.no_grad():
-        scores = reference.full_scores(batch).double()
-    for row in range(len(rows)):
-        banned = set(exclude[row].tolist()) | {int(batch["chosen"][row])}
-        allowed = [i for i in range(1, N_ITEMS) if i not in banned]
-        want = sorted(allowed, key=lambda i: (-scores[row, i].item(), i))[skip : skip + num]
+    for row, (ranking, _) in enumerate(brute_force_rankings(reference, rows, exclude)):
+        want = ranking[skip : skip + num]
         want += [0] * (num - len(want))  # fewer candidates than asked: padding
         assert got[row].tolist() == want
 
@@ -100,13 +109,7 @@ def test_band_negatives_come_from_the_band_of_the_brute_force_ranking(seed, lo, 
     again = reference_hard_negatives(reference, rows, exclude, num, band=(lo, hi), seed=seed,
                                      batch_size=25)  # fmt: skip
     assert torch.equal(got, again)  # same seed, other batch size: same draw
-    batch = rows.__getitems__(list(range(len(rows))))
-    with torch.no_grad():
-        scores = reference.full_scores(batch).double()
-    for row in range(len(rows)):
-        banned = set(exclude[row].tolist()) | {int(batch["chosen"][row])}
-        allowed = [i for i in range(1, N_ITEMS) if i not in banned]
-        ranking = sorted(allowed, key=lambda i: (-scores[row, i].item(), i))
+    for row, (ranking, banned) in enumerate(brute_force_rankings(reference, rows, exclude)):
         rank = {item: r + 1 for r, item in enumerate(ranking)}
         in_band = [i for i in ranking if lo <= rank[i] <= hi]
         drawn = [i for i in got[row].tolist() if i != 0]

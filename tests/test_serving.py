@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import polars as pl
 import pytest
 import requests
 import torch
-from conftest import report, venv_env
+from conftest import free_port, report, venv_env, wait_until_up
 from mlflow.tracking import MlflowClient
 
 from recsys_dpo.export import serve
@@ -131,12 +130,6 @@ def test_registered_version_is_a_self_contained_pyfunc(registered_run, tmp_path)
     assert {c.name for c in meta.signature.inputs.inputs} == {"user_id", "history", "k"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def model_server(registered_run, serving_venv, tmp_path, request):
     """`mlflow models serve -m models:/<name>@candidate` started from the fresh venv; its URL.
@@ -160,16 +153,7 @@ def model_server(registered_run, serving_venv, tmp_path, request):
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if requests.get(f"{url}/ping", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                pass
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow models serve did not come up in 300 s"
-            time.sleep(0.5)
+        wait_until_up(f"{url}/ping", proc, 300, "mlflow models serve", log)
         report(request.config, f"mlflow models serve answered /ping {time.monotonic() - start:.1f}"
                " s after it was started")  # fmt: skip
         yield url

@@ -2,24 +2,17 @@
 a pipeline logs to it over HTTP and the runs read back; with no server there, the pipeline fails
 within seconds, exit 2, one message, and writes nothing."""
 
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import requests
+from conftest import free_port, wait_until_up
 from mlflow.tracking import MlflowClient
 from test_pipeline import run
 
 from recsys_dpo.tracking.mlflow_utils import EXPERIMENT_KIND, MODEL_TRAINING
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +28,7 @@ def server(tmp_path_factory):
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{uri}/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                pass
-            assert proc.poll() is None, "mlflow server exited"
-            assert time.monotonic() < deadline, "mlflow server did not come up in 90 s"
-            time.sleep(0.5)
+        wait_until_up(f"{uri}/health", proc, 90, "mlflow server")
         yield uri, tmp / "store"
     finally:
         proc.terminate()
