@@ -7,9 +7,11 @@ file all succeed (they raced in MLflow's schema migrations before)."""
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_pipeline
@@ -57,10 +59,32 @@ def test_locked_output_is_refused_with_the_owner_then_taken_over_after_kill(tmp_
     assert not (out.parent / "run-test.lock").exists()
 
 
+def freeze_outside_the_store(proc: subprocess.Popen, db: Path, tries: int = 200) -> None:
+    """SIGSTOP `proc` at a moment it holds no lock on the sqlite file `db`. Frozen inside a
+    metric write it would hold the store's lock for as long as it is stopped, and any other
+    run would fail with 'database is locked' (CI saw this once): a test artefact, since a
+    running process holds that lock for milliseconds. An exclusive transaction succeeds only
+    when no other connection holds any lock, and a stopped process cannot take a new one."""
+    for _ in range(tries):
+        proc.send_signal(signal.SIGSTOP)
+        probe = sqlite3.connect(db, timeout=0.2, isolation_level=None)
+        try:
+            probe.execute("BEGIN EXCLUSIVE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.02)
+        finally:
+            probe.close()
+    raise AssertionError(f"{db} stayed locked by pid {proc.pid} through {tries} tries")
+
+
 def test_two_identical_pipelines_at_once_train_once_and_register_one_version(tmp_path):
     """The first run is frozen (SIGSTOP) mid-training, after its first checkpoint (so not
-    inside its tracking set-up), so the second surely starts while the first holds the
-    reference run directory; the second must stop with exit 2."""
+    inside its tracking set-up) and outside any write to the tracking store, so the second
+    surely starts while the first holds the reference run directory; the second must stop
+    with exit 2."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tiny = [o for o in TINY if not o.startswith("pipeline.reference.max_epochs=")]
     args = [sys.executable, str(ROOT / "pipelines" / "run.py"), f"paths.artifacts={tmp_path}",
@@ -71,7 +95,7 @@ def test_two_identical_pipelines_at_once_train_once_and_register_one_version(tmp
     locks = tmp_path / "runs" / "reference"
     wait_for(lambda: any(locks.glob("*.lock")) and any(locks.glob("*/*.ckpt")),
              "the first run's training lock and first checkpoint", first)  # fmt: skip
-    first.send_signal(signal.SIGSTOP)
+    freeze_outside_the_store(first, tmp_path / "mlflow.db")
     try:
         second = subprocess.run([*args, f"hydra.run.dir={tmp_path / 'job2'}"], cwd=tmp_path,
                                 env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
