@@ -154,7 +154,6 @@ def flip_rate(value: Any) -> float | str:
     return float(value)
 
 
-
 class PreferenceObjective(Section):
     """A stage-2 (DPO-family) objective."""
 
@@ -167,6 +166,8 @@ class PreferenceObjective(Section):
     lambda_u: Positive = 1.0
     lambda_: NonNegative = 0.0
     sft_alpha: NonNegative = 0.0
+    # H of the pair weights (1 - pi_ref(rejected))^H (training/false_negatives.py); None: off.
+    rejected_weight_horizon: NonNegative | None = None
 
     @model_validator(mode="after")
     def loss_accepts_its_settings(self) -> PreferenceObjective:
@@ -181,6 +182,12 @@ class PreferenceObjective(Section):
             )  # fmt: skip
         except ValueError as err:
             raise ValueError(f"objective={self.name}: {err}") from err
+        if self.rejected_weight_horizon is not None and self.name in ("sdpo", "kto"):
+            raise ValueError(
+                f"objective={self.name} objective.rejected_weight_horizon="
+                f"{self.rejected_weight_horizon}: per-pair weights need a pairwise loss; "
+                f"{self.name} is {'listwise' if self.name == 'sdpo' else 'unpaired'}"
+            )
         if self.name == "sft" and self.sft_alpha == 0:
             raise ValueError(
                 "objective=sft objective.sft_alpha=0: the SFT baseline trains the SFT term "

@@ -7,7 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsys_dpo.training.false_negatives import false_negative_share, later_positive_hits
+from recsys_dpo.training.false_negatives import (
+    false_negative_share,
+    later_positive_hits,
+    not_future_weights,
+)
 
 
 def random_log(seed: int):
@@ -64,3 +68,30 @@ def test_a_click_at_the_same_time_counts_only_when_its_row_comes_later():
     assert false_negative_share(hits, torch.tensor([[5, 6, 7, 0]])) == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="1 pair rows for 2 rejected rows"):
         later_positive_hits(pairs, torch.tensor([[5], [6]]), events)
+
+
+def test_not_future_weights_closed_form():
+    """Scores e^s = 1, 2, 3, 1 for items 1..4; item 3 removed (the chosen one), so the
+    candidates {1, 2, 4} have Z = 4: pi = 1/4, 1/2, 1/4. The removed item 3 takes pi over the
+    candidates plus itself, 3/7. w = (1 - pi)^H; padding gets 1."""
+    logits = torch.log(torch.tensor([[50.0, 1.0, 2.0, 3.0, 1.0]], dtype=torch.float64))
+    removed = torch.tensor([[False, False, False, True, False]])
+    rejected = torch.tensor([[1, 2, 4, 3, 0]])
+    got = not_future_weights(logits, rejected, removed, horizon=2.0)
+    want = [(3 / 4) ** 2, (1 / 2) ** 2, (3 / 4) ** 2, (4 / 7) ** 2, 1.0]
+    assert got[0].tolist() == pytest.approx(want, rel=1e-6)
+    half = not_future_weights(logits, rejected, removed, horizon=0.5)
+    assert half[0, 1].item() == pytest.approx(0.5**0.5, rel=1e-6)
+
+
+def test_not_future_weights_at_horizon_zero_are_one_and_fall_with_the_horizon():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 30, generator=gen) * 3
+    removed = torch.rand(4, 30, generator=gen) < 0.3
+    rejected = torch.randint(0, 30, (4, 6), generator=gen)
+    assert torch.equal(not_future_weights(logits, rejected, removed, 0.0), torch.ones(4, 6))
+    real = rejected != 0
+    near, far = (not_future_weights(logits, rejected, removed, h) for h in (1.0, 10.0))
+    assert ((far <= near) & (near <= 1) & (far > 0))[real].all()
+    with pytest.raises(ValueError, match="horizon must be >= 0"):
+        not_future_weights(logits, rejected, removed, -1.0)

@@ -383,6 +383,47 @@ def test_weights_are_a_weighted_mean_and_zero_weight_rows_do_not_count(name):
     assert dropped == pytest.approx(single[0])
 
 
+PAIRWISE = sorted(set(PARAMS) - {"sdpo", "kto"})
+
+
+def test_pair_weights_closed_form_self_normalised_over_pairs():
+    """Two rows: row 0 with pairs weighted 0.25 and 0.75 (margins MARGINS), row 1 with one
+    real pair weighted 0.5 and a padded slot: sum_bk w l / K_b over sum_bk w / K_b."""
+    batch = {
+        "policy_chosen": t([1.0, 0.0]),
+        "policy_rejected": t([[0.5, -0.3], [0.2, 9.0]]),
+        "ref_chosen": t([0.2, 0.0]),
+        "ref_rejected": t([[0.4, 0.0], [0.0, 9.0]]),
+        "rejected_mask": torch.tensor([[True, True], [True, False]]),
+        "weight": t([[0.25, 0.75], [0.5, 123.0]]),
+    }
+    l00, l01, l10 = (nll_sigmoid(BETA * m) for m in (*MARGINS, -0.2))
+    expected = ((0.25 * l00 + 0.75 * l01) / 2 + 0.5 * l10) / ((0.25 + 0.75) / 2 + 0.5)
+    assert call("dpo", batch).loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", PAIRWISE)
+def test_unit_pair_weights_are_the_unweighted_loss_exactly(name):
+    inputs = {**_with_padding(_random_batch(5, 3, 2), 1, 0.0), "weight": None}
+    ones = torch.ones(3, 3, dtype=torch.float64)
+    assert torch.equal(call(name, {**inputs, "weight": ones}).loss, call(name, inputs).loss)
+
+
+@pytest.mark.parametrize("name", PAIRWISE)
+def test_row_weights_spread_over_pairs_give_the_row_weighted_loss(name):
+    inputs = _random_batch(6, 3, 2)
+    rows = t([2.0, 0.5, 1.0])
+    by_row = call(name, {**inputs, "weight": rows}).loss.item()
+    by_pair = call(name, {**inputs, "weight": rows.unsqueeze(1).expand(3, 2)}).loss.item()
+    assert by_pair == pytest.approx(by_row, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sdpo", "kto"])
+def test_pair_weights_are_refused_by_listwise_and_unpaired_losses(name):
+    with pytest.raises(ValueError, match="no per-pair weights"):
+        call(name, {**ROW, "weight": t([[1.0, 0.5]])})
+
+
 def test_all_zero_weights_give_zero_loss_and_finite_gradient():
     inputs = {**_random_batch(4, 3, 2), "weight": torch.zeros(3, dtype=torch.float64)}
     inputs["policy_chosen"] = inputs["policy_chosen"].clone().requires_grad_()

@@ -26,6 +26,7 @@ from recsys_dpo.data.synthetic import load_truth, true_utility
 from recsys_dpo.errors import DataError
 from recsys_dpo.training.reference_module import ReferenceModule, load_model, read_checkpoint
 from recsys_dpo.training.run import (
+    attach_rejected_weights,
     reference_settings,
     train_preference,
     train_reference,
@@ -192,6 +193,45 @@ def test_label_smoothing_auto_is_the_train_false_negative_share_of_band_negative
             hits += when is not None and when > (row["timestamp"], row["seq"])
     assert 0 < hits < real  # the measurement is not trivially 0 or 1 here
     assert rate == pytest.approx(hits / real)
+
+
+def test_rejected_weights_match_a_brute_force_softmax_and_horizon_zero_is_plain_dpo(
+    artifacts, references
+):
+    """objective.rejected_weight_horizon: the weights attached to the mined pairs are
+    (1 - pi_ref)^H with pi_ref the reference's softmax over the items neither chosen nor a
+    train positive of the user, brute force per row; and H = 0 trains bit for bit as plain
+    DPO (same final weights)."""
+    ref = references["sasrec"]
+    common = (f"reference.ckpt={ref}", "reference.hard_negatives=4", "trainer.deterministic=true",
+              "train.max_pairs_per_user=2", *SMALL)  # fmt: skip
+    runs = [read_checkpoint(result(train_preference(config("config", artifacts, *common,
+                                                           *extra)))["last_ckpt"])
+            for extra in ((), ("+objective.rejected_weight_horizon=0",))]  # fmt: skip
+    assert runs[1]["hyper_parameters"] == runs[0]["hyper_parameters"]
+    assert all(torch.equal(runs[0]["state_dict"][k], runs[1]["state_dict"][k])
+               for k in runs[0]["state_dict"])  # fmt: skip
+
+    data = PairDataModule(artifacts / "prepared" / "synthetic", max_len=20, max_pairs_per_user=2)
+    data.setup()
+    model = load_model(ref, dropout=0.0)
+    use_reference_hard_negatives(data, model, 4, 0, progress=False)
+    attach_rejected_weights(data, model, 3.0, batch_size=64)
+    rows = data.train_set
+    positives = {u: set(items) for u, items in data.train_sequences.select(
+        "user_idx", "items").iter_rows()}  # fmt: skip
+    weights = rows.columns["rejected_weight"]
+    assert weights.shape == rows.columns["rejected"].shape and (weights < 1).any()
+    for r in range(0, len(rows), max(1, len(rows) // 7)):
+        batch = rows.__getitems__([r])
+        with torch.no_grad():
+            scores = model.full_scores(batch)[0].double()
+        gone = positives[int(batch["user_idx"][0])] | {int(batch["chosen"][0])}
+        keep = [i for i in range(1, len(scores)) if i not in gone]
+        z = torch.exp(scores[keep]).sum()
+        for item, weight in zip(batch["rejected"][0].tolist(), weights[r].tolist(), strict=True):
+            pi = float(torch.exp(scores[item]) / z)
+            assert weight == pytest.approx((1 - pi) ** 3, rel=1e-4)
 
 
 def test_reference_of_another_dataset_is_refused(artifacts, references, tmp_path):

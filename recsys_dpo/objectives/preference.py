@@ -8,11 +8,17 @@ context the log-partition cancels exactly, so the implicit reward can be taken f
 Inputs of the paired losses, one row per context:
     policy_chosen [B], policy_rejected [B, K] (K >= 1), ref_chosen [B], ref_rejected [B, K],
     rejected_mask [B, K] bool (True = a real negative, False = padding; None = all real),
-    weight [B] (>= 0; None = all 1).
+    weight [B] (>= 0; None = all 1), or [B, K]: one weight per (chosen, rejected) pair.
 The reference inputs are detached inside every loss (no gradient ever reaches them).
 The loss is the weighted mean sum_b w_b l_b / sum_b w_b. For a pairwise loss with K > 1
 negatives, l_b is the mean of the pairwise loss over the row's real negatives; S-DPO is
-listwise instead. Every loss returns `PreferenceLoss` with the rewards TRL logs,
+listwise instead. With pair weights w_bk (pairwise losses only) it is the weighted mean over
+pairs, each row's pairs counted 1/K_b as above:
+
+    sum_b sum_k w_bk l_bk / K_b  /  sum_b sum_k w_bk / K_b
+
+self-normalised, so that down-weighting pairs changes their mix, not the step size (all
+w_bk = 1 is the unweighted loss exactly). Every loss returns `PreferenceLoss` with the rewards TRL logs,
 beta * r, detached.
 """
 
@@ -94,7 +100,12 @@ def _check_pairs(
     _check_shape(name, "ref_chosen", ref_chosen, (batch,))
     _check_shape(name, "ref_rejected", ref_rejected, (batch, num_neg))
     _check_shape(name, "rejected_mask", rejected_mask, (batch, num_neg))
-    _check_shape(name, "weight", weight, (batch,))
+    _require(
+        name,
+        weight is None or tuple(weight.shape) in ((batch,), (batch, num_neg)),
+        f"weight must have shape [{batch}] or [{batch}, {num_neg}], got "
+        f"{None if weight is None else list(weight.shape)}",
+    )
     if rejected_mask is None:
         rejected_mask = torch.ones_like(policy_rejected, dtype=torch.bool)
     else:
@@ -119,7 +130,7 @@ class _Pairs(NamedTuple):
     chosen: Tensor  # [B], r(chosen) (or s(chosen) when reference-free)
     rejected: Tensor  # [B, K]
     mask: Tensor  # [B, K] bool, True = real negative
-    weight: Tensor  # [B]
+    weight: Tensor  # [B], or [B, K] per pair
 
 
 def _log_ratio(name: str, policy: Tensor, ref: Tensor | None, label: str) -> Tensor:
@@ -161,10 +172,20 @@ def _weighted_mean(row_loss: Tensor, weight: Tensor) -> Tensor:
     return (weight * row_loss).sum() / weight.sum().clamp_min(torch.finfo(row_loss.dtype).tiny)
 
 
-def _result(row_loss: Tensor, pairs: _Pairs, beta: float) -> PreferenceLoss:
+def _row_weights(name: str, weight: Tensor) -> Tensor:
+    """The [B] row weights of a listwise or unpaired loss, which has no pairs to weight."""
+    _require(
+        name,
+        weight.dim() == 1,
+        "weight must be [B]: a listwise or unpaired loss has no per-pair weights",
+    )
+    return weight
+
+
+def _result(row_loss: Tensor, row_weight: Tensor, pairs: _Pairs, beta: float) -> PreferenceLoss:
     rejected_rewards = torch.where(pairs.mask, beta * pairs.rejected, 0.0)
     return PreferenceLoss(
-        _weighted_mean(row_loss, pairs.weight),
+        _weighted_mean(row_loss, row_weight),
         (beta * pairs.chosen).detach(),
         rejected_rewards.detach(),
     )
@@ -182,7 +203,14 @@ def _pairwise(
     chosen = pairs.chosen if shift is None else pairs.chosen - shift
     margin = torch.where(pairs.mask, chosen.unsqueeze(1) - pairs.rejected, 0.0)
     pair_loss = torch.where(pairs.mask, per_pair(margin), 0.0)
-    return _result(pair_loss.sum(dim=1) / pairs.mask.sum(dim=1), pairs, beta)
+    real = pairs.mask.sum(dim=1)
+    if pairs.weight.dim() == 1:
+        return _result(pair_loss.sum(dim=1) / real, pairs.weight, pairs, beta)
+    # Per-pair weights: row b counts with its mean pair weight, its pairs by their weights.
+    weight = torch.where(pairs.mask, pairs.weight.to(pair_loss.dtype), 0.0)
+    total = weight.sum(dim=1)
+    row_loss = (weight * pair_loss).sum(dim=1) / total.clamp_min(torch.finfo(total.dtype).tiny)
+    return _result(row_loss, total / real, pairs, beta)
 
 
 def dpo(
@@ -228,7 +256,14 @@ def dpop(
     """
     _require("dpop", lambda_ >= 0, f"lambda_ must be >= 0, got {lambda_}")
     pairs = _prepare(
-        "dpop", beta, policy_chosen, policy_rejected, ref_chosen, ref_rejected, rejected_mask, weight
+        "dpop",
+        beta,
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        rejected_mask,
+        weight,
     )
     penalty = torch.relu(-pairs.chosen)  # log pi_ref(c) - log pi_theta(c), clipped at 0
     return _pairwise(lambda m: -F.logsigmoid(beta * m), pairs, beta, shift=lambda_ * penalty)
@@ -383,7 +418,7 @@ def sdpo(
     gaps = beta * (pairs.rejected - pairs.chosen.unsqueeze(1))
     # -inf for padding: exp(-inf) = 0 drops it from the sum, and its softmax gradient is 0.
     log_sum = torch.where(pairs.mask, gaps, float("-inf")).logsumexp(dim=1)
-    return _result(-F.logsigmoid(-log_sum), pairs, beta)
+    return _result(-F.logsigmoid(-log_sum), _row_weights("sdpo", pairs.weight), pairs, beta)
 
 
 def simpo(
@@ -500,6 +535,7 @@ def kto_pairs(
     mask, weight = _check_pairs(
         "kto", policy_chosen, policy_rejected, ref_chosen, ref_rejected, rejected_mask, weight
     )
+    _row_weights("kto", weight)
     real = mask.sum(dim=1, keepdim=True)
     out = kto(
         torch.cat([policy_chosen, policy_rejected[mask]]),

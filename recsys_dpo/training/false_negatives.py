@@ -12,6 +12,10 @@ Read it with its blind spot: with `reference.hard_negatives` and `eval.seen=remo
 already drops every train positive of the user, later ones included, so the share is 0 by
 construction, and the false negatives left are the held-out ones it cannot see. It measures
 dataset negatives (impression skips, inferred negatives) and `eval.seen=keep` mining.
+
+`not_future_weights` is the soft alternative (`objective.rejected_weight_horizon`): each
+(chosen, rejected) pair weighted by the reference's own probability that the rejected item is
+not among the user's next events, so the pairs it expects to be false negatives count less.
 """
 
 import polars as pl
@@ -19,6 +23,7 @@ import torch
 from torch import Tensor
 
 from recsys_dpo.data.schema import ITEM_IDX, PAD_ITEM, USER_IDX
+from recsys_dpo.objectives.catalog import at_least_fp32
 
 
 def later_positive_hits(pairs: pl.DataFrame, rejected: Tensor, events: pl.DataFrame) -> Tensor:
@@ -63,3 +68,37 @@ def false_negative_share(hits: Tensor, rejected: Tensor) -> float:
     """Share of the real (non-padding) rejected items that `hits` marks; 0 when there are none."""
     real = rejected != PAD_ITEM
     return float(hits[real].sum()) / max(int(real.sum()), 1)
+
+
+def not_future_weights(
+    ref_logits: Tensor, rejected: Tensor, removed: Tensor, horizon: float
+) -> Tensor:
+    """[R, K] pair weights w = P_ref(rejected item is not among the user's next H events):
+
+        pi(j|u) = exp s(u,j) / sum_{i in C} exp s(u,i),   w(u, j) = (1 - pi(j|u))^H
+
+    C: the candidates the hard-negative miner ranks, real items that `removed` [R, N] (bool:
+    the chosen item and those the seen policy leaves out) does not mark; a removed rejected
+    item (a dataset negative the user also clicked) takes pi over C plus itself. The H events
+    are taken as H independent draws from pi, so P(j in them) = 1 - (1 - pi)^H: the
+    reference's next-item distribution standing in for each later event (a stated
+    approximation; it treats the chosen event's successors as alike). H = 0 gives w = 1,
+    the unweighted loss, exactly; padding (item 0) gets 1 (the loss masks it anyway).
+
+    ref_logits [R, N] (column 0 padding), rejected [R, K] item indices.
+    """
+    if horizon < 0:
+        raise ValueError(f"not_future_weights: horizon must be >= 0, got {horizon}")
+    pad = rejected == PAD_ITEM
+    if horizon == 0:
+        return torch.ones(rejected.shape, dtype=torch.float32)
+    logits = at_least_fp32(ref_logits)
+    candidates = ~removed.clone()
+    candidates[:, PAD_ITEM] = False
+    log_z = torch.where(candidates, logits, float("-inf")).logsumexp(dim=1, keepdim=True)
+    score = logits.gather(1, rejected)
+    outside = ~candidates.gather(1, rejected)
+    log_pi = score - torch.where(outside, torch.logaddexp(log_z, score), log_z)
+    # log(1 - pi) as log(-expm1(log pi)): exact for the tiny pi most items have.
+    weight = torch.exp(horizon * torch.log(-torch.expm1(log_pi)))
+    return torch.where(pad, 1.0, weight).float()

@@ -197,13 +197,16 @@ class PreferenceModule(LightningModule):
                 ref_chosen, ref_rejected = pair_logps(ref_logits, chosen, rejected)
         kl = None if ref_logits is None else exact_kl(policy_logits.detach(), ref_logits)
         batch_stats = {"kl_ref": kl.mean()} if self.hparams.objective == "kto" else {}
+        weight = batch["weight"]
+        if "rejected_weight" in batch:  # objective.rejected_weight_horizon: per-pair weights
+            weight = weight.unsqueeze(1) * batch["rejected_weight"]
         out = LOSSES[self.hparams.objective](
             policy_chosen,
             policy_rejected,
             ref_chosen,
             ref_rejected,
             mask,
-            batch["weight"],
+            weight,
             **self.loss_params,
             **batch_stats,
         )

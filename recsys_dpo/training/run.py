@@ -49,11 +49,16 @@ from recsys_dpo.data.schema import USER_IDX
 from recsys_dpo.errors import DataError
 from recsys_dpo.models import Recommender
 from recsys_dpo.retrieval.hard_negatives import reference_hard_negatives
+from recsys_dpo.retrieval.seen import removed_items
 from recsys_dpo.stage import plain
 from recsys_dpo.tracking.mlflow_utils import open_tracking
 from recsys_dpo.training.callbacks import StepSeed
 from recsys_dpo.training.checkpoints import AtomicCheckpointIO, checkpoint_callbacks, write_atomic
-from recsys_dpo.training.false_negatives import false_negative_share, later_positive_hits
+from recsys_dpo.training.false_negatives import (
+    false_negative_share,
+    later_positive_hits,
+    not_future_weights,
+)
 from recsys_dpo.training.preference_module import PreferenceModule, pair_logps
 from recsys_dpo.training.reference_module import (
     ReferenceModule,
@@ -311,6 +316,19 @@ def attach_reference_logps(rows: RowsDataset, reference: Recommender, batch_size
     rows.columns["ref_rejected"] = torch.cat(rejected)
 
 
+def _pair_sets(data: PairDataModule) -> Iterator[tuple[RowsDataset, list[np.ndarray]]]:
+    """The train and valid pair rows, each with its rows' users' train positives (what the
+    seen policy may remove from the reference's ranking)."""
+    positives = {
+        user: np.asarray(items, dtype=np.int64)
+        for user, items in data.train_sequences.select(USER_IDX, "items").iter_rows()
+    }
+    none = np.zeros(0, dtype=np.int64)
+    for rows in (data.train_set, data.valid_pairs):
+        if rows is not None:
+            yield rows, [positives.get(int(u), none) for u in rows.columns["user_idx"]]
+
+
 def use_reference_hard_negatives(
     data: PairDataModule,
     reference: Recommender,
@@ -323,19 +341,37 @@ def use_reference_hard_negatives(
     """Replace the rejected items of the train and valid pairs by the reference's top-N items
     (after its first `skip`; or N drawn from its ranks band = (lo, hi)) that are neither chosen
     nor train positives of the user that the seen policy removes (`reference_hard`)."""
-    positives = {
-        user: np.asarray(items, dtype=np.int64)
-        for user, items in data.train_sequences.select(USER_IDX, "items").iter_rows()
-    }
-    none = np.zeros(0, dtype=np.int64)
-    for rows in (data.train_set, data.valid_pairs):
-        if rows is None:
-            continue
-        exclude = [positives.get(int(u), none) for u in rows.columns["user_idx"]]
+    for rows, exclude in _pair_sets(data):
         rows.columns["rejected"] = reference_hard_negatives(
             reference, rows, exclude, num_negatives, skip, progress=progress, seen=data.seen,
             band=band, seed=seed,
         )  # fmt: skip
+
+
+@torch.no_grad()
+def attach_rejected_weights(
+    data: PairDataModule, reference: Recommender, horizon: float, batch_size: int
+) -> None:
+    """Add `rejected_weight` [N, K] to the train and valid pair rows: (1 - pi_ref)^horizon
+    per rejected item, pi_ref the reference's softmax over the items its ranking keeps
+    (`not_future_weights`). Computed once, before training; the rejected lists are made dense
+    first so that the weights line up with every batch's rejected slots."""
+    reference.eval()
+    for rows, exclude in _pair_sets(data):
+        rejected = rows.columns["rejected"]
+        if not isinstance(rejected, torch.Tensor):
+            rows.columns["rejected"] = rejected.take(torch.arange(len(rows)))
+        weights = []
+        for start in range(0, len(rows), batch_size):
+            idx = list(range(start, min(start + batch_size, len(rows))))
+            batch = rows.__getitems__(idx)
+            logits = reference.full_scores(batch)
+            removed = torch.zeros(logits.shape, dtype=torch.bool)
+            for r, (i, chosen) in enumerate(zip(idx, batch["chosen"], strict=True)):
+                removed[r, torch.from_numpy(removed_items(exclude[i], data.seen))] = True
+                removed[r, chosen] = True
+            weights.append(not_future_weights(logits, batch["rejected"], removed, horizon))
+        rows.columns["rejected_weight"] = torch.cat(weights)
 
 
 def train_false_negative_share(data: PairDataModule) -> float:
@@ -389,7 +425,8 @@ def train_preference(cfg: DictConfig) -> Path:
     spec = require_reference(cfg, data.dataset)
     objective = plain(cfg.objective)
     hard, band = cfg.reference.hard_negatives, cfg.reference.get("hard_negatives_band")
-    if hard or cfg.reference.precompute:
+    horizon = objective.get("rejected_weight_horizon")
+    if hard or cfg.reference.precompute or horizon is not None:
         data.setup()
         reference = load_model(
             cfg.reference.ckpt, trained_on(data.dataset), f"reference.ckpt={cfg.reference.ckpt}",
@@ -404,6 +441,8 @@ def train_preference(cfg: DictConfig) -> Path:
                 data, reference, hard, cfg.reference.hard_negatives_skip, cfg.progress,
                 band=None if band is None else tuple(band), seed=cfg.seed,
             )  # fmt: skip
+    if horizon is not None:
+        attach_rejected_weights(data, reference, horizon, cfg.train.batch_size)
     # After mining: `auto` measures the negatives the loss will see.
     smoothing = label_smoothing(cfg, data)
     with bad_setting(f"objective={objective['name']}"):
