@@ -65,6 +65,14 @@ def test_metrics_json_has_the_ope_section_lifts_and_the_exact_value(run):
     assert f"{lift['mean']:+.4f} [{lift['lo']:+.4f}, {lift['hi']:+.4f}]" in card
     assert "true lift on the simulator" in card
     assert "ope/exact_ctr" in (Path(result["evaluation"]) / "report.md").read_text()
+    # The exact truth/* of each model's top-K, with their paired CIs (evaluation/truth.py).
+    for role in ("policy", "reference"):
+        assert 0 < metrics["models"][role]["truth/ctr_at_10"] < 1
+        assert metrics["models"][role]["truth/utility_regret_at_10"] >= 0
+    truth = metrics["deltas"]["truth/utility_at_10"]
+    assert truth["lo"] <= truth["mean"] <= truth["hi"]
+    assert truth["mean"] == pytest.approx(metrics["models"]["policy"]["truth/utility_at_10"]
+                                          - metrics["models"]["reference"]["truth/utility_at_10"])
 
 
 def _context(data, user: int, max_len: int) -> torch.Tensor:

@@ -96,6 +96,9 @@ def test_spec_refuses_selection_on_test_and_unknown_objectives():
         study_spec(tiny_study(**{"rows.rpo.objective": "ipo"}), [10, 20])
     with pytest.raises(DataError, match=r"study.selection.metric='ndcg_at_5'"):
         study_spec(tiny_study(**{"selection.metric": "ndcg_at_5"}), [10, 20])
+    for bad in ("truth/utility_at_5", "truth/clicks_at_10"):  # K not in eval.k; no such metric
+        with pytest.raises(DataError, match=r"truth/<m>_at_K with m one of utility, ctr"):
+            study_spec(tiny_study(**{"report.metrics": [bad]}), [10, 20])
     assert study_spec(tiny_study(jobs=2), [10, 20]).jobs == 2
     for bad in (0, 1.5, True):
         with pytest.raises(DataError, match=rf"study.jobs={bad!r}: expected a whole number"):
@@ -137,6 +140,12 @@ def test_every_entry_has_valid_and_test_and_the_row_its_controls(tiny):
     rpo = result["rows"][2]
     assert set(rpo["deltas"]) == {"vs reference", "vs sft", "vs continue"}
     d = rpo["deltas"]["vs sft"]["ndcg_at_10"]
+    assert d["lo"] <= d["mean"] <= d["hi"] and len(d["per_reference"]) == 2
+    # The synthetic log's exact truth/* figures, per user like the ranking metrics.
+    for row in result["rows"]:
+        assert 0 < row["test"]["truth/ctr_at_10"]["mean"] < 1
+        assert np.isfinite(row["test"]["truth/utility_at_10"]["mean"])
+    d = rpo["deltas"]["vs sft"]["truth/utility_at_10"]
     assert d["lo"] <= d["mean"] <= d["hi"] and len(d["per_reference"]) == 2
     assert [g["selected"] for g in rpo["grid"]].count(True) == 1
     best = max(rpo["grid"], key=lambda g: g["valid"]["mean"])
@@ -263,6 +272,16 @@ def test_the_ml1m_and_ml100k_studies_compose_and_check():
     else:
         with pytest.raises(DataError, match="study.recipe_from=.*study_ml1m_sasrec.json"):
             study_spec(cfg.study, list(cfg.eval.k))
+
+
+def test_the_synthetic_impressions_study_trains_on_impression_pairs_only():
+    cfg = compose_study("synthetic_impressions")
+    spec = study_spec(cfg.study, list(cfg.eval.k))
+    assert cfg.data.name == "synthetic" and cfg.model.name == "two_tower"
+    assert cfg.data.pairs.next_item is None and cfg.data.pairs.impressions is not None
+    assert spec.selection_metric == "ndcg_at_10" and len(spec.reference_seeds) >= 3
+    assert spec.metrics[:2] == ("truth/utility_at_10", "truth/ctr_at_10")
+    assert {r.name for r in spec.rows} == {"dpo", "dpo+sft", "cdpo"} and spec.sft_control
 
 
 def test_the_coat_study_selects_on_the_valid_mcar_ranking():

@@ -170,7 +170,7 @@ def prepare_dataset(
         steps = bar.add_task("validating", total=4 * n)
 
         reports = []
-        impressions = "impressions" in pairs  # which need clicks told from shown items
+        impressions = pairs.get("impressions") is not None  # need clicks told from shown items
         for b, part in enumerate(parts):
             df, report = validate(
                 part, source, partial=n_buckets > 1, require_click_signal=impressions, **validation

@@ -140,13 +140,17 @@ class Truth:
     logging_vectors: np.ndarray  # [n_users, d] float64: U_u + e_u
     config: SyntheticConfig
 
+    def utility(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """u(user row, item row) = scale * <U, V> + b, elementwise over broadcast arrays
+        (float64)."""
+        return _utility(self.user_vectors[users], self.item_vectors[items],
+                        self.item_bias[items], self.utility_scale)
+
     def click_probability(self, users: np.ndarray, items: np.ndarray,
                           positions: np.ndarray) -> np.ndarray:
         """P(click | user row, item row shown at position) of the click model, elementwise
         over broadcast arrays (float64)."""
-        utility = _utility(self.user_vectors[users], self.item_vectors[items],
-                           self.item_bias[items], self.utility_scale)
-        return _click_probability(self.config, utility, positions)
+        return _click_probability(self.config, self.utility(users, items), positions)
 
     def logging_logits(self, users: np.ndarray) -> np.ndarray:
         """[len(users), n_items]: the logging policy's Plackett-Luce logits l_ui."""

@@ -31,8 +31,6 @@ from sklearn.linear_model import LogisticRegression
 
 from recsys_dpo.data.datamodule import PreparedDataset
 from recsys_dpo.data.schema import ITEM_IDX, PAD_ITEM, USER_IDX
-from recsys_dpo.data.synthetic import load_truth
-from recsys_dpo.data.vocab import Vocab
 from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation import ope
 from recsys_dpo.evaluation.evaluator import (
@@ -44,12 +42,12 @@ from recsys_dpo.evaluation.evaluator import (
     item_vectors,
     queries_of,
 )
+from recsys_dpo.evaluation.truth import synthetic_truth, truth_rows
 from recsys_dpo.models.base import Recommender
 from recsys_dpo.ranking_policy import RankingPolicy
 from recsys_dpo.retrieval.seen import DEFAULT_SEEN
 
 LOGGED_COLUMNS = ("request_id", "position", "propensity")
-SYNTHETIC_READER = "recsys_dpo.data.synthetic.read_synthetic"
 
 
 @dataclass(frozen=True)
@@ -271,15 +269,10 @@ def exact_synthetic_ctr(data: PreparedDataset, slates: LoggedSlates,
     """The candidate's true click-through rate on the logged slates' requests under the
     synthetic log's click model, mean_r 1/K sum_p sum_i pi(i at p | u_r) P(click | u_r, i, p);
     None unless the dataset was prepared from the synthetic log."""
-    reader = data.manifest.get("config", {}).get("data", {}).get("reader", {})
-    if reader.get("_target_") != SYNTHETIC_READER:
+    truth = synthetic_truth(data)
+    if truth is None:
         return None
-    truth = load_truth(reader["path"])
-    vocab = Vocab.load(data.path)
-    items, users = vocab.items.sort(ITEM_IDX), vocab.users.sort(USER_IDX)
-    item_row = np.zeros(data.n_items, dtype=np.int64)  # padding: never shown (pi = 0)
-    item_row[items[ITEM_IDX].to_numpy()] = [truth.item_index[i] for i in items["item_id"]]
-    user_row = np.array([truth.user_index[u] for u in users["user_id"]])
+    user_row, item_row = truth_rows(data, truth)  # padding: never shown (pi = 0)
     k = slates.items.shape[1]
     truth_users = user_row[slates.queries.user_idx]
     p_click = truth.click_probability(truth_users[:, None, None], item_row[None, :, None],

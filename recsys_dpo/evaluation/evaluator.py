@@ -20,7 +20,8 @@ Protocol, for split S in {valid, test} of a prepared dataset:
   a miss.
 
 Per user: HR@K, Recall@K, NDCG@K for every K, MRR within the top max(K) list, and the entropy of
-pi(.|u) = softmax s(u, .) over the catalog. Aggregates add coverage, average popularity, Gini and
+pi(.|u) = softmax s(u, .) over the catalog; on the synthetic log also the exact true utility,
+click-through rate and utility regret of the top-K (`truth/*`, `recsys_dpo.evaluation.truth`). Aggregates add coverage, average popularity, Gini and
 tail share of the top-K lists (popularity = train positives); impression-level AUC / MRR /
 nDCG@5/10 when S has request_id, or, for a dataset split by the `mcar` kind (Coat), the
 random-exposure metrics mcar/auc, mcar/ndcg_at_5, mcar/recall_at_5 of each user's ranking of
@@ -53,6 +54,7 @@ from recsys_dpo.data.schema import ITEM_IDX, PAD_ITEM, USER_IDX
 from recsys_dpo.data.sequences import EVENT_ORDER
 from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation import metrics
+from recsys_dpo.evaluation.truth import synthetic_truth, topk_truth_metrics
 from recsys_dpo.models.base import Recommender
 from recsys_dpo.objectives.catalog import chunked_kl_entropy
 from recsys_dpo.retrieval.index import build_index, search
@@ -498,6 +500,11 @@ def evaluate(
         {USER_IDX: queries.user_idx, **per_user_ranking(listed, queries.targets, ks),
          "entropy": _entropy(user_emb, item_emb, kl_chunk, batch_size)}  # fmt: skip
     )
+    if (truth := synthetic_truth(data)) is not None:
+        per_user = per_user.with_columns(
+            pl.Series(name, values) for name, values in
+            topk_truth_metrics(data, truth, queries.user_idx, ranked, queries.seen, ks).items()
+        )  # fmt: skip
     aggregates = _means(per_user, USER_IDX)
     aggregates |= beyond_accuracy(ranked, ks, train_popularity(data), head_fraction)
     counts = {

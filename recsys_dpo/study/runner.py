@@ -168,8 +168,9 @@ def with_request_metrics(result: EvalResult, data: PreparedDataset) -> pl.DataFr
 
 
 # Part of every evaluation's cache key: the metric names' spelling (`ndcg_at_10`; evaluations
-# cached when they were `ndcg@10` have other keys, so a re-run recomputes rather than misreads).
-EVAL_FORMAT = "metric_at_k"
+# cached when they were `ndcg@10` have other keys, so a re-run recomputes rather than misreads)
+# and the metric set (`+truth`: the synthetic log's truth/* columns, absent from older ones).
+EVAL_FORMAT = "metric_at_k+truth"
 
 
 class EvalCache:

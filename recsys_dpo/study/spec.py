@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.evaluator import MCAR_K
+from recsys_dpo.evaluation.truth import TRUTH_METRICS
 from recsys_dpo.stage import flatten
 
 # Hyperparameters are selected on valid and read out on test once: not a free setting.
@@ -43,6 +44,8 @@ SFT = "sft"
 METRIC = re.compile(r"^(?:hr|recall|ndcg|mrr)_at_(\d+)$")
 # A dataset split by the `mcar` kind (Coat): each user's ranking of their own random items.
 MCAR_METRICS = ("mcar/auc", f"mcar/ndcg_at_{MCAR_K}", f"mcar/recall_at_{MCAR_K}")
+# The synthetic log's exact figures of the top-K (`recsys_dpo.evaluation.truth`).
+TRUTH_METRIC = re.compile(rf"^truth/(?:{'|'.join(TRUTH_METRICS)})_at_(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -140,14 +143,15 @@ def _selected_grids(path: Path, rows: list[str]) -> dict[str, dict[str, list[Any
 def _metric(name: str, ks: list[int], where: str) -> str:
     if name in MCAR_METRICS:
         return name
-    match = METRIC.match(name)
+    match = METRIC.match(name) or TRUTH_METRIC.match(name)
     # mrr is computed within the top max(eval.k) list, so its one cut-off is max(eval.k).
     if match is None or int(match.group(1)) not in (
         [max(ks)] if name.startswith("mrr") else ks
     ):
         raise DataError(f"{where}={name!r}: expected hr_at_K, recall_at_K or ndcg_at_K with K in "
-                        f"eval.k {ks}, mrr_at_{max(ks)}, or on an mcar split one of "
-                        f"{', '.join(MCAR_METRICS)}")  # fmt: skip
+                        f"eval.k {ks}, mrr_at_{max(ks)}, on an mcar split one of "
+                        f"{', '.join(MCAR_METRICS)}, or on the synthetic log truth/<m>_at_K "
+                        f"with m one of {', '.join(TRUTH_METRICS)}")  # fmt: skip
     return name
 
 
