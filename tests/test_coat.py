@@ -20,7 +20,7 @@ from recsys_dpo.data.readers import read_coat
 from recsys_dpo.data.schema import ITEM_IDX, USER_IDX
 from recsys_dpo.data.splits import mcar
 from recsys_dpo.errors import DataError
-from recsys_dpo.evaluation.metrics import mcar_metrics
+from recsys_dpo.evaluation.metrics import coat_paper_ranking, global_auc, mcar_metrics
 
 # /work/shared/data/coat/README.md
 TRAIN_HIST = {1: 1901, 2: 1437, 3: 1717, 4: 1275, 5: 630}
@@ -179,6 +179,58 @@ def test_mcar_metrics_match_brute_force(rows, k):
         np.testing.assert_allclose(got[name], want[name], atol=1e-12, err_msg=name)
 
 
+def _brute_paper(scores, relevant, groups, k):
+    """The published code's loops (`ndcg_func` / `recall_func`, DR-JL / StableDR / TDR-CL), by
+    enumeration: every user; NDCG 1 and recall 0 for a user with no relevant item; ties
+    against the relevant items."""
+    out = {f"ndcg_at_{k}": [], f"recall_at_{k}": []}
+    for g in sorted(set(groups)):
+        pairs = [(x, bool(y)) for x, y, gg in zip(scores, relevant, groups, strict=True) if gg == g]
+        ranked = [y for _, y in sorted(pairs, key=lambda t: (-t[0], t[1]))]
+        n_pos = sum(ranked)
+        dcg = sum(1 / np.log2(i + 2) for i, y in enumerate(ranked[:k]) if y)
+        idcg = sum(1 / np.log2(i + 2) for i in range(min(k, n_pos)))
+        out[f"ndcg_at_{k}"].append(dcg / idcg if idcg > 0 else 1.0)
+        out[f"recall_at_{k}"].append(sum(ranked[:k]) / max(1, n_pos))
+    return {name: np.array(v) for name, v in out.items()}
+
+
+def _brute_global_auc(scores, relevant):
+    pos = [x for x, y in zip(scores, relevant, strict=True) if y]
+    neg = [x for x, y in zip(scores, relevant, strict=True) if not y]
+    if not pos or not neg:
+        return np.nan
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (
+        len(pos) * len(neg)
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 4), st.integers(-3, 3), st.booleans()), min_size=1, max_size=40
+    ),
+    k=st.integers(1, 6),
+)
+def test_coat_paper_metrics_match_brute_force(rows, k):
+    groups, scores, relevant = (np.array(c) for c in zip(*rows, strict=True))
+    got = coat_paper_ranking(scores.astype(float), relevant, groups, k)
+    want = _brute_paper(scores.tolist(), relevant.tolist(), groups.tolist(), k)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-12, err_msg=name)
+    auc, brute = global_auc(scores.astype(float), relevant), _brute_global_auc(scores, relevant)
+    assert auc == pytest.approx(brute, nan_ok=True, abs=1e-12)
+
+
+def test_global_auc_is_not_the_mean_of_the_users_aucs():
+    # each user ranks perfectly (per-user AUC 1), but user 1's scores all sit below user 0's
+    scores = np.array([4.0, 3.0, 2.0, 1.0])
+    relevant = np.array([True, False, True, False])
+    groups = np.array([0, 0, 1, 1])
+    assert np.nanmean(mcar_metrics(scores, relevant, groups, 1)["auc"]) == 1.0
+    assert global_auc(scores, relevant) == pytest.approx(0.75)  # 3 of 4 (pos, neg) pairs
+
+
 def test_coat_mf_dpo_runs_end_to_end_with_mlflow_records(coat, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     done = run_pipeline("run.py", "experiment=coat_mf_dpo", f"paths.shared_data={SHARED_DATA}",
@@ -190,7 +242,7 @@ def test_coat_mf_dpo_runs_end_to_end_with_mlflow_records(coat, tmp_path):
     names = ("mcar/auc", "mcar/ndcg_at_5", "mcar/recall_at_5", "ndcg_at_10")
     (metrics_file,) = (tmp_path / "artifacts" / "eval").glob("*-test/metrics.json")
     metrics = json.loads(metrics_file.read_text())
-    assert metrics["counts"]["requests"] == 237  # the users with both a liked and another item
+    assert metrics["counts"]["requests"] == 290  # every user's random items (paper protocol)
     for role in ("policy", "reference"):
         assert all(0 <= metrics["models"][role][n] <= 1 for n in names), metrics["models"][role]
     assert metrics["models"]["reference"]["mcar/auc"] > 0.5  # better than random
@@ -235,6 +287,23 @@ def test_study_compares_mcar_metrics_per_user(prepared):
         assert got.get(user, np.nan) == pytest.approx(value, nan_ok=True, abs=1e-6), user
     defined = np.isfinite(table["mcar/auc"].to_numpy()).sum()
     assert defined == 237  # the README's users with both a rating >= 4 and one below
+    # The paper protocol: every one of the 290 users, and the AUC over all 4,640 rows pooled.
+    all_users, all_items = test[USER_IDX].to_numpy(), test[ITEM_IDX].to_numpy()
+    with torch.no_grad():
+        batch = {"user_idx": torch.as_tensor(all_users, dtype=torch.long),
+                 "context": torch.zeros(len(all_users), 1, dtype=torch.long)}  # fmt: skip
+        vectors = model.item_embeddings()[torch.as_tensor(all_items, dtype=torch.long)]
+        all_scores = (model.user_embeddings(batch) * vectors).sum(1).double().numpy()
+    clicked = test["clicked"].to_numpy()
+    assert len(all_scores) == 4640
+    paper = _brute_paper(all_scores.tolist(), clicked.tolist(), all_users.tolist(), 5)
+    assert result.aggregates["coat_paper/ndcg_at_5"] == pytest.approx(
+        paper["ndcg_at_5"].mean(), abs=1e-6)  # fmt: skip
+    assert result.aggregates["coat_paper/recall_at_5"] == pytest.approx(
+        paper["recall_at_5"].mean(), abs=1e-6)  # fmt: skip
+    assert result.aggregates["coat_paper/auc"] == pytest.approx(
+        _brute_global_auc(all_scores, clicked), abs=1e-6)  # fmt: skip
+    assert result.per_request.height == 290
 
 
 def test_study_selects_on_an_mcar_metric_only_with_its_cut_off():
@@ -244,3 +313,25 @@ def test_study_selects_on_an_mcar_metric_only_with_its_cut_off():
     assert "mcar/auc" in MCAR_METRICS
     with pytest.raises(DataError, match="mcar/ndcg_at_7"):
         _metric("mcar/ndcg_at_7", [5, 10], "study.selection.metric")
+
+
+def test_study_report_gives_a_global_metric_per_reference_differences_without_a_ci():
+    """coat_paper/auc has no per-user value: its difference is each reference's difference of
+    the global figures (mean +- sd over references), no CI; a per-user metric keeps its CI."""
+    from recsys_dpo.study.report import _ci, delta
+    from recsys_dpo.study.runner import Entry, Evaluation
+
+    def grid(aucs, ndcg):
+        table = pl.DataFrame({USER_IDX: [1, 2, 3], "coat_paper/ndcg_at_5": ndcg})
+        return [[Evaluation("k", "test", "m", table, {"coat_paper/auc": a})] for a in aucs]
+
+    ref = Entry("reference", "reference", [], grid([0.70, 0.72, 0.74], [0.5, 0.6, 0.7]))
+    row = Entry("dpo", "row", [], grid([0.71, 0.75, 0.74], [0.6, 0.7, 0.8]))
+    d = delta(row, ref, "coat_paper/auc", 200, 0.95)
+    assert d["lo"] is None and d["hi"] is None and d["global"]
+    assert [p["mean"] for p in d["per_reference"]] == pytest.approx([0.01, 0.03, 0.0])
+    assert d["mean"] == pytest.approx(0.04 / 3)
+    assert d["sd"] == pytest.approx(np.std([0.01, 0.03, 0.0], ddof=1))
+    assert "no CI" in _ci(d)
+    per_user = delta(row, ref, "coat_paper/ndcg_at_5", 200, 0.95)
+    assert per_user["lo"] == pytest.approx(0.1) and per_user["hi"] == pytest.approx(0.1)

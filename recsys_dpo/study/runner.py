@@ -64,7 +64,13 @@ from recsys_dpo.artifacts import (
 from recsys_dpo.data.datamodule import PreparedDataset
 from recsys_dpo.data.schema import USER_IDX
 from recsys_dpo.errors import DataError
-from recsys_dpo.evaluation.evaluator import EvalResult, RetrievalConfig, evaluate, train_popularity
+from recsys_dpo.evaluation.evaluator import (
+    EvalResult,
+    RetrievalConfig,
+    evaluate,
+    request_metric_name,
+    train_popularity,
+)
 from recsys_dpo.models import Recommender
 from recsys_dpo.pipeline import Pipeline, stage_config
 from recsys_dpo.settings import TrainPreference, TrainReference, validate
@@ -159,7 +165,8 @@ def with_request_metrics(result: EvalResult, data: PreparedDataset) -> pl.DataFr
               .select("request_id", USER_IDX).unique())  # fmt: skip
     if owners["request_id"].n_unique() != owners.height:
         raise RuntimeError(f"{result.split}: an mcar request spans several users")
-    columns = {c: f"mcar/{c}" for c in result.per_request.columns if c != "request_id"}
+    columns = {c: request_metric_name("mcar", c) for c in result.per_request.columns
+               if c != "request_id"}  # fmt: skip
     table = result.per_request.rename(columns).join(owners, on="request_id").drop("request_id")
     return result.per_user.join(
         table.with_columns(pl.col(USER_IDX).cast(result.per_user[USER_IDX].dtype)),
