@@ -335,3 +335,115 @@ def test_study_report_gives_a_global_metric_per_reference_differences_without_a_
     assert "no CI" in _ci(d)
     per_user = delta(row, ref, "coat_paper/ndcg_at_5", 200, 0.95)
     assert per_user["lo"] == pytest.approx(0.1) and per_user["hi"] == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def featured(coat, tmp_path_factory):
+    """Coat prepared with its user / item attributes (data.features)."""
+    from recsys_dpo.data.readers import read_coat_features
+
+    out = tmp_path_factory.mktemp("coat_features") / "prepared"
+    prepare_dataset(read_coat(coat), str(coat), out, validation={"min_events_per_user": 3},
+                    split=SPLIT, pairs=PAIRS, pair_splits=["train", "valid"],
+                    config={"data": {"split": SPLIT}}, progress=False,
+                    features=read_coat_features(coat))  # fmt: skip
+    return load_prepared(out)
+
+
+def test_prepared_features_are_aligned_to_the_vocab(coat, featured):
+    """Each index's row is its raw id's line of the ascii file; one-hot rows sum to the number
+    of attribute groups; the padding item is zeros; both files are hashed in the manifest."""
+    from recsys_dpo.data.vocab import ITEMS_FILE, USERS_FILE
+
+    for side, vocab_file, index, n_cols, n_rows in (
+        ("user", USERS_FILE, USER_IDX, 14, featured.n_users),
+        ("item", ITEMS_FILE, ITEM_IDX, 33, featured.n_items),
+    ):
+        raw = np.loadtxt(coat / f"{side}_features.ascii")
+        names = [n for n in (coat / f"{side}_features_map.txt").read_text().splitlines() if n]
+        groups = len({n.split(":")[0] for n in names})
+        assert raw.shape[1] == n_cols == len(names) and groups == 4
+        got = featured.features(side)
+        assert got.shape == (n_rows, n_cols)
+        vocab = pl.read_parquet(featured.path / vocab_file)
+        for raw_id, idx in zip(vocab[f"{side}_id"].to_list(), vocab[index].to_list(), strict=True):
+            np.testing.assert_array_equal(got[idx], raw[int(raw_id)], err_msg=f"{side} {raw_id}")
+        real = got[1:] if side == "item" else got
+        assert (real.sum(axis=1) == groups).all()
+        assert f"{side}_features.parquet" in featured.files
+        assert len(featured.files[f"{side}_features.parquet"]["sha256"]) == 64
+    assert (featured.features("item")[0] == 0).all()
+    assert featured.n_items - 1 == 300  # every coat was rated at least once
+
+
+def test_reader_refuses_features_wider_than_their_map(coat, tmp_path):
+    from recsys_dpo.data.readers import read_coat_features
+
+    for name in ("user_features.ascii", "user_features_map.txt", "item_features.ascii",
+                 "item_features_map.txt"):  # fmt: skip
+        (tmp_path / name).write_text((coat / name).read_text())
+    (tmp_path / "item_features_map.txt").write_text("gender:men\n")
+    with pytest.raises(DataError, match="item_features.ascii: 33 columns, but"):
+        read_coat_features(tmp_path)
+
+
+@pytest.mark.parametrize("features", ["ids_and_features", "features_only"])
+def test_two_tower_scores_depend_on_the_features(featured, features):
+    """Changing one item's attribute row changes that item's score and no other item's;
+    changing a user's row changes that user's scores."""
+    import torch
+
+    from recsys_dpo.models import build_model
+
+    torch.manual_seed(0)
+    user, item = (torch.from_numpy(featured.features(s)) for s in ("user", "item"))
+    model = build_model("two_tower", n_items=featured.n_items, n_users=featured.n_users, dim=8,
+                        hidden=[16], dropout=0.0, features=features,
+                        user_features_dim=user.shape[1], item_features_dim=item.shape[1]).eval()  # fmt: skip
+    model.set_features(user, item)
+    batch = {"user_idx": torch.tensor([0, 1]), "context": torch.tensor([[1, 2], [3, 0]])}
+
+    def scores():
+        with torch.no_grad():
+            return model.user_embeddings(batch) @ model.item_embeddings().T
+
+    before = scores()
+    changed = item.clone()
+    changed[5] = 1 - changed[5]
+    model.set_features(user, changed)
+    after = scores()
+    assert not torch.allclose(after[:, 5], before[:, 5])
+    others = [i for i in range(featured.n_items) if i != 5]
+    torch.testing.assert_close(after[:, others], before[:, others])
+    new_user = user.clone()
+    new_user[1] = 1 - new_user[1]
+    model.set_features(new_user, changed)
+    last = scores()
+    assert not torch.allclose(last[1], after[1])
+    torch.testing.assert_close(last[0], after[0])
+
+
+def test_two_tower_with_coat_features_trains_and_keeps_them_in_its_checkpoint(coat, tmp_path):
+    """A tiny reference run with model.features: the prepare stage writes the matrices, the
+    model loads them at build time, and they come back with the checkpoint."""
+    from conftest import CONF
+    from hydra import compose, initialize_config_dir
+
+    from recsys_dpo.commands import prepare
+    from recsys_dpo.training.reference_module import load_model
+    from recsys_dpo.training.run import train_reference
+
+    overrides = [f"paths.artifacts={tmp_path}", f"paths.shared_data={coat.parent}", "data=coat",
+                 "model=two_tower", "model.features=ids_and_features", "model.dim=8",
+                 "model.hidden=[8]", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
+                 "+trainer.limit_val_batches=1", "+trainer.num_sanity_val_steps=0",
+                 "train.batch_size=64", "progress=false", "tracking.enabled=false"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        prepare.run(compose(config_name="config", overrides=overrides))
+        cfg = compose(config_name="train_reference", overrides=overrides)
+    out = json.loads((train_reference(cfg) / "result.json").read_text())
+    data = load_prepared(cfg.paths.prepared)
+    model = load_model(out["last_ckpt"])
+    assert model.config["features"] == "ids_and_features"
+    np.testing.assert_array_equal(model.item_features.numpy(), data.features("item"))
+    np.testing.assert_array_equal(model.user_features.numpy(), data.features("user"))
