@@ -302,6 +302,10 @@ def coat_paper_ranking(
 
     ranks 0-based, ties broken against the relevant items (`_rank_within_groups`; the published
     code's np.argsort breaks them arbitrarily). Arrays in np.unique(groups) order, never NaN.
+    The code family is not uniform: NDCG as above everywhere, but some copies of `recall_func`
+    divide by min(k, P_u) and count 1 when P_u = 0, and `binarize` marks rating >= 3 relevant
+    where the papers' text says "greater than three"; `relevant` is the caller's (Coat here:
+    rating >= data.reader.relevant, 4).
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")

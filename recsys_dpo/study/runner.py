@@ -175,8 +175,9 @@ def with_request_metrics(result: EvalResult, data: PreparedDataset) -> pl.DataFr
 
 
 # Part of every evaluation's cache key: the metric names' spelling (`ndcg_at_10`; evaluations
-# cached when they were `ndcg@10` have other keys, so a re-run recomputes rather than misreads).
-EVAL_FORMAT = "metric_at_k"
+# cached when they were `ndcg@10` have other keys, so a re-run recomputes rather than misreads)
+# and the metric sets (+coat_paper: cached before them, an evaluation lacks them).
+EVAL_FORMAT = "metric_at_k+coat_paper"
 
 
 class EvalCache:
