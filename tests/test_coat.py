@@ -271,8 +271,15 @@ def test_study_compares_mcar_metrics_per_user(prepared):
     model = build_model("mf", n_items=prepared.n_items, n_users=prepared.n_users, dim=8).eval()
     result = evaluate(model, prepared, "test", k=[5, 10])
     table = with_request_metrics(result, prepared)
-    assert table.height == result.per_user.height
-    assert table[USER_IDX].to_list() == result.per_user[USER_IDX].to_list()
+    assert table.height == 290  # every user's random items, liked or not
+    assert table[USER_IDX].to_list() == sorted(prepared.events("test")[USER_IDX].unique())
+    ranked = table.filter(pl.col(USER_IDX).is_in(result.per_user[USER_IDX].implode()))
+    assert ranked["ndcg_at_10"].to_list() == result.per_user["ndcg_at_10"].to_list()
+    no_query = table.filter(~pl.col(USER_IDX).is_in(result.per_user[USER_IDX].implode()))
+    assert no_query.height == 290 - result.per_user.height
+    assert no_query["ndcg_at_10"].is_nan().all() or no_query["ndcg_at_10"].is_null().all()
+    assert (no_query["coat_paper/ndcg_at_5"] == 1.0).all()  # nothing to rank: NDCG 1
+    assert (no_query["coat_paper/recall_at_5"] == 0.0).all()
     test = prepared.events("test")
     users, items = test[USER_IDX].to_numpy(), test[ITEM_IDX].to_numpy()
     with torch.no_grad():  # MF's score: the dot product of its user and item vectors

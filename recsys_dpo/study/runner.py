@@ -157,8 +157,10 @@ def select_point(valid_scores: list[list[float]]) -> int:
 
 def with_request_metrics(result: EvalResult, data: PreparedDataset) -> pl.DataFrame:
     """The per-user table, plus, on an `mcar` split (one request per user: their random
-    items), each user's `mcar/` metrics as columns, so the study compares them per user like
-    the others (NaN for a user without both a relevant and a non-relevant item)."""
+    items), each user's `mcar/` and `coat_paper/` metrics as columns, so the study compares
+    them per user like the others (mcar/: NaN for a user without both a relevant and a
+    non-relevant item). Every request's user has a row, also one without a relevant item and
+    so without a ranking query (NaN in the full-catalog metrics): coat_paper/ counts them."""
     if result.per_request is None or result.request_metrics != "mcar":
         return result.per_user
     owners = (data.events(result.split).filter(pl.col("request_id").is_not_null())
@@ -170,8 +172,8 @@ def with_request_metrics(result: EvalResult, data: PreparedDataset) -> pl.DataFr
     table = result.per_request.rename(columns).join(owners, on="request_id").drop("request_id")
     return result.per_user.join(
         table.with_columns(pl.col(USER_IDX).cast(result.per_user[USER_IDX].dtype)),
-        on=USER_IDX, how="left", maintain_order="left",
-    )
+        on=USER_IDX, how="full", coalesce=True,
+    ).sort(USER_IDX)
 
 
 # Part of every evaluation's cache key: the metric names' spelling (`ndcg_at_10`; evaluations
