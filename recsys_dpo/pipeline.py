@@ -63,7 +63,7 @@ from recsys_dpo.evaluation.report import summary_table, write_outputs
 from recsys_dpo.export.bundle import log_pyfunc, model_card, write_bundle
 from recsys_dpo.quiet import quiet_output
 from recsys_dpo.settings import Run
-from recsys_dpo.stage import plain, preflight
+from recsys_dpo.stage import data_features, plain, preflight
 from recsys_dpo.tracking.mlflow_utils import Tracker
 from recsys_dpo.training.reference_module import load_model, trained_on
 from recsys_dpo.training.run import run_dir, train_preference, train_reference
@@ -165,7 +165,7 @@ class Pipeline:
                     validation=plain(cfg.data.validation), split=plain(cfg.data.split),
                     pairs=plain(cfg.data.pairs), pair_splits=list(cfg.data.pair_splits),
                     n_buckets=cfg.data.n_buckets, config=prepare_config(cfg),
-                    progress=cfg.progress,
+                    progress=cfg.progress, features=data_features(cfg),
                 )  # fmt: skip
                 self.console.print(summary.table())
             self.tracker.set_tags(run, {"skipped": "prepare" not in self.ran})

@@ -116,6 +116,7 @@ class TwoTowerModel(Section):
     use_history: Bool
     max_len: Count
     dropout: Dropout
+    features: Literal["none", "ids_and_features", "features_only"] = "none"
 
     @model_validator(mode="after")
     def has_a_user_input(self) -> TwoTowerModel:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from functools import wraps
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.markup import escape
@@ -18,6 +19,13 @@ from recsys_dpo.settings import S, Tracking, validate
 def plain(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as plain dicts and lists (for manifests, hashes and MLflow)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def data_features(cfg: DictConfig) -> dict[str, Any] | None:
+    """The side information `cfg.data.features` reads (a hydra `_target_`, e.g. Coat's
+    `read_coat_features`: {"user": frame, "item": frame}), or None when the dataset has none."""
+    spec = cfg.data.get("features")
+    return None if spec is None else instantiate(spec)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

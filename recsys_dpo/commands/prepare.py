@@ -18,7 +18,7 @@ from rich.console import Console
 from recsys_dpo.commands import CONF
 from recsys_dpo.data.prepare import prepare_dataset
 from recsys_dpo.settings import Prepare
-from recsys_dpo.stage import exits_cleanly_on_bad_input, plain, preflight
+from recsys_dpo.stage import data_features, exits_cleanly_on_bad_input, plain, preflight
 
 CONFIG = "config"
 
@@ -39,6 +39,7 @@ def run(cfg: DictConfig) -> Path:
         n_buckets=cfg.data.n_buckets,
         config=plain(cfg),
         progress=cfg.progress,
+        features=data_features(cfg),
     )
     Console(quiet=not cfg.progress).print(summary.table())
     return Path(cfg.paths.prepared)

@@ -73,6 +73,15 @@ class PreparedDataset:
     def has_pairs(self, split: str) -> bool:
         return f"pairs_{split}.parquet" in self.files
 
+    def features(self, side: str) -> np.ndarray | None:
+        """The `side` ("user" / "item") attribute matrix [n_users or n_items, f] float32, rows
+        by index (item row 0 the padding item), or None when the dataset has none."""
+        name = f"{side}_features.parquet"
+        if name not in self.files:
+            return None
+        frame = self._read(name)
+        return frame.drop(frame.columns[0]).to_numpy().astype(np.float32)
+
 
 def load_prepared(path: str | Path) -> PreparedDataset:
     """Open a prepared dataset; DataError if it has no manifest (incomplete) or no vocab sizes."""

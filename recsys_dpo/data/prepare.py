@@ -4,7 +4,9 @@
 
 The output directory (DESIGN.md, "Data contracts") holds `vocab_items.parquet`,
 `vocab_users.parquet`, `train.parquet`, `valid.parquet`, `test.parquet` (the encoded events of
-each split), `pairs_{train,valid,test}.parquet`, and `manifest.json`, written last. The whole
+each split), `pairs_{train,valid,test}.parquet`, optionally `user_features.parquet` /
+`item_features.parquet` (side information aligned to the vocab: `features_frame`), and
+`manifest.json`, written last. The whole
 directory is built in a temporary sibling and renamed into place, so a failure leaves no
 dataset behind and never clobbers a previous good one.
 
@@ -30,7 +32,7 @@ from rich.table import Table
 
 from recsys_dpo.artifacts import atomic_dir, config_hash, write_manifest
 from recsys_dpo.data.pairs import build_pairs, check_impression_pairs, item_popularity
-from recsys_dpo.data.schema import SCHEMA_VERSION, USER_IDX
+from recsys_dpo.data.schema import ITEM_IDX, PAD_ITEM, SCHEMA_VERSION, USER_IDX
 from recsys_dpo.data.splits import SPLITS, split_frame, temporal_cuts
 from recsys_dpo.data.validate import (
     ValidationReport,
@@ -39,7 +41,7 @@ from recsys_dpo.data.validate import (
     merge_reports,
     validate,
 )
-from recsys_dpo.data.vocab import build_vocab, encode
+from recsys_dpo.data.vocab import Vocab, build_vocab, encode
 from recsys_dpo.errors import DataError
 
 BUCKET = "_bucket"
@@ -138,13 +140,15 @@ def prepare_dataset(
     n_buckets: int = 1,
     config: Mapping[str, Any] | None = None,
     progress: bool = True,
+    features: Mapping[str, pl.DataFrame] | None = None,
 ) -> PrepareSummary:
     """Run the prepare stage and write the dataset directory atomically (manifest last).
 
     `validation` is passed to `validate`, `split` to `split_frame` (its `kind` picks the
     protocol), `pairs` maps strategy name -> its keyword arguments. `n_buckets > 1` bounds
     memory (module docstring). `config` (the composed hydra config, as plain data) is stored in
-    the manifest together with its hash.
+    the manifest together with its hash. `features` ("user" / "item" -> a frame of the raw id
+    and numeric attribute columns) are written aligned to the vocab (`features_frame`).
     """
     if n_buckets < 1:
         raise DataError(f"n_buckets must be >= 1, got {n_buckets}")
@@ -195,6 +199,8 @@ def prepare_dataset(
             bar.advance(steps)
         vocab = build_vocab(pl.scan_parquet(work / "split_*.parquet"))
         vocab.save(tmp)
+        for side, frame in (features or {}).items():
+            features_frame(frame, vocab, side).write_parquet(tmp / FEATURES_FILE.format(side))
 
         bar.update(steps, description="encoding")
         popularity = {s: np.zeros(vocab.n_items, dtype=np.int64) for s in pair_splits}
@@ -265,6 +271,35 @@ def prepare_dataset(
         )
         bar.update(steps, description="done")
     return summary
+
+
+FEATURES_FILE = "{}_features.parquet"
+
+
+def features_frame(frame: pl.DataFrame, vocab: Vocab, side: str) -> pl.DataFrame:
+    """`side` ("user" or "item") attributes indexed like the vocab: one row per index in
+    order (user_idx 0..U-1; item_idx 0..N-1, row 0 the padding item, all zeros), the raw id
+    dropped, attributes as float32. Ids the vocab lacks (never rated) are dropped; a vocab id
+    without attributes is a DataError naming it."""
+    if side not in ("user", "item"):
+        raise DataError(f"data.features: unknown side {side!r}; expected 'user' or 'item'")
+    raw, index = f"{side}_id", USER_IDX if side == "user" else ITEM_IDX
+    table = vocab.users if side == "user" else vocab.items
+    names = [c for c in frame.columns if c != raw]
+    if raw not in frame.columns or not names:
+        raise DataError(f"data.features ({side}): expected a column {raw} and attribute "
+                        f"column(s), got {frame.columns}")  # fmt: skip
+    joined = table.select(raw, index).join(frame.with_columns(pl.col(raw).cast(pl.Utf8)),
+                                           on=raw, how="left")  # fmt: skip
+    missing = joined.filter(pl.col(names[0]).is_null())[raw].to_list()
+    if missing:
+        raise DataError(f"data.features ({side}): no attributes for {len(missing)} {side}(s) of "
+                        f"the vocab, e.g. {raw} {missing[:3]}")  # fmt: skip
+    rows = joined.sort(index).select(index, *(pl.col(c).cast(pl.Float32) for c in names))
+    if side == "item":  # the padding row 0
+        pad = pl.DataFrame({index: [PAD_ITEM], **{c: [0.0] for c in names}}, schema=rows.schema)
+        rows = pl.concat([pad, rows])
+    return rows
 
 
 def dataset_hash(config: dict[str, Any]) -> str:

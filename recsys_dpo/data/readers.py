@@ -370,6 +370,35 @@ def read_coat(path: str | Path, relevant: float = 4.0) -> pl.LazyFrame:
     return pl.concat(frames).lazy()
 
 
+# Coat's one-hot side information: matrix file and attribute names (`group:value`, one a line).
+COAT_FEATURES = {"user": ("user_features.ascii", "user_features_map.txt"),
+                 "item": ("item_features.ascii", "item_features_map.txt")}  # fmt: skip
+
+
+def read_coat_features(path: str | Path) -> dict[str, pl.DataFrame]:
+    """Coat's user and item attributes: {"user": user_id + one column per attribute, "item":
+    item_id + ...}, ids as `read_coat` spells them (the 0-based row), columns named by the map
+    files (`gender:men`, ...), values 0/1 (float32). Each row is one-hot within each attribute
+    group, so it sums to the number of groups (4 for users and items). DataError naming the
+    file when a matrix is not 0/1 or its width differs from its map."""
+    root = _existing(path)
+    out = {}
+    for side, (matrix_file, map_file) in COAT_FEATURES.items():
+        names = [n.strip() for n in _existing(root / map_file).read_text().splitlines() if n.strip()]
+        try:
+            matrix = np.loadtxt(_existing(root / matrix_file), dtype=np.float32, ndmin=2)
+        except ValueError as exc:
+            raise DataError(f"{root / matrix_file}: not a matrix of numbers: {exc}") from exc
+        if matrix.shape[1] != len(names):
+            raise DataError(f"{root / matrix_file}: {matrix.shape[1]} columns, but {map_file} "
+                            f"names {len(names)} attributes")  # fmt: skip
+        if not np.isin(matrix, (0.0, 1.0)).all():
+            raise DataError(f"{root / matrix_file}: a one-hot matrix holds only 0 and 1")
+        ids = np.arange(len(matrix)).astype(str)
+        out[side] = pl.DataFrame({f"{side}_id": ids}).hstack(pl.DataFrame(matrix, schema=names))
+    return out
+
+
 READERS: dict[str, Callable[..., pl.LazyFrame]] = {
     "table": read_table,
     "movielens": read_movielens,

@@ -26,7 +26,11 @@ tail share of the top-K lists (popularity = train positives); impression-level A
 nDCG@5/10 when S has request_id, or, for a dataset split by the `mcar` kind (Coat), the
 random-exposure metrics mcar/auc, mcar/ndcg_at_5, mcar/recall_at_5 of each user's ranking of
 their own random test items (`metrics.mcar_metrics`; the valid split's requests are the
-held-out MNAR items, measured alike); preference accuracy on the split's pairs.
+held-out MNAR items, measured alike) and, beside them, the same split under the protocol of the
+published Coat tables: coat_paper/auc over all the split's (user, item) rows pooled
+(`metrics.global_auc`) and coat_paper/ndcg_at_5, coat_paper/recall_at_5 over every user, those
+without a relevant item too (`metrics.coat_paper_ranking`); preference accuracy on the split's
+pairs.
 
 `compare` evaluates policy and reference on the same queries and adds per-user deltas with paired
 bootstrap CIs, the exact KL(policy || reference) per user, and `log_ratio_margin`, the mean
@@ -348,15 +352,19 @@ class Impressions:
         return len(self.item_idx)
 
 
-def build_impressions(data: PreparedDataset, queries: Queries) -> Impressions | None:
-    """The impression rows of the split (None without request_id). The user's context is the
-    query context: their positives before the split, so no click of the split leaks in."""
+def build_impressions(
+    data: PreparedDataset, queries: Queries, unclicked: bool = False
+) -> Impressions | None:
+    """The impression rows of the split (None without request_id), those of requests without
+    a click only when `unclicked` (`queries` must then hold their users: `request_queries`).
+    The user's context is the query context: their positives before the split, so no click of
+    the split leaks in."""
     events = data.events(queries.split)
     if "request_id" not in events.columns:
         return None
+    rows = events.filter(pl.col("request_id").is_not_null())
     rows = (
-        events.filter(pl.col("request_id").is_not_null())
-        .filter(pl.col("clicked").any().over("request_id"))
+        rows.filter(pl.lit(unclicked) | pl.col("clicked").any().over("request_id"))
         .select("request_id", pl.col(USER_IDX).cast(pl.Int64), pl.col(ITEM_IDX).cast(pl.Int64),
                 "clicked")  # fmt: skip
     )
@@ -371,6 +379,22 @@ def build_impressions(data: PreparedDataset, queries: Queries) -> Impressions | 
     )
 
 
+def request_queries(data: PreparedDataset, split: str, seen: str = DEFAULT_SEEN) -> Queries:
+    """Queries of every user with a request in `split`, clicked or not (targets empty): the
+    users the Coat paper protocol scores, its NDCG and pooled AUC counting users without a
+    relevant test item too."""
+    users = (data.events(split).filter(pl.col("request_id").is_not_null())
+             .select(pl.col(USER_IDX).cast(pl.Int64)).unique())  # fmt: skip
+    targets = users.with_columns(pl.lit([], dtype=pl.List(pl.Int64)).alias("targets"))
+    return queries_of(data, split, targets, seen)
+
+
+def request_metric_name(kind: str, column: str) -> str:
+    """The aggregate / per-user name of a per-request column: `<kind>/<column>`, unless the
+    column names its own protocol (`coat_paper/ndcg_at_5`)."""
+    return column if "/" in column else f"{kind}/{column}"
+
+
 def request_metrics_kind(data: PreparedDataset) -> str:
     """"mcar" for a dataset split by the `mcar` kind, whose requests are each user's random
     test items (or held-out valid items), else "impression": the prefix of the metrics."""
@@ -382,9 +406,13 @@ def per_request_metrics(
     scores: np.ndarray, imp: Impressions, kind: str = "impression"
 ) -> dict[str, np.ndarray]:
     """Per request, in np.unique(request_id) order: auc, mrr, ndcg_at_5, ndcg_at_10
-    (impression logs), or auc, ndcg_at_5, recall_at_5 (kind "mcar", `metrics.mcar_metrics`)."""
+    (impression logs), or auc, ndcg_at_5, recall_at_5 (kind "mcar", `metrics.mcar_metrics`)
+    and coat_paper/ndcg_at_5, coat_paper/recall_at_5 (`metrics.coat_paper_ranking`)."""
     if kind == "mcar":
-        return metrics.mcar_metrics(scores, imp.clicked, imp.request_id, MCAR_K)
+        paper = metrics.coat_paper_ranking(scores, imp.clicked, imp.request_id, MCAR_K)
+        return metrics.mcar_metrics(scores, imp.clicked, imp.request_id, MCAR_K) | {
+            f"coat_paper/{name}": v for name, v in paper.items()
+        }
     out = {
         "auc": metrics.impression_auc(scores, imp.clicked, imp.request_id),
         "mrr": metrics.impression_mrr(scores, imp.clicked, imp.request_id),
@@ -519,14 +547,21 @@ def evaluate(
     }
     per_request = None
     kind = request_metrics_kind(data)
-    imp = build_impressions(data, queries)
+    # The Coat paper protocol scores every user's random items, liked or not.
+    imp_queries = request_queries(data, split, seen) if kind == "mcar" else queries
+    imp = build_impressions(data, imp_queries, unclicked=kind == "mcar")
     if imp is not None:
-        imp_scores = _gather_scores(user_emb, item_emb, imp.query_row, imp.item_idx)
+        imp_users = user_emb if imp_queries is queries else embed_users(
+            model, imp_queries, batch_size, False)  # fmt: skip
+        imp_scores = _gather_scores(imp_users, item_emb, imp.query_row, imp.item_idx)
         per_request = pl.DataFrame(
             {"request_id": np.unique(imp.request_id),
              **per_request_metrics(imp_scores, imp, kind)}  # fmt: skip
         )
-        aggregates |= {f"{kind}/{c}": v for c, v in _means(per_request, "request_id").items()}
+        aggregates |= {request_metric_name(kind, c): v
+                       for c, v in _means(per_request, "request_id").items()}  # fmt: skip
+        if kind == "mcar":
+            aggregates["coat_paper/auc"] = metrics.global_auc(imp_scores, imp.clicked)
         counts["requests"] = per_request.height
     pair_scores = None
     if data.has_pairs(split) and (pairs := data.pairs(split)).height:
@@ -627,7 +662,8 @@ def compare(
     if pol.per_request is not None and ref.per_request is not None:
         _, request_deltas = _paired(ref.per_request, pol.per_request, "request_id",
                                     n_resamples, seed, ci)  # fmt: skip
-        deltas |= {f"{pol.request_metrics}/{name}": d for name, d in request_deltas.items()}
+        deltas |= {request_metric_name(pol.request_metrics, name): d
+                   for name, d in request_deltas.items()}  # fmt: skip
     if pol.pairs is not None and ref.pairs is not None:
         aggregates["log_ratio_margin"] = metrics.reward_margin_mean(
             pol.pairs.chosen - ref.pairs.chosen, pol.pairs.rejected - ref.pairs.rejected,

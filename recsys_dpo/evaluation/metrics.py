@@ -277,6 +277,52 @@ def mcar_metrics(
     }
 
 
+def global_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC over ALL rows pooled, not per user: P(s_pos > s_neg) + 0.5 P(s_pos = s_neg)
+    over every (relevant, non-relevant) pair of rows, whoever's they are (mid-rank Mann-Whitney,
+    `impression_auc` with one group); NaN without a positive or a negative. The AUC of the
+    Coat debiasing literature (sklearn `roc_auc_score(y_test, test_pred)` over the 4,640 MCAR
+    test ratings, as in the DR-JL / MRDR / StableDR / TDR code family)."""
+    labels = np.asarray(labels).astype(bool)
+    return float(impression_auc(scores, labels, np.zeros(len(labels), dtype=np.int64))[0])
+
+
+def coat_paper_ranking(
+    scores: np.ndarray, relevant: np.ndarray, groups: np.ndarray, k: int = 5
+) -> dict[str, np.ndarray]:
+    """ndcg_at_k and recall_at_k of each user's ranking of their own test items, as the public
+    code of the Coat debiasing literature computes them (`ndcg_func` / `recall_func` of the
+    DR-JL, MRDR, StableDR, TDR-CL implementations; tables e.g. Ha et al., NeurIPS 2024, Table
+    2), EVERY user counted, unlike `mcar_metrics`:
+
+        ndcg_at_k_u   = DCG_u / IDCG_u, DCG_u = sum_{r < k} rel_r / log2(r + 2),
+                        IDCG_u over the user's min(k, P_u) relevant items first;
+                        = 1 for a user with no relevant item (P_u = 0)
+        recall_at_k_u = (relevant items in the top k) / max(1, P_u)   (0 when P_u = 0)
+
+    ranks 0-based, ties broken against the relevant items (`_rank_within_groups`; the published
+    code's np.argsort breaks them arbitrarily). Arrays in np.unique(groups) order, never NaN.
+    The code family is not uniform: NDCG as above everywhere, but some copies of `recall_func`
+    divide by min(k, P_u) and count 1 when P_u = 0, and `binarize` marks rating >= 3 relevant
+    where the papers' text says "greater than three"; `relevant` is the caller's (Coat here:
+    rating >= data.reader.relevant, 4).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    group, labels, rank, n_groups = _rank_within_groups(scores, relevant, groups)
+    n_pos = np.bincount(group, weights=labels, minlength=n_groups)
+    top = labels & (rank < k)
+    discounts = _discounts(k)
+    dcg = np.bincount(group, weights=np.where(top, discounts[np.minimum(rank, k - 1)], 0.0),
+                      minlength=n_groups)  # fmt: skip
+    idcg = np.concatenate([[0.0], np.cumsum(discounts)])[np.minimum(n_pos, k).astype(np.int64)]
+    hits = np.bincount(group, weights=top, minlength=n_groups)
+    return {
+        f"ndcg_at_{k}": np.where(n_pos > 0, dcg / np.where(idcg > 0, idcg, 1.0), 1.0),
+        f"recall_at_{k}": hits / np.maximum(n_pos, 1),
+    }
+
+
 # Preference pairs -------------------------------------------------------------------------
 
 

@@ -1,8 +1,14 @@
 """Two-tower recommender: a user tower and an item tower meet in an inner product.
 
-    user tower:  [user-id embedding] ‖ [mean of the history's item embeddings] -> MLP -> d
-    item tower:  item-id embedding (+ Linear(item features)) -> MLP -> d
+    user tower:  [user-id embedding] ‖ [Linear(user features)] ‖ [mean of the history's item
+                 embeddings] -> MLP -> d
+    item tower:  [item-id embedding] + [Linear(item features)] -> MLP -> d
     s(u, i) = <user_tower(u), item_tower(i)>
+
+`features` picks the id and attribute inputs: "none" (ids only), "ids_and_features" or
+"features_only" (no user-id input, and the item tower sees the attributes alone; the history
+is still pooled over item-id embeddings when use_history). The attribute matrices are buffers
+(`set_features`), so they travel with the weights in every checkpoint.
 
 (Covington et al., "Deep Neural Networks for YouTube Recommendations", RecSys 2016; Yi et al.,
 "Sampling-Bias-Corrected Neural Modeling", RecSys 2019.) One item-id table feeds both the
@@ -18,6 +24,8 @@ from torch import Tensor, nn
 
 from recsys_dpo.data.schema import PAD_ITEM
 from recsys_dpo.models.base import Batch, Recommender, init_weights
+
+FEATURE_MODES = ("none", "ids_and_features", "features_only")
 
 
 def mlp(in_dim: int, hidden: Sequence[int], out_dim: int, dropout: float) -> nn.Sequential:
@@ -45,6 +53,10 @@ class TwoTower(Recommender):
         dropout: dropout after every hidden MLP layer.
         item_features_dim: width f of an optional per-item feature matrix, held in the buffer
             `item_features` [n_items, f] (zeros until `set_item_features`); 0 disables it.
+        user_features_dim: width g of the per-user matrix, buffer `user_features`
+            [n_users, g] (zeros until `set_features`); 0 disables it.
+        features: "none", "ids_and_features" or "features_only" (module docstring); with
+            features, both dims must be > 0.
     """
 
     name = "two_tower"
@@ -60,9 +72,20 @@ class TwoTower(Recommender):
         max_len: int = 50,
         dropout: float = 0.1,
         item_features_dim: int = 0,
+        user_features_dim: int = 0,
+        features: str = "none",
     ) -> None:
         super().__init__()
-        if not (use_user_id or use_history):
+        if features not in FEATURE_MODES:
+            raise ValueError(f"unknown features {features!r}; expected one of {FEATURE_MODES}")
+        if features != "none" and min(item_features_dim, user_features_dim) < 1:
+            raise ValueError(
+                f"features={features!r} needs user and item feature matrices (the dataset's "
+                f"data.features), got widths {user_features_dim} and {item_features_dim}"
+            )
+        ids = features != "features_only"
+        use_user_id = use_user_id and ids
+        if not (use_user_id or use_history or user_features_dim):
             raise ValueError("TwoTower needs use_user_id or use_history (both are False)")
         if n_items < 2:
             raise ValueError(f"TwoTower needs n_items >= 2 (padding + 1 item), got {n_items}")
@@ -74,8 +97,10 @@ class TwoTower(Recommender):
         self.config = dict(
             n_items=n_items, n_users=n_users, dim=dim, hidden=hidden, use_user_id=use_user_id,
             use_history=use_history, max_len=max_len, dropout=dropout,
-            item_features_dim=item_features_dim,
+            item_features_dim=item_features_dim, user_features_dim=user_features_dim,
+            features=features,
         )  # fmt: skip
+        self.item_ids = ids
 
         self.item_emb = nn.Embedding(n_items, dim, padding_idx=PAD_ITEM)
         self.user_emb = nn.Embedding(n_users, dim) if use_user_id else None
@@ -86,7 +111,13 @@ class TwoTower(Recommender):
         else:
             self.item_features = None
             self.feature_proj = None
-        user_in = dim * (int(use_user_id) + int(use_history))
+        if user_features_dim > 0:
+            self.register_buffer("user_features", torch.zeros(n_users, user_features_dim))
+            self.user_feature_proj = nn.Linear(user_features_dim, dim)
+        else:
+            self.user_features = None
+            self.user_feature_proj = None
+        user_in = dim * (int(use_user_id) + int(use_history) + int(user_features_dim > 0))
         self.user_tower = mlp(user_in, hidden, dim, dropout)
         self.item_tower = mlp(dim, hidden, dim, dropout)
         self.apply(init_weights)
@@ -102,6 +133,16 @@ class TwoTower(Recommender):
             )
         self.item_features.copy_(features)
 
+    def set_features(self, user: Tensor, item: Tensor) -> None:
+        """Copy the user [n_users, g] and item [n_items, f] attribute matrices into the
+        buffers."""
+        if self.user_features is None or user.shape != self.user_features.shape:
+            want = None if self.user_features is None else tuple(self.user_features.shape)
+            raise ValueError(f"user features must have shape {want} (n_users, "
+                             f"user_features_dim), got {tuple(user.shape)}")  # fmt: skip
+        self.user_features.copy_(user)
+        self.set_item_features(item)
+
     def pool_history(self, context: Tensor) -> Tensor:
         """Mean of the item embeddings of the last max_len non-padding items [B, d]."""
         context = context[:, -self.max_len :]
@@ -114,13 +155,15 @@ class TwoTower(Recommender):
         parts = []
         if self.user_emb is not None:
             parts.append(self.user_emb(batch["user_idx"]))
+        if self.user_feature_proj is not None:
+            parts.append(self.user_feature_proj(self.user_features[batch["user_idx"]]))
         if self.use_history:
             parts.append(self.pool_history(batch["context"]))
         return self.user_tower(torch.cat(parts, dim=-1))
 
     def _item_vectors(self, items: Tensor) -> Tensor:
         """Item tower output [..., d] for item indices [...]."""
-        x = self.item_emb(items)
+        x = self.item_emb(items) if self.item_ids else 0.0
         if self.feature_proj is not None:
             x = x + self.feature_proj(self.item_features[items])
         return self.item_tower(x)

@@ -6,7 +6,9 @@ fine-tuning seeds). Differences are paired per user on test: the CI shown is the
 bootstrap over references and users (`stats.hierarchical_bootstrap_ci`); the per-reference
 paired bootstrap over users (`metrics.paired_bootstrap_ci`) is listed below the main table and
 in the JSON. The table says which figures were used for selection (valid, rows only) and which
-are the test read-out.
+are the test read-out. A global metric (`spec.GLOBAL_METRICS`: coat_paper/auc pools every
+(user, item) row, so no user has a value of their own) gets no per-user CI: its difference is
+each reference's difference of the global figure, shown as mean +- sd across references.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from recsys_dpo.artifacts import atomic_dir
 from recsys_dpo.data.schema import USER_IDX
 from recsys_dpo.evaluation.metrics import paired_bootstrap_ci
-from recsys_dpo.study.spec import SELECTION_SPLIT, StudySpec
+from recsys_dpo.study.spec import GLOBAL_METRICS, SELECTION_SPLIT, StudySpec
 from recsys_dpo.study.stats import hierarchical_bootstrap_ci, mean_sd
 
 if TYPE_CHECKING:
@@ -57,7 +59,14 @@ def delta(entry: Entry, other: Entry, metric: str, n_resamples: int, ci: float) 
     """entry - other on test, paired per user: mean, sd across references, the two-level CI
     (lo, hi) and each reference's paired bootstrap CI. Users without a value (an `mcar/`
     metric of a user whose random items are all relevant or all not) are left out; which
-    users those are depends on the data, not the model, so both sides lose the same ones."""
+    users those are depends on the data, not the model, so both sides lose the same ones.
+    A global metric: each reference's difference of the figures, no CI (lo, hi None)."""
+    if metric in GLOBAL_METRICS:
+        diffs = [b - a for a, b in zip(figures(other.test, metric)["per_reference"],
+                                       figures(entry.test, metric)["per_reference"], strict=True)]  # fmt: skip
+        mean, sd = mean_sd(diffs)
+        return {"mean": mean, "sd": sd, "lo": None, "hi": None, "global": True,
+                "per_reference": [{"mean": d, "lo": None, "hi": None} for d in diffs]}  # fmt: skip
     a, b = per_user(other.test, metric), per_user(entry.test, metric)
     defined = ~(np.isnan(a).any(axis=0) | np.isnan(b).any(axis=0))
     a, b = a[:, defined], b[:, defined]
@@ -92,6 +101,8 @@ def _fig(f: dict[str, Any]) -> str:
 def _ci(d: dict[str, Any] | None) -> str:
     if d is None:
         return ""
+    if d["lo"] is None:  # a global metric: no per-user CI
+        return f"{d['mean']:+.4f} (global, no CI)"
     mark = "*" if d["lo"] > 0 or d["hi"] < 0 else ""
     return f"{d['mean']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]{mark}"
 

@@ -64,7 +64,13 @@ from recsys_dpo.artifacts import (
 from recsys_dpo.data.datamodule import PreparedDataset
 from recsys_dpo.data.schema import USER_IDX
 from recsys_dpo.errors import DataError
-from recsys_dpo.evaluation.evaluator import EvalResult, RetrievalConfig, evaluate, train_popularity
+from recsys_dpo.evaluation.evaluator import (
+    EvalResult,
+    RetrievalConfig,
+    evaluate,
+    request_metric_name,
+    train_popularity,
+)
 from recsys_dpo.models import Recommender
 from recsys_dpo.pipeline import Pipeline, stage_config
 from recsys_dpo.settings import TrainPreference, TrainReference, validate
@@ -151,26 +157,30 @@ def select_point(valid_scores: list[list[float]]) -> int:
 
 def with_request_metrics(result: EvalResult, data: PreparedDataset) -> pl.DataFrame:
     """The per-user table, plus, on an `mcar` split (one request per user: their random
-    items), each user's `mcar/` metrics as columns, so the study compares them per user like
-    the others (NaN for a user without both a relevant and a non-relevant item)."""
+    items), each user's `mcar/` and `coat_paper/` metrics as columns, so the study compares
+    them per user like the others (mcar/: NaN for a user without both a relevant and a
+    non-relevant item). Every request's user has a row, also one without a relevant item and
+    so without a ranking query (NaN in the full-catalog metrics): coat_paper/ counts them."""
     if result.per_request is None or result.request_metrics != "mcar":
         return result.per_user
     owners = (data.events(result.split).filter(pl.col("request_id").is_not_null())
               .select("request_id", USER_IDX).unique())  # fmt: skip
     if owners["request_id"].n_unique() != owners.height:
         raise RuntimeError(f"{result.split}: an mcar request spans several users")
-    columns = {c: f"mcar/{c}" for c in result.per_request.columns if c != "request_id"}
+    columns = {c: request_metric_name("mcar", c) for c in result.per_request.columns
+               if c != "request_id"}  # fmt: skip
     table = result.per_request.rename(columns).join(owners, on="request_id").drop("request_id")
     return result.per_user.join(
         table.with_columns(pl.col(USER_IDX).cast(result.per_user[USER_IDX].dtype)),
-        on=USER_IDX, how="left", maintain_order="left",
-    )
+        on=USER_IDX, how="full", coalesce=True,
+    ).sort(USER_IDX)
 
 
 # Part of every evaluation's cache key: the metric names' spelling (`ndcg_at_10`; evaluations
 # cached when they were `ndcg@10` have other keys, so a re-run recomputes rather than misreads)
-# and the metric set (`+truth`: the synthetic log's truth/* columns, absent from older ones).
-EVAL_FORMAT = "metric_at_k+truth"
+# and the metric sets (+truth: the synthetic log's truth/* columns; +coat_paper: the published
+# Coat protocol; an evaluation cached before them lacks them).
+EVAL_FORMAT = "metric_at_k+truth+coat_paper"
 
 
 class EvalCache:

@@ -244,6 +244,23 @@ def fit(
     return out
 
 
+def model_features(model_cfg: dict[str, Any],
+                   data: PreparedDataset) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+    """The (user, item) attribute matrices of the dataset when `model_cfg` asks for features
+    (model.features other than none; their widths are set in model_cfg, in place), else None.
+    DataError when the dataset was prepared without them."""
+    if model_cfg.get("features", "none") == "none":
+        return None
+    user, item = data.features("user"), data.features("item")
+    if user is None or item is None:
+        raise DataError(
+            f"model.features={model_cfg['features']}: the prepared dataset {data.path} has no "
+            "user / item features (prepare it with data.features set, e.g. data=coat)"
+        )
+    model_cfg |= {"user_features_dim": user.shape[1], "item_features_dim": item.shape[1]}
+    return user, item
+
+
 def reference_settings(cfg: DictConfig, data: PreparedDataset) -> dict[str, Any]:
     """ReferenceModule kwargs: a fresh model from cfg.model and cfg.objective, or (continue)
     the reference checkpoint's own model and loss, started from its weights."""
@@ -282,6 +299,8 @@ def train_reference(cfg: DictConfig) -> Path:
         seen=cfg.eval.seen,
     )
     settings = reference_settings(cfg, data.dataset)
+    features = None if "init_from" in settings else model_features(settings["model_cfg"],
+                                                                   data.dataset)  # fmt: skip
     with bad_setting(f"model={model_name} objective={settings['loss']}"):
         module = ReferenceModule(
             **settings,
@@ -294,6 +313,8 @@ def train_reference(cfg: DictConfig) -> Path:
             k=cfg.train.k,
             dataset=trained_on(data.dataset),
         )
+    if features is not None:  # buffers: saved with the weights, so loaded with every checkpoint
+        module.model.set_features(*(torch.from_numpy(f) for f in features))
     name = f"{model_name}-{settings['loss']}" + ("-continue" if cfg.mode == "continue" else "")
     with run_lock(run_dir(cfg, "reference", name)) as out:
         return fit(cfg, module, data, out, f"reference/{name}")
