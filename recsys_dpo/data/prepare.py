@@ -142,12 +142,14 @@ def prepare_dataset(
     """Run the prepare stage and write the dataset directory atomically (manifest last).
 
     `validation` is passed to `validate`, `split` to `split_frame` (its `kind` picks the
-    protocol), `pairs` maps strategy name -> its keyword arguments. `n_buckets > 1` bounds
-    memory (module docstring). `config` (the composed hydra config, as plain data) is stored in
-    the manifest together with its hash.
+    protocol), `pairs` maps strategy name -> its keyword arguments (None: that strategy is
+    off, so a config extending a preset can drop one: `data.pairs.next_item: null`).
+    `n_buckets > 1` bounds memory (module docstring). `config` (the composed hydra config, as
+    plain data) is stored in the manifest together with its hash.
     """
     if n_buckets < 1:
         raise DataError(f"n_buckets must be >= 1, got {n_buckets}")
+    pairs = {name: kwargs for name, kwargs in pairs.items() if kwargs is not None}
     unknown = sorted(set(pair_splits) - set(SPLITS))
     if unknown:
         raise DataError(f"pair_splits: unknown split(s) {unknown}; expected some of {SPLITS}")
