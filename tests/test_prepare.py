@@ -145,6 +145,21 @@ def _prepare(log: pl.LazyFrame, out: Path, n_buckets: int, split=None, pairs=Non
     )
 
 
+def test_a_pair_strategy_set_to_null_is_off(tmp_path):
+    """`data.pairs.<name>: null` drops a preset's strategy (conf/study/ml100k_feedback.yaml)."""
+    from recsys_dpo.data.synthetic import read_synthetic
+
+    log = read_synthetic(tmp_path / "raw", n_users=40, n_items=30, seed=3)
+    both = _prepare(log, tmp_path / "both", 1)
+    one = _prepare(log, tmp_path / "one", 1, pairs={"impressions": None, "next_item": {
+        "num_negatives": 3, "sampler": "popularity"}})  # fmt: skip
+    assert {s for by in both.pairs.values() for s in by} == {"impressions", "next_item"}
+    assert {s for by in one.pairs.values() for s in by} == {"next_item"}
+    assert all(one.pairs[s]["next_item"] == both.pairs[s]["next_item"] for s in one.pairs)
+    assert set(pl.read_parquet(tmp_path / "one" / "pairs_train.parquet")["source"]) == {
+        "next_item"}  # fmt: skip
+
+
 @pytest.mark.parametrize("split", [{"kind": "loo"}, {"kind": "temporal", "test_frac": 0.2}])
 def test_user_buckets_give_the_same_dataset(tmp_path, split):
     """The bounded-memory path (n_buckets > 1) writes the same events and pairs."""

@@ -77,7 +77,8 @@ def tiny_study(**changes) -> OmegaConf:
     study = OmegaConf.load(ROOT / "recsys_dpo/conf/study/synthetic_tiny.yaml")["study"]
     root = OmegaConf.load(ROOT / "recsys_dpo/conf/run_study.yaml")["study"]
     objectives = {
-        n: OmegaConf.load(ROOT / f"recsys_dpo/conf/objective/{n}.yaml") for n in ("ce", "dpo", "sft")
+        n: OmegaConf.load(ROOT / f"recsys_dpo/conf/objective/{n}.yaml")
+        for n in ("ce", "dpo", "sft")
     }
     cfg = OmegaConf.merge(
         root, study, {"objectives": objectives, "out_dir": "o", "eval_cache": "e"}
@@ -290,6 +291,29 @@ def test_the_coat_study_selects_on_the_valid_mcar_ranking():
     assert cfg.data.name == "coat" and cfg.data.split.kind == "mcar"
     assert spec.selection_metric == "mcar/ndcg_at_5" and len(spec.reference_seeds) >= 3
     assert {r.name for r in spec.rows} == {"dpo", "dpop", "cdpo", "sft"}
+
+
+def test_the_ml100k_feedback_study_fine_tunes_on_the_rating_pairs_alone():
+    cfg = compose_study("ml100k_feedback")
+    spec = study_spec(cfg.study, list(cfg.eval.k))
+    assert cfg.data.name == "ml100k" and cfg.data.split.kind == "loo"
+    # The preset's next_item pairs are off (null), so the prepared pairs, which every
+    # preference row and its sft control read, are the rating pairs: >= 4 vs <= 2.
+    pairs = OmegaConf.to_container(cfg.data.pairs, resolve=True)
+    assert {name for name, kwargs in pairs.items() if kwargs is not None} == {"feedback"}
+    assert (pairs["feedback"]["high"], pairs["feedback"]["low"]) == (4.0, 2.0)
+    assert {r.name: r.objective for r in spec.rows} == {
+        "dpo": "dpo", "dpo_sft": "dpo", "dpop": "dpop", "cdpo": "cdpo", "sft": "sft"}  # fmt: skip
+    assert all(spec.objectives[r.objective]["stage"] == "preference" for r in spec.rows)
+    assert next(r for r in spec.rows if r.name == "dpo_sft").overrides == {
+        "objective.sft_alpha": 1.0}  # fmt: skip
+    assert spec.sft_control and spec.popularity and len(spec.reference_seeds) >= 3
+    assert spec.selection_metric == "ndcg_at_10"
+    # The ML-1M / ML-100k SASRec studies' reference recipe and model (its max_len is the
+    # dataset's), so the references compare.
+    sas = compose_study("ml1m_sasrec")
+    assert cfg.study.reference == sas.study.reference
+    assert {**cfg.model, "max_len": None} == {**sas.model, "max_len": None}
 
 
 @pytest.mark.parametrize(

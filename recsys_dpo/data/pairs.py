@@ -377,8 +377,7 @@ def build_pairs(
     popularity: np.ndarray | None = None,
     seed_salt: tuple[int, ...] = (),
 ) -> pl.DataFrame:
-    """Run each named strategy (`STRATEGIES`) with its kwargs; their pairs, concatenated. A
-    strategy set to None is off (`data.pairs.next_item=null`: a preset's strategy dropped).
+    """Run each named strategy (`STRATEGIES`) with its kwargs; their pairs, concatenated.
 
     Every strategy is per user, so `df` may hold one bucket of the users (the prepare stage's
     bounded-memory path). Then pass the whole log's `popularity` (`item_popularity`), so the
@@ -391,6 +390,5 @@ def build_pairs(
     frames = [
         _run_strategy(df, split, name, kwargs, shared, seed_salt)
         for name, kwargs in strategies.items()
-        if kwargs is not None
     ]
     return pl.concat([pl.DataFrame(schema=PAIRS_SCHEMA), *frames])

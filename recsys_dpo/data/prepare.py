@@ -145,13 +145,16 @@ def prepare_dataset(
     """Run the prepare stage and write the dataset directory atomically (manifest last).
 
     `validation` is passed to `validate`, `split` to `split_frame` (its `kind` picks the
-    protocol), `pairs` maps strategy name -> its keyword arguments. `n_buckets > 1` bounds
-    memory (module docstring). `config` (the composed hydra config, as plain data) is stored in
-    the manifest together with its hash. `features` ("user" / "item" -> a frame of the raw id
-    and numeric attribute columns) are written aligned to the vocab (`features_frame`).
+    protocol), `pairs` maps strategy name -> its keyword arguments (None: that strategy is
+    off, so a config extending a preset can drop one: `data.pairs.next_item: null`).
+    `n_buckets > 1` bounds memory (module docstring). `config` (the composed hydra config, as
+    plain data) is stored in the manifest together with its hash. `features` ("user" / "item"
+    -> a frame of the raw id and numeric attribute columns) are written aligned to the vocab
+    (`features_frame`).
     """
     if n_buckets < 1:
         raise DataError(f"n_buckets must be >= 1, got {n_buckets}")
+    pairs = {name: kwargs for name, kwargs in pairs.items() if kwargs is not None}
     unknown = sorted(set(pair_splits) - set(SPLITS))
     if unknown:
         raise DataError(f"pair_splits: unknown split(s) {unknown}; expected some of {SPLITS}")
@@ -174,7 +177,7 @@ def prepare_dataset(
         steps = bar.add_task("validating", total=4 * n)
 
         reports = []
-        impressions = pairs.get("impressions") is not None  # need clicks told from shown items
+        impressions = "impressions" in pairs  # which need clicks told from shown items
         for b, part in enumerate(parts):
             df, report = validate(
                 part, source, partial=n_buckets > 1, require_click_signal=impressions, **validation
