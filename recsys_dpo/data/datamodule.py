@@ -239,6 +239,69 @@ def next_item_examples(sequences: pl.DataFrame, max_len: int, mode: TrainMode) -
     return RowsDataset(columns)
 
 
+def rated_examples(
+    events: pl.DataFrame,
+    sequences: pl.DataFrame,
+    max_len: int,
+    threshold: float,
+    where: Path | str = "train events",
+) -> RowsDataset:
+    """Stage-1 rows of a rating classifier: one per rated event (rating not null) of `events`:
+    user_idx, target = the rated item, liked = rating >= threshold (float 0/1), context = the
+    user's positives in `sequences` (the same history the validation rows condition on).
+
+    DataError naming `where` when the events have no rating column or no rated row.
+    """
+    if "rating" not in events.columns or events["rating"].null_count() == events.height:
+        raise DataError(
+            f"{where}: no rating column with a value, but objective=rating_bce trains a rating "
+            "classifier on rated (user, item) events (use a dataset with explicit ratings, "
+            "e.g. data=coat, or a next-item objective such as objective=ce)"
+        )
+    rated = events.filter(pl.col("rating").is_not_null()).join(
+        sequences, on=USER_IDX, how="left", maintain_order="left"
+    )
+    users = rated[USER_IDX].to_numpy().astype(np.int64)
+    liked = (rated["rating"] >= threshold).to_numpy().astype(np.float32)
+    return RowsDataset({
+        "user_idx": torch.from_numpy(users),
+        "context": Ragged.from_lists(rated["items"].fill_null([]), max_len, left=True),
+        "target": torch.from_numpy(rated[ITEM_IDX].to_numpy().astype(np.int64)),
+        "liked": torch.from_numpy(liked),
+    })  # fmt: skip
+
+
+def rated_ranking_examples(
+    sequences: pl.DataFrame, valid_events: pl.DataFrame, max_len: int
+) -> RowsDataset:
+    """Validation rows of a rating classifier: one per user whose valid rated items hold a
+    liked (clicked) and a disliked one: context = the train positives, candidates = the valid
+    rated items, targets = the liked ones among them (both right-padded with PAD_ITEM).
+
+    The model ranks only the user's own held-out rated items, the question a rating model
+    answers and the one the Coat study selects on (`mcar/ndcg_at_k` of the valid slice);
+    `training.ranking_eval.ranking_metrics` scores these rows.
+    """
+    rated = valid_events.filter(pl.col("rating").is_not_null()) if "rating" in \
+        valid_events.columns else valid_events  # fmt: skip
+    per_user = (
+        rated.sort(USER_IDX, ITEM_IDX)
+        .group_by(USER_IDX, maintain_order=True)
+        .agg(
+            pl.col(ITEM_IDX).alias("candidates"),
+            pl.col(ITEM_IDX).filter(pl.col("clicked")).alias("targets"),
+        )
+        .filter(pl.col("targets").list.len().is_between(1, pl.col("candidates").list.len() - 1))
+    )
+    rows = sequences.join(per_user, on=USER_IDX, how="inner")
+    return RowsDataset({
+        "user_idx": torch.from_numpy(rows[USER_IDX].to_numpy().astype(np.int64)),
+        "context": Ragged.from_lists(rows["items"], max_len, left=True),
+        "candidates": Ragged.from_lists(rows["candidates"], None, left=False),
+        "targets": Ragged.from_lists(rows["targets"], None, left=False),
+    })  # fmt: skip
+
+
 def ranking_examples(
     sequences: pl.DataFrame, valid_events: pl.DataFrame, max_len: int, seen: str = DEFAULT_SEEN
 ) -> RowsDataset:
@@ -364,7 +427,10 @@ class SequenceDataModule(_PreparedDataModule):
     """Stage-1 (reference) training on the train positives; validation ranking rows.
 
     mode="sequence" (SASRec) yields windows with `targets_seq`; "pointwise" (two-tower) one
-    (user, history, next item) row per position. `TRAIN_MODE[model_name]` picks it.
+    (user, history, next item) row per position. `TRAIN_MODE[model_name]` picks it. With
+    `rating_threshold` set, the train rows are instead the rated train events with their
+    `liked` label (`rated_examples`, for objective=rating_bce), and the validation rows rank
+    each user's valid rated items (`rated_ranking_examples`).
     """
 
     def __init__(
@@ -376,15 +442,25 @@ class SequenceDataModule(_PreparedDataModule):
         mode: TrainMode = "sequence",
         num_workers: int = 0,
         seen: str = DEFAULT_SEEN,
+        rating_threshold: float | None = None,
     ) -> None:
         super().__init__(path, max_len, batch_size, seed, num_workers, seen)
-        self.mode = mode
+        self.mode, self.rating_threshold = mode, rating_threshold
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         self._build_ranking()
-        self.train_set = next_item_examples(self.train_sequences, self.max_len, self.mode)
+        if self.rating_threshold is None:
+            self.train_set = next_item_examples(self.train_sequences, self.max_len, self.mode)
+        else:
+            self.ranking_set = rated_ranking_examples(
+                self.train_sequences, self.dataset.events("valid"), self.max_len
+            )
+            self.train_set = rated_examples(
+                self.dataset.events("train"), self.train_sequences, self.max_len,
+                self.rating_threshold, self.dataset.path / "train.parquet",
+            )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.ranking_set, shuffle=False)

@@ -206,6 +206,26 @@ def bce(pos_logits: Tensor, neg_logits: Tensor) -> Tensor:
     return _powered_bce(pos_logits, neg_logits, beta=1.0)
 
 
+def rating_bce(logits: Tensor, liked: Tensor) -> Tensor:
+    """Pointwise BCE of a rating classifier on the observed (rated) pairs:
+
+        loss = mean over rated (u, i) of -[y log sigma(s) + (1 - y) log(1 - sigma(s))]
+             = mean of y * softplus(-s) + (1 - y) * softplus(s),   y = rating >= threshold
+
+    The "naive" estimator of the Coat debiasing tables: the average loss over the ratings users
+    chose to give, no propensity weights (Schnabel et al., ICML 2016, the naive estimator of
+    section 3; binarised ratings with the cross-entropy loss as in Wang et al., ICML 2019,
+    DR-JL, and the MF baseline of Ha et al., NeurIPS 2024, Table 2). logits, liked: [M]
+    (liked 0/1, any float or bool dtype).
+    """
+    if logits.shape != liked.shape:
+        raise ValueError(
+            f"rating_bce: labels shape {tuple(liked.shape)} != logits {tuple(logits.shape)}"
+        )
+    y = liked.to(logits.dtype)
+    return (y * F.softplus(-logits) + (1 - y) * F.softplus(logits)).mean()
+
+
 def bpr(pos_logits: Tensor, neg_logits: Tensor) -> Tensor:
     """Bayesian personalised ranking (Rendle et al., UAI 2009):
 

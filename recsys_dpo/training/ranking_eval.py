@@ -10,6 +10,9 @@ rank = #{candidates i that are not targets: s_i >= s_t} (+ the live targets abov
 the conservative choice: a tie never earns a hit, a model that scores everything equally ranks
 its target last rather than first, and the figure does not depend on how item ids happen to
 be ordered. A target the seen policy removed is not rankable: rank N, a miss at every cut-off.
+
+A rating model (objective=rating_bce) is validated instead on each user's own held-out rated
+items (`candidate_ndcg`): the whole set, not a sample, and the question such a model answers.
 """
 
 import torch
@@ -77,11 +80,34 @@ def hit_and_ndcg(rank: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return hit, hit / torch.log2(rank.float() + 2)
 
 
+def candidate_ndcg(scores: Tensor, candidates: Tensor, targets: Tensor,
+                   k: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(HR@k, NDCG@k) [B] of each row's relevant `targets` [B, T] ranked among its own
+    `candidates` [B, C] (both padded with item 0) by scores [B, N]; every other item removed:
+
+        NDCG@k = sum_{targets t, rank_t < k} 1 / log2(rank_t + 2) / sum_{r < min(k, T)} 1 / log2(r + 2)
+
+    ranks pessimistic (`target_ranks`), as `evaluation.metrics.mcar_metrics`' ndcg_at_k;
+    HR@k = [some target in the top k]. Rows need at least one target."""
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter(1, candidates, True)
+    real = targets != 0
+    ranks = target_ranks(scores.masked_fill(~keep, float("-inf")), targets, valid=real)
+    dcg = torch.where(ranks < k, 1.0 / torch.log2(ranks.float() + 2), 0.0).sum(1)
+    discounts = 1.0 / torch.log2(torch.arange(k, device=scores.device).float() + 2)
+    idcg = torch.cat([discounts.new_zeros(1), discounts.cumsum(0)])[real.sum(1).clamp(max=k)]
+    return (ranks < k).any(1).float(), dcg / idcg
+
+
 @torch.no_grad()
 def ranking_metrics(model: Recommender, batch: Batch, k: int = 10) -> dict[str, Tensor]:
     """Per-user val/hr_at_k and val/ndcg_at_k [B] for a validation ranking batch (context, target,
-    seen; see `recsys_dpo/data/datamodule.py`)."""
+    seen; see `recsys_dpo/data/datamodule.py`), or, for a batch with `candidates` and `targets`
+    (a rating model's, `rated_ranking_examples`), of its targets among its candidates."""
     scores = model.full_scores(batch)
+    if "candidates" in batch:
+        require_finite(scores.gather(1, batch["candidates"].clamp(min=1)), "validation scores")
+        hit, ndcg = candidate_ndcg(scores, batch["candidates"], batch["targets"], k)
+        return {f"val/hr_at_{k}": hit, f"val/ndcg_at_{k}": ndcg}
     rank = target_rank(scores, batch["target"], "validation scores", seen=batch["seen"])
     hit, ndcg = hit_and_ndcg(rank, k)
     return {f"val/hr_at_{k}": hit, f"val/ndcg_at_{k}": ndcg}

@@ -37,7 +37,7 @@ from recsys_dpo.training.guards import require_finite, stage_guard
 from recsys_dpo.training.ranking_eval import ranking_metrics
 from recsys_dpo.training.schedule import check_schedule, configure_optimizer
 
-REFERENCE_LOSSES = ("ce", "sampled_softmax", "bce", "gbce", "bpr")
+REFERENCE_LOSSES = ("ce", "sampled_softmax", "bce", "gbce", "bpr", "rating_bce")
 
 
 def read_checkpoint(path: str | Path, what: str | None = None) -> dict[str, Any]:
@@ -160,7 +160,9 @@ class ReferenceModule(LightningModule):
         model_name, model_cfg: registry name and constructor kwargs of the recommender
             (n_items / n_users come from the data and override model_cfg).
         loss: "ce" (full-catalog softmax), "sampled_softmax" (uniform negatives, logQ
-            corrected), "bce", "gbce" (gSASRec, calibration `gbce_t`) or "bpr".
+            corrected), "bce", "gbce" (gSASRec, calibration `gbce_t`), "bpr", or "rating_bce"
+            (a rating classifier: batches of rated items with a `liked` label, from
+            `SequenceDataModule(rating_threshold=...)`; no negatives are sampled).
         num_negatives: uniformly sampled negatives per target for the sampled losses.
         lr, weight_decay: AdamW's; lr_schedule, warmup_steps: its learning rate per step
             (`recsys_dpo.training.schedule`; "constant", 0: lr throughout).
@@ -191,7 +193,7 @@ class ReferenceModule(LightningModule):
         super().__init__()
         if loss not in REFERENCE_LOSSES:
             raise ValueError(f"unknown reference loss {loss!r}; expected one of {REFERENCE_LOSSES}")
-        if loss != "ce" and not 1 <= num_negatives <= n_items - 1:
+        if loss not in ("ce", "rating_bce") and not 1 <= num_negatives <= n_items - 1:
             raise ValueError(
                 f"num_negatives must be in [1, {n_items - 1}] (the real items), got {num_negatives}"
             )
@@ -236,6 +238,12 @@ class ReferenceModule(LightningModule):
         name = self.hparams.loss
         if name == "ce":
             return losses.catalog_softmax_ce(query, self.model.item_embeddings(), target)
+        if name == "rating_bce":
+            if "liked" not in batch:
+                raise ValueError("loss=rating_bce needs batches of rated items with a 'liked' "
+                                 "label (SequenceDataModule(rating_threshold=...))")  # fmt: skip
+            logits = (query * self.model.embed_items(target)).sum(-1)
+            return losses.rating_bce(logits, batch["liked"])
         negatives = self.sample_negatives(target)
         pos = (query * self.model.embed_items(target)).sum(-1)
         neg = torch.einsum("md,mkd->mk", query, self.model.embed_items(negatives))

@@ -44,6 +44,7 @@ from recsys_dpo.data.datamodule import (
     RowsDataset,
     SequenceDataModule,
     latest_events,
+    load_prepared,
 )
 from recsys_dpo.data.schema import USER_IDX
 from recsys_dpo.errors import DataError
@@ -281,6 +282,20 @@ def reference_settings(cfg: DictConfig, data: PreparedDataset) -> dict[str, Any]
     return {**{k: saved[k] for k in keep if k in saved}, "init_from": str(cfg.reference.ckpt)}
 
 
+def rating_threshold(cfg: DictConfig) -> float:
+    """objective.relevant of objective=rating_bce (by default data.reader.relevant): the rating
+    at or above which a rated item is liked. DataError when neither sets one."""
+    value = OmegaConf.select(cfg, "objective.relevant")
+    if value is None:  # mode=continue: the reference's loss, whatever cfg.objective is
+        value = OmegaConf.select(cfg, "data.reader.relevant")
+    if value is None:
+        raise DataError(
+            f"objective=rating_bce needs objective.relevant (the rating at or above which a "
+            f"rated item is liked): data={cfg.data.name} sets no data.reader.relevant"
+        )
+    return float(value)
+
+
 def train_reference(cfg: DictConfig) -> Path:
     """Stage 1: train (or, mode=continue, train further) a reference ranker; the run dir."""
     require_stage(cfg, "reference")
@@ -289,6 +304,7 @@ def train_reference(cfg: DictConfig) -> Path:
     if cfg.mode == "continue" and cfg.reference.ckpt is not None:
         with bad_setting(f"reference.ckpt={cfg.reference.ckpt}"):
             model_name = model_weights(read_checkpoint(cfg.reference.ckpt))[0]["name"]
+    settings = reference_settings(cfg, load_prepared(cfg.paths.prepared))
     data = SequenceDataModule(
         cfg.paths.prepared,
         max_len=cfg.data.max_len,
@@ -297,8 +313,8 @@ def train_reference(cfg: DictConfig) -> Path:
         mode=TRAIN_MODE[model_name],
         num_workers=cfg.train.num_workers,
         seen=cfg.eval.seen,
+        rating_threshold=rating_threshold(cfg) if settings["loss"] == "rating_bce" else None,
     )
-    settings = reference_settings(cfg, data.dataset)
     features = None if "init_from" in settings else model_features(settings["model_cfg"],
                                                                    data.dataset)  # fmt: skip
     with bad_setting(f"model={model_name} objective={settings['loss']}"):
