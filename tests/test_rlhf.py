@@ -48,9 +48,9 @@ def _maximise(ref: torch.Tensor, reward: torch.Tensor, beta: float) -> torch.Ten
     theta = torch.zeros_like(ref, requires_grad=True)
     opt = torch.optim.LBFGS(
         [theta],
-        max_iter=500,
-        tolerance_grad=1e-14,
-        tolerance_change=1e-16,
+        max_iter=200,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-14,
         line_search_fn="strong_wolfe",
     )
 
@@ -231,7 +231,7 @@ def _dpo_policy(
     """Tabular DPO for one user: free logits [N] trained on (chosen, rejected) pairs."""
     theta = ref.clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=0.05)
-    for _ in range(800):
+    for _ in range(500):
         opt.zero_grad()
         preference.dpo(
             theta[chosen],

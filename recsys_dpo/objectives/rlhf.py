@@ -39,9 +39,12 @@ def _require(name: str, ok: bool, message: str) -> None:
         raise ValueError(f"{name}: {message}")
 
 
-def _check(name: str, beta: float, **matrices: Tensor) -> None:
-    """beta > 0, and every matrix [B, N] with N >= 2 (padding + an item), all one shape."""
+def _check_beta(name: str, beta: float) -> None:
     _require(name, beta > 0, f"beta must be > 0, got {beta}")
+
+
+def _check_shapes(name: str, **matrices: Tensor) -> None:
+    """Every matrix [B, N] with N >= 2 (padding + an item), all of one shape."""
     shapes = {label: tuple(m.shape) for label, m in matrices.items()}
     first_label, first = next(iter(shapes.items()))
     _require(
@@ -74,7 +77,8 @@ def rlhf_optimum_logits(ref_logits: Tensor, reward: Tensor, beta: float) -> Tens
     (`catalog.log_softmax_catalog`) gives pi*. ref_logits, reward: [B, N]. Returns [B, N] in
     >= fp32 with the padding column -inf.
     """
-    _check("rlhf_optimum_logits", beta, ref_logits=ref_logits, reward=reward)
+    _check_beta("rlhf_optimum_logits", beta)
+    _check_shapes("rlhf_optimum_logits", ref_logits=ref_logits, reward=reward)
     real = _real(ref_logits.detach()) + _real(reward.detach()) / beta
     pad = real.new_full((real.shape[0], 1), float("-inf"))
     return torch.cat([pad, real], dim=-1)
@@ -90,7 +94,7 @@ def distill_loss(policy_logits: Tensor, target_logits: Tensor) -> Tensor:
     target's mass, as supervised distillation does. policy_logits, target_logits: [B, N];
     the target is detached. Returns [B].
     """
-    _check("distill_loss", 1.0, policy_logits=policy_logits, target_logits=target_logits)
+    _check_shapes("distill_loss", policy_logits=policy_logits, target_logits=target_logits)
     return exact_kl(target_logits.detach(), policy_logits)
 
 
@@ -107,8 +111,9 @@ def rlhf_objective(
     Its maximiser is `rlhf_optimum_logits`, with maximum beta * log E_{pi_ref}[exp(r / beta)].
     policy_logits, ref_logits, reward: [B, N].
     """
-    _check(
-        "rlhf_objective", beta, policy_logits=policy_logits, ref_logits=ref_logits, reward=reward
+    _check_beta("rlhf_objective", beta)
+    _check_shapes(
+        "rlhf_objective", policy_logits=policy_logits, ref_logits=ref_logits, reward=reward
     )
     log_p = log_softmax_catalog(at_least_fp32(policy_logits))[:, PAD_ITEM + 1 :]
     score = (log_p.exp() * _real(reward.detach())).sum(dim=-1)
@@ -151,7 +156,8 @@ def rloo_loss(
     means TRL logs. policy_logits, ref_logits, reward: [B, N]; k >= 2 samples per row;
     generator: the sampler's random stream (None: torch's global one).
     """
-    _check("rloo_loss", beta, policy_logits=policy_logits, ref_logits=ref_logits, reward=reward)
+    _check_beta("rloo_loss", beta)
+    _check_shapes("rloo_loss", policy_logits=policy_logits, ref_logits=ref_logits, reward=reward)
     _require("rloo_loss", k >= 2, f"k must be >= 2 (a leave-one-out baseline), got {k}")
     log_p = log_softmax_catalog(at_least_fp32(policy_logits))[:, PAD_ITEM + 1 :]
     log_q = log_softmax_catalog(at_least_fp32(ref_logits.detach()))[:, PAD_ITEM + 1 :]
