@@ -88,8 +88,8 @@ def distill_loss(policy_logits: Tensor, target_logits: Tensor) -> Tensor:
     """Forward KL(pi_target || pi_theta) = sum_{i>=1} p*_i (log p*_i - log p_theta_i) per row.
 
     Distils a target policy given by its scores (e.g. `rlhf_optimum_logits`) into one network:
-    the cross-entropy of pi_theta to pi* over the full catalog, minus pi*'s entropy, so it is
-    0 exactly when pi_theta = pi* (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a
+    the full-catalog cross-entropy H(pi*, pi_theta) minus the constant H(pi*), so it is 0
+    exactly when pi_theta = pi* (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a
     Neural Network", at temperature 1). The forward direction weights items by pi*, the
     target's mass, as supervised distillation does. policy_logits, target_logits: [B, N];
     the target is detached. Returns [B].
