@@ -285,6 +285,36 @@ def test_the_synthetic_impressions_study_trains_on_impression_pairs_only():
     assert {r.name for r in spec.rows} == {"dpo", "dpo+sft", "cdpo"} and spec.sft_control
 
 
+def test_the_synthetic_negatives_study_mines_next_item_negatives_three_ways():
+    cfg = compose_study("synthetic_negatives")
+    spec = study_spec(cfg.study, list(cfg.eval.k))
+    assert cfg.data.name == "synthetic" and cfg.model.name == "sasrec"
+    assert cfg.data.pairs.impressions is None and cfg.data.pairs.next_item is not None
+    assert cfg.train.max_pairs_per_user == 8 and len(spec.reference_seeds) >= 3
+    assert spec.selection_metric == "ndcg_at_10" and spec.sft_control
+    assert spec.metrics[:3] == ("ndcg_at_10", "truth/utility_at_10", "truth/ctr_at_10")
+    rows = {r.name: r for r in spec.rows}
+    assert {n: r.objective for n, r in rows.items()} == {
+        "dpo_hard": "dpo", "dpo_band": "dpo", "dpo_weighted": "dpo", "dpo+sft_band": "dpo"}  # fmt: skip
+    assert rows["dpo_hard"].overrides == {"reference.hard_negatives": 16}
+    assert rows["dpo_weighted"].overrides == rows["dpo_hard"].overrides
+    assert rows["dpo_band"].overrides == {
+        "reference.hard_negatives": 16, "reference.hard_negatives_band": [20, 100]}  # fmt: skip
+    band_sft = {**rows["dpo_band"].overrides, "objective.sft_alpha": 1.0}
+    assert rows["dpo+sft_band"].overrides == band_sft
+    weighted = rows["dpo_weighted"].points()
+    assert {p["objective.rejected_weight_horizon"] for p in weighted} == {2, 10}
+    # The runner adds the key no yaml has (OmegaConf.update in open_dict): no `+` needed.
+    from recsys_dpo.study.runner import Study, template_of
+
+    template = template_of(cfg)
+    study = Study.__new__(Study)
+    study.spec, study.template = spec, template
+    run = study.preference_config(rows["dpo_weighted"], weighted[-1], "ref.ckpt", 0)
+    assert run.objective.rejected_weight_horizon == 10 and run.reference.hard_negatives == 16
+    assert run.reference.hard_negatives_band is None and run.train.max_pairs_per_user == 8
+
+
 def test_the_coat_study_selects_on_the_valid_mcar_ranking():
     cfg = compose_study("coat_mf")
     spec = study_spec(cfg.study, list(cfg.eval.k))
