@@ -39,6 +39,10 @@ SKIP = {
     "about an hour",
     "recsys-dpo study study=ml100k_feedback": "3 ML-100k references and 27 fine-tuning runs, "
     "about 16 minutes on one core",
+    "recsys-dpo study study=synthetic_impressions": "39 training runs, about 23 minutes on one "
+    "core",
+    "recsys-dpo study study=synthetic_negatives": "69 training runs, about 10 minutes on one "
+    "core",
 }
 
 
