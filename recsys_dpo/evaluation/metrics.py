@@ -239,6 +239,25 @@ def impression_ndcg_at_k(
 # Random-exposure test sets (Coat's MCAR ratings) -------------------------------------------
 
 
+def _group_gains(
+    scores: np.ndarray, relevant: np.ndarray, groups: np.ndarray, k: int
+) -> tuple[np.ndarray, ...]:
+    """Per group (np.unique(groups) order): items, relevant items P, DCG@k of the ranking by
+    `scores` (binary gain, ties against the relevant items), the ideal DCG@k over min(k, P)
+    relevant items, and relevant items in the top k."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    group, labels, rank, n_groups = _rank_within_groups(scores, relevant, groups)
+    n_pos = np.bincount(group, weights=labels, minlength=n_groups)
+    top = labels & (rank < k)
+    discounts = _discounts(k)
+    dcg = np.bincount(group, weights=np.where(top, discounts[np.minimum(rank, k - 1)], 0.0),
+                      minlength=n_groups)  # fmt: skip
+    idcg = np.concatenate([[0.0], np.cumsum(discounts)])[np.minimum(n_pos, k).astype(np.int64)]
+    hits = np.bincount(group, weights=top, minlength=n_groups)
+    return np.bincount(group, minlength=n_groups), n_pos, dcg, idcg, hits
+
+
 def mcar_metrics(
     scores: np.ndarray, relevant: np.ndarray, groups: np.ndarray, k: int = 5
 ) -> dict[str, np.ndarray]:
@@ -257,18 +276,8 @@ def mcar_metrics(
     whose ranking can be told from random (237 of Coat's 290 at rating >= 4). Arrays in
     np.unique(groups) order.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    group, labels, rank, n_groups = _rank_within_groups(scores, relevant, groups)
-    n_pos = np.bincount(group, weights=labels, minlength=n_groups)
-    n_neg = np.bincount(group, minlength=n_groups) - n_pos
-    defined = (n_pos > 0) & (n_neg > 0)
-    top = labels & (rank < k)
-    discounts = _discounts(k)
-    dcg = np.bincount(group, weights=np.where(top, discounts[np.minimum(rank, k - 1)], 0.0),
-                      minlength=n_groups)  # fmt: skip
-    idcg = np.concatenate([[0.0], np.cumsum(discounts)])[np.minimum(n_pos, k).astype(np.int64)]
-    hits = np.bincount(group, weights=top, minlength=n_groups)
+    n_items, n_pos, dcg, idcg, hits = _group_gains(scores, relevant, groups, k)
+    defined = (n_pos > 0) & (n_items - n_pos > 0)
     safe = np.where(defined, 1.0, np.nan)
     return {
         "auc": np.where(defined, impression_auc(scores, relevant, groups), np.nan),
@@ -307,16 +316,7 @@ def coat_paper_ranking(
     where the papers' text says "greater than three"; `relevant` is the caller's (Coat here:
     rating >= data.reader.relevant, 4).
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    group, labels, rank, n_groups = _rank_within_groups(scores, relevant, groups)
-    n_pos = np.bincount(group, weights=labels, minlength=n_groups)
-    top = labels & (rank < k)
-    discounts = _discounts(k)
-    dcg = np.bincount(group, weights=np.where(top, discounts[np.minimum(rank, k - 1)], 0.0),
-                      minlength=n_groups)  # fmt: skip
-    idcg = np.concatenate([[0.0], np.cumsum(discounts)])[np.minimum(n_pos, k).astype(np.int64)]
-    hits = np.bincount(group, weights=top, minlength=n_groups)
+    _, n_pos, dcg, idcg, hits = _group_gains(scores, relevant, groups, k)
     return {
         f"ndcg_at_{k}": np.where(n_pos > 0, dcg / np.where(idcg > 0, idcg, 1.0), 1.0),
         f"recall_at_{k}": hits / np.maximum(n_pos, 1),
