@@ -49,13 +49,15 @@ def _diff_ci(diffs: list[float]) -> str:
 
 
 def markdown(runs: list[dict], seeds: list[int]) -> str:
-    """Per arm (serve, lr) and round: mean ± sd over seeds, Δ utility vs offline DPO."""
+    """Per arm (serve, lr) and round: mean ± sd over seeds, Δ utility vs the
+    reference and vs offline DPO."""
     lines = [
         "# Online loop on the synthetic simulator",
         "",
         f"Seeds {seeds} (each: its own synthetic log, reference and loop). Exact truth "
         "read-outs of each policy's top-10 over all users; Δ: paired across-seed difference "
-        "of truth/utility_at_10 to offline DPO of the same arm and round, t 95% CI, `*` "
+        "of truth/utility_at_10 to the seed's reference or to offline DPO of the same arm "
+        "and round, t 95% CI over seeds, `*` "
         "where it excludes 0. Exposures: new simulated item exposures per round (online DPO: "
         "users x slate; RLOO: steps x users x k, equal by construction); offline DPO uses "
         "none, trained on as many fixed-log pair rows as online DPO has collected.",
@@ -74,8 +76,8 @@ def markdown(runs: list[dict], seeds: list[int]) -> str:
             f"## serve={serve}, lr={lr}",
             "",
             "| round | method | exposures/round | pair rows | truth/utility_at_10 | "
-            "truth/ctr_at_10 | kl/policy_ref | Δ utility vs offline DPO |",
-            "|---:|---|---:|---:|---:|---:|---:|---|",
+            "truth/ctr_at_10 | kl/policy_ref | Δ utility vs reference | Δ utility vs offline DPO |",
+            "|---:|---|---:|---:|---:|---:|---:|---|---|",
         ]
         rounds = sorted({row["round"] for row in arm[0]["result"]["rounds"]})
         for round_ in rounds:
@@ -89,11 +91,15 @@ def markdown(runs: list[dict], seeds: list[int]) -> str:
                     a["truth/utility_at_10"] - b["truth/utility_at_10"]
                     for a, b in zip(rows, by_method["offline_dpo"], strict=True)
                 ])  # fmt: skip
+                to_ref = _diff_ci([
+                    row["truth/utility_at_10"] - r["result"]["reference"]["truth/utility_at_10"]
+                    for row, r in zip(rows, arm, strict=True)
+                ])  # fmt: skip
                 lines.append(
                     f"| {round_} | {method} | {rows[0]['exposures']} | "
                     f"{round(np.mean([row['pair_rows'] for row in rows]))} | "
                     + " | ".join(cells)
-                    + f" | {diff} |"
+                    + f" | {to_ref} | {diff} |"
                 )
         lines.append("")
     return "\n".join(lines)
@@ -107,9 +113,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, nargs="+", default=[3e-3, 3e-2])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--users-per-round", type=int, default=1000)
+    parser.add_argument("--rloo-steps", type=int, default=OnlineSettings.rloo_steps)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    base = OnlineSettings(rounds=args.rounds, users_per_round=args.users_per_round)
+    base = OnlineSettings(
+        rounds=args.rounds, users_per_round=args.users_per_round, rloo_steps=args.rloo_steps
+    )
     runs, start = [], time.perf_counter()
     for seed in args.seeds:
         truth, events = simulate(SyntheticConfig(seed=seed))
