@@ -54,8 +54,14 @@ def test_a_round_served_by_true_utility_beats_random(tiny):
     assert served["oracle"][0] > served["random"][0] + 0.5
     assert served["oracle"][1] > served["random"][1]
     assert served["oracle"][2] > served["random"][2] + 0.5
-    # The oracle's own read-out has zero regret.
+    # The oracle's own read-out has zero regret; a uniform policy's expected utility is the
+    # catalog mean, and its KL to itself is 0.
     assert truth_readout(truth, oracle, oracle, 5)["truth/utility_regret_at_5"] == pytest.approx(0)
+    uniform = torch.zeros_like(oracle)
+    uniform[:, 0] = -np.inf
+    flat = truth_readout(truth, uniform, uniform, 5)
+    assert flat["truth/expected_utility"] == pytest.approx(oracle[:, 1:].mean().item())
+    assert flat["kl/policy_ref"] == pytest.approx(0, abs=1e-12)
 
 
 def test_simulated_clicks_match_the_click_model_per_position(tiny):

@@ -33,7 +33,8 @@ divide). Offline DPO uses no new exposures: it is matched on pair rows instead.
 After every round each policy's top-`eval_k` over the whole catalog (no seen filter: the
 simulator's utility is static) is read out exactly on the truth over ALL users:
 truth/utility_at_K and truth/ctr_at_K (`evaluation.truth.truth_metrics`, the list shown in
-rank order) and the exact kl/policy_ref = KL(pi || pi_ref) (`objectives.catalog.exact_kl`).
+rank order), the exact expected true utility of the policy as a distribution,
+truth/expected_utility = sum_i pi(i|u) t(u, i), and the exact kl/policy_ref = KL(pi || pi_ref) (`objectives.catalog.exact_kl`).
 
 Item index convention: model item i (1..n_items) is the truth's item row i - 1; 0 is padding.
 Runs on CPU; seeded end to end (numpy Generators keyed by (seed, stream), torch generators and
@@ -203,7 +204,9 @@ def serve(scores: Tensor, k: int, rule: str, generator: torch.Generator) -> np.n
 
 def truth_readout(truth: Truth, scores: Tensor, ref_scores: Tensor, k: int) -> dict[str, float]:
     """Means over users of truth/utility_at_k and truth/ctr_at_k of the top-k of `scores`
-    [U, N] (user rows 0..U-1), and of the exact kl/policy_ref to `ref_scores`."""
+    [U, N] (user rows 0..U-1), of truth/expected_utility = sum_i pi(i|u) t(u, i) (the policy
+    as a distribution, what the RLHF objective moves) and of the exact kl/policy_ref to
+    `ref_scores`."""
     users = np.arange(scores.shape[0])
     top = torch.topk(scores, k, dim=-1).indices.numpy()
     utility = truth.utility(users[:, None], np.arange(scores.shape[1] - 1)[None, :])
@@ -212,6 +215,8 @@ def truth_readout(truth: Truth, scores: Tensor, ref_scores: Tensor, k: int) -> d
     click = truth.click_probability(users[:, None], top - 1, np.arange(k)[None, :])
     metrics = truth_metrics(ranked, click, ideal, [k])
     out = {name: float(value.mean()) for name, value in metrics.items()}
+    pi = torch.softmax(scores[:, PAD_ITEM + 1 :].double(), dim=-1).numpy()
+    out["truth/expected_utility"] = float((pi * utility).sum(axis=1).mean())
     out["kl/policy_ref"] = float(exact_kl(scores, ref_scores).mean())
     return out
 
