@@ -12,6 +12,7 @@ import torch
 from conftest import bad_input_message, run_pipeline
 from test_train_cli import BIASED, config, result, small_model
 
+from recsys_dpo import api
 from recsys_dpo.commands import prepare
 from recsys_dpo.data.datamodule import pair_examples
 from recsys_dpo.data.synthetic import true_preference_accuracy
@@ -24,8 +25,9 @@ from recsys_dpo.objectives.reward import (
     mean_margin,
     pair_accuracy,
 )
+from recsys_dpo.training.preference_module import pair_logps
 from recsys_dpo.training.reference_module import load_model, read_checkpoint
-from recsys_dpo.training.run import train_reference, train_reward
+from recsys_dpo.training.run import preference_pairs, train_reference, train_reward
 
 
 def test_bradley_terry_is_the_mean_negative_log_likelihood_over_real_pairs():
@@ -208,8 +210,8 @@ def test_train_reward_refuses_a_log_without_valid_pairs_and_another_stages_objec
 ):
     root, reference = biased
     with pytest.raises(DataError, match="preference-stage objective.*train-preference"):
-        train_reward(config("train_reward", root, f"reference.ckpt={reference}", *BIASED,
-                            *REWARD, "objective=dpo"))  # fmt: skip
+        api.train_reward([f"paths.artifacts={root}", f"reference.ckpt={reference}", *BIASED,
+                          *REWARD, "objective=dpo"])  # fmt: skip
     prepare.run(config("config", tmp_path, *BIASED, "progress=false",
                        "data.pair_splits=[train]"))  # fmt: skip
     ref = train_reference(config("train_reference", tmp_path, *BIASED, *small_model("two_tower"),
@@ -218,3 +220,20 @@ def test_train_reward_refuses_a_log_without_valid_pairs_and_another_stages_objec
         train_reward(config("train_reward", tmp_path, f"reference.ckpt={result(ref)['last_ckpt']}",
                             *BIASED, *REWARD))  # fmt: skip
     assert not (tmp_path / "runs" / "reward").exists()
+
+
+@torch.no_grad()
+def test_reward_model_trains_on_the_mined_hard_negatives_of_the_preference_stage(biased):
+    """reference.hard_negatives: the pairs the preference stage would train on (the
+    reference's own top items), on which the reference's accuracy is poor by construction."""
+    root, reference = biased
+    overrides = (f"reference.ckpt={reference}", *BIASED, *REWARD, "reference.hard_negatives=3")
+    data, _, model = preference_pairs(config("train_reward", root, *overrides))
+    valid = data.valid_pairs.__getitems__(list(range(len(data.valid_pairs))))
+    real = valid["rejected"] != 0
+    assert real.sum(dim=1).eq(3).all()
+    r_chosen, r_rejected = pair_logps(model.full_scores(valid), valid["chosen"], valid["rejected"])
+    before = pair_accuracy(r_chosen, r_rejected, real).item()
+    out = result(train_reward(config("train_reward", root, *overrides)))
+    print(f"hard-negative valid pairs: reference {before:.3f}, reward {out['val/accuracy']:.3f}")
+    assert out["val/accuracy"] > before + 0.1, (before, out["val/accuracy"])
