@@ -237,3 +237,16 @@ def test_reward_model_trains_on_the_mined_hard_negatives_of_the_preference_stage
     out = result(train_reward(config("train_reward", root, *overrides)))
     print(f"hard-negative valid pairs: reference {before:.3f}, reward {out['val/accuracy']:.3f}")
     assert out["val/accuracy"] > before + 0.1, (before, out["val/accuracy"])
+
+
+def test_an_mf_reference_trains_a_reward_model_without_dropout_to_turn_off(biased, tmp_path):
+    """MF takes no dropout: the reward model (and the hard-negative miner) load it as it is."""
+    root, _ = biased
+    ref_cfg = config("train_reference", root, *BIASED, "model=mf", "model.dim=8", *REWARD[1:],
+                     "trainer.max_epochs=1", f"paths.runs={tmp_path}")  # fmt: skip
+    reference = result(train_reference(ref_cfg))["last_ckpt"]
+    run = train_reward(config("train_reward", root, f"reference.ckpt={reference}", *BIASED,
+                              *REWARD[1:], "trainer.max_epochs=1", "reference.hard_negatives=2",
+                              f"paths.runs={tmp_path}"))  # fmt: skip
+    assert run.name.startswith("mf-bradley_terry-")
+    assert load_model(result(run)["best_ckpt"]).name == "mf"
