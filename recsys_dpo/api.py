@@ -43,8 +43,8 @@ def _command(stage: str) -> ModuleType:
 
 def config(stage: str, overrides: Overrides = (), config_dir: ConfigDir = None) -> DictConfig:
     """The config `recsys-dpo <stage> <overrides>` composes (`stage` as the module name of
-    recsys_dpo.commands: run, prepare, train_reference, train_preference, evaluate, export,
-    study). Third-party noise goes off first, as on the command line (`recsys_dpo.quiet`)."""
+    recsys_dpo.commands: run, prepare, train_reference, train_preference, train_reward,
+    evaluate, export, study). Third-party noise goes off first, as on the command line (`recsys_dpo.quiet`)."""
     quiet_output()
     name = _command(stage).CONFIG
     overrides = list(overrides)
@@ -77,6 +77,11 @@ def train_reference(overrides: Overrides = (), config_dir: ConfigDir = None) -> 
 def train_preference(overrides: Overrides = (), config_dir: ConfigDir = None) -> Path:
     """`recsys-dpo train-preference`: the run directory (checkpoints, result.json)."""
     return _command("train_preference").run(config("train_preference", overrides, config_dir))
+
+
+def train_reward(overrides: Overrides = (), config_dir: ConfigDir = None) -> Path:
+    """`recsys-dpo train-reward`: the reward model's run directory (checkpoints, result.json)."""
+    return _command("train_reward").run(config("train_reward", overrides, config_dir))
 
 
 def evaluate(overrides: Overrides = (), config_dir: ConfigDir = None) -> Path:

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "click log -> prepared dataset with preference pairs"),
     "train-reference": ("train_reference", "train the reference ranker (stage 1)"),
     "train-preference": ("train_preference", "fine-tune a reference under a DPO-family loss"),
+    "train-reward": ("train_reward", "fit a Bradley-Terry reward model to the pairs (RLHF)"),
     "evaluate": ("evaluate", "full-catalog evaluation, policy vs reference with CIs"),
     "export": ("export", "the A/B candidate bundle of an evaluated policy"),
     "study": ("study", "a study: grids selected on valid, test read once, matched controls"),

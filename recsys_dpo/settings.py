@@ -6,7 +6,7 @@ on nonsense (`train.k=0` picks the best checkpoint by ndcg_at_0), or `recsys-dpo
 its objective only after it has trained the reference.
 
 One pydantic model per config section and one per entry point (`Prepare`, `TrainReference`,
-`TrainPreference`, `Evaluate`, `Export`, `Run`) gathering the sections that stage reads, with
+`TrainPreference`, `TrainReward`, `Evaluate`, `Export`, `Run`) gathering the sections that stage reads, with
 its cross-field rules. A new key is one line in its section. Keys the schema does not name pass
 through: hydra already refuses unknown keys (struct mode), and the stages read the DictConfig
 itself. Registries of names (losses, index kinds, splits) are the library's own, looked up
@@ -197,7 +197,16 @@ class PreferenceObjective(Section):
         return self
 
 
-Objective = Annotated[ReferenceObjective | PreferenceObjective, Field(discriminator="stage")]
+class RewardObjective(Section):
+    """The reward-model stage's loss (`recsys_dpo.objectives.reward`)."""
+
+    name: Literal["bradley_terry"]
+    stage: Literal["reward"]
+
+
+Objective = Annotated[
+    ReferenceObjective | PreferenceObjective | RewardObjective, Field(discriminator="stage")
+]
 
 
 class Train(Section):
@@ -343,6 +352,10 @@ class TrainPreference(Training):
         return self
 
 
+class TrainReward(Training):
+    """recsys-dpo train-reward: the pairs and reference of the preference stage."""
+
+
 class Evaluate(Stage):
     eval: Eval
     reference: Reference
@@ -365,7 +378,7 @@ class Run(TrainPreference):
         name = self.objective.name
         if self.objective.stage != "preference":
             raise ValueError(
-                f"objective={name} is a reference-stage loss, but the objective of "
+                f"objective={name} is a {self.objective.stage}-stage loss, but the objective of "
                 "recsys-dpo run is the preference (stage 2) objective: pick one (e.g. "
                 "objective=dpo) and give stage 1 its loss by "
                 f"pipeline.reference.objective.name={name}"

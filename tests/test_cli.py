@@ -53,11 +53,11 @@ def test_unknown_command_exits_2_naming_the_commands(tmp_path):
 def test_help_lists_every_command_and_hydra_help_passes_through(tmp_path):
     done = cli("--help", cwd=tmp_path)
     assert done.returncode == 0
-    for command in ("run", "prepare", "train-reference", "train-preference", "evaluate",
-                    "export", "study"):  # fmt: skip
+    for command in ("run", "prepare", "train-reference", "train-preference", "train-reward",
+                    "evaluate", "export", "study"):  # fmt: skip
         assert f"\n  {command} " in done.stdout
     done = cli("train-preference", "--help", cwd=tmp_path)
-    assert done.returncode == 0 and "objective: bce, bpr, cdpo" in done.stdout
+    assert done.returncode == 0 and "objective: bce, bpr, bradley_terry, cdpo" in done.stdout
 
 
 def test_overrides_and_cfg_job_pass_through_from_any_directory(tmp_path):

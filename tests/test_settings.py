@@ -111,7 +111,7 @@ BAD = [
      "the skip (skip s, N negatives is the band [s+1, s+N]), set one of them"),
     ("train_reference", ["mode=resume"], "mode=resume: must be 'fresh' or 'continue'"),
     ("train_reference", ["objective.stage=other"],
-     "objective.stage=other: must be 'reference' or 'preference'"),
+     "objective.stage=other: must be 'reference' or 'preference' or 'reward'"),
     ("train_reference", ["objective.name=dpo"],
      "objective.name=dpo: must be one of ce, sampled_softmax, bce, gbce, bpr"),
     ("train_reference", ["objective=bpr", "objective.num_negatives=0"],

@@ -142,13 +142,16 @@ def load_model(
 
     data: `trained_on` of the dataset the model is for; the checkpoint is checked against it
     (`check_vocab`, naming it `what`, by default its path). config_overrides replace
-    constructor kwargs that do not change the weights' shapes (e.g. dropout=0.0).
+    constructor kwargs that do not change the weights' shapes (e.g. dropout=0.0); one the
+    model does not take (MF has no dropout) has nothing to replace and is left out.
     """
     checkpoint = read_checkpoint(path, what)
     if data is not None:
         check_vocab(checkpoint, data, what or str(path))
     spec, state = model_weights(checkpoint)
-    model = build_model(spec["name"], **{**spec["config"], **config_overrides})
+    config = spec["config"]
+    overrides = {k: v for k, v in config_overrides.items() if k in config}
+    model = build_model(spec["name"], **{**config, **overrides})
     model.load_state_dict(state)
     return model.eval()
 

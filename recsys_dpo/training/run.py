@@ -3,9 +3,12 @@
     train_reference(cfg)   stage 1: a next-item loss (`objective.stage: reference`); with
                            `mode=continue` the compute-matched control (DESIGN.md, "Evaluation")
     train_preference(cfg)  stage 2: a DPO-family objective against `reference.ckpt`
+    train_reward(cfg)      the RLHF route's reward model r_phi, Bradley-Terry on the same pairs
+                           (`objective.stage: reward`), started from `reference.ckpt`
 
 Both seed everything, build the DataModule from `cfg.paths.prepared`, instantiate
-`cfg.trainer` with a checkpoint callback (best by val/ndcg_at_k and last) and an MLflow logger,
+`cfg.trainer` with a checkpoint callback (best by val/ndcg_at_k, the reward model's by
+val/accuracy, and last) and an MLflow logger,
 fit (resuming from `cfg.ckpt_path` when given), and write `result.json` beside the checkpoints
 in `<paths.runs>/<stage>/<model>-<objective>-<config hash>/`. Bad settings (an objective of the
 other stage, an unusable reference checkpoint) raise `DataError` before any training, so the
@@ -70,6 +73,7 @@ from recsys_dpo.training.reference_module import (
     read_checkpoint,
     trained_on,
 )
+from recsys_dpo.training.reward_module import RewardModule
 
 # Settings that change how a run is watched, resumed or evaluated, not what it trains: a
 # resumed run keeps its directory, and turning MLflow off does not start a new one.
@@ -182,19 +186,25 @@ def run_lock(out: Path) -> AbstractContextManager[Path]:
 
 
 def fit(
-    cfg: DictConfig, module: LightningModule, data: LightningDataModule, out: Path, run_name: str
+    cfg: DictConfig,
+    module: LightningModule,
+    data: LightningDataModule,
+    out: Path,
+    run_name: str,
+    monitor: str | None = None,
 ) -> Path:
     """Fit with checkpoints in `out` and write `result.json`.
 
-    Checkpoints: the best by val/ndcg_at_k, and `last.ckpt`, the latest state, at every epoch end
+    Checkpoints: the best by `monitor` (a validation metric to maximise; by default
+    val/ndcg_at_k), and `last.ckpt`, the latest state, at every epoch end
     (and every `train.ckpt_every_n_steps` steps); all written atomically. With
-    `train.early_stopping_patience` set, training stops once val/ndcg_at_k has not improved for
+    `train.early_stopping_patience` set, training stops once `monitor` has not improved for
     that many epochs. `<out>/run.json` records the attempt's MLflow run at its start, so a
     later attempt can resume into that run or mark it KILLED.
     """
     if cfg.ckpt_path is not None:
         read_checkpoint(cfg.ckpt_path, f"ckpt_path={cfg.ckpt_path}")
-    monitor = f"val/ndcg_at_{cfg.train.k}"
+    monitor = monitor or f"val/ndcg_at_{cfg.train.k}"
     best, latest = checkpoint_callbacks(out, monitor, cfg.train.ckpt_every_n_steps)
     callbacks: list[Callback] = [StepSeed(cfg.seed), best, *latest]
     patience = cfg.train.early_stopping_patience
@@ -445,10 +455,13 @@ def label_smoothing(cfg: DictConfig, data: PairDataModule) -> float:
     return share
 
 
-def train_preference(cfg: DictConfig) -> Path:
-    """Stage 2: fine-tune the reference of `reference.ckpt` under `cfg.objective`; the run dir."""
-    require_stage(cfg, "preference")
-    seed_everything(cfg.seed, workers=True)
+def preference_pairs(
+    cfg: DictConfig, with_reference: bool = False
+) -> tuple[PairDataModule, dict[str, Any], Recommender | None]:
+    """The pairs both pair stages train on: pairs_train / pairs_valid of `cfg.paths.prepared`,
+    their rejected items mined from the reference when `reference.hard_negatives` is set;
+    with the model spec of `reference.ckpt` and the reference itself (dropout off) when it
+    was needed for mining or `with_reference` asks for it, else None."""
     data = PairDataModule(
         cfg.paths.prepared,
         max_len=cfg.data.max_len,
@@ -460,10 +473,9 @@ def train_preference(cfg: DictConfig) -> Path:
         seen=cfg.eval.seen,
     )
     spec = require_reference(cfg, data.dataset)
-    objective = plain(cfg.objective)
     hard, band = cfg.reference.hard_negatives, cfg.reference.get("hard_negatives_band")
-    horizon = objective.get("rejected_weight_horizon")
-    if hard or cfg.reference.precompute or horizon is not None:
+    reference = None
+    if hard or with_reference:
         data.setup()
         reference = load_model(
             cfg.reference.ckpt, trained_on(data.dataset), f"reference.ckpt={cfg.reference.ckpt}",
@@ -478,6 +490,18 @@ def train_preference(cfg: DictConfig) -> Path:
                 data, reference, hard, cfg.reference.hard_negatives_skip, cfg.progress,
                 band=None if band is None else tuple(band), seed=cfg.seed,
             )  # fmt: skip
+    return data, spec, reference
+
+
+def train_preference(cfg: DictConfig) -> Path:
+    """Stage 2: fine-tune the reference of `reference.ckpt` under `cfg.objective`; the run dir."""
+    require_stage(cfg, "preference")
+    seed_everything(cfg.seed, workers=True)
+    objective = plain(cfg.objective)
+    horizon = objective.get("rejected_weight_horizon")
+    data, spec, reference = preference_pairs(
+        cfg, with_reference=cfg.reference.precompute or horizon is not None
+    )
     if horizon is not None:
         attach_rejected_weights(data, reference, horizon, cfg.train.batch_size)
     # After mining: `auto` measures the negatives the loss will see.
@@ -510,3 +534,32 @@ def train_preference(cfg: DictConfig) -> Path:
     name = f"{spec['name']}-{objective['name']}"
     with run_lock(run_dir(cfg, "preference", name)) as out:
         return fit(cfg, module, data, out, f"preference/{name}")
+
+
+def train_reward(cfg: DictConfig) -> Path:
+    """The reward-model stage: r_phi, the reference's architecture from its weights, fit to the
+    preference pairs by Bradley-Terry (`RewardModule`), the best by val/accuracy; the run dir.
+    DataError when the dataset has no train or no valid pairs (selection needs valid ones)."""
+    require_stage(cfg, "reward")
+    seed_everything(cfg.seed, workers=True)
+    data, spec, _ = preference_pairs(cfg)
+    data.setup()
+    if len(data.train_set) == 0 or data.valid_pairs is None:
+        split = "pairs_train" if len(data.train_set) == 0 else "pairs_valid"
+        raise DataError(
+            f"{data.dataset.path}: no {split} pairs, and the reward model trains on the train "
+            "pairs and is selected on the valid ones: prepare the dataset with data.pairs set"
+        )
+    with bad_setting(f"objective={cfg.objective.name}"):
+        module = RewardModule(
+            str(cfg.reference.ckpt),
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            lr_schedule=cfg.train.lr_schedule,
+            warmup_steps=cfg.train.warmup_steps,
+            k=cfg.train.k,
+            dataset=trained_on(data.dataset),
+        )
+    name = f"{spec['name']}-{cfg.objective.name}"
+    with run_lock(run_dir(cfg, "reward", name)) as out:
+        return fit(cfg, module, data, out, f"reward/{name}", monitor="val/accuracy")
