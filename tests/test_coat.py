@@ -231,9 +231,10 @@ def test_global_auc_is_not_the_mean_of_the_users_aucs():
     assert global_auc(scores, relevant) == pytest.approx(0.75)  # 3 of 4 (pos, neg) pairs
 
 
-def test_coat_mf_dpo_runs_end_to_end_with_mlflow_records(coat, tmp_path):
+@pytest.mark.parametrize("experiment", ["coat_mf_dpo", "coat_two_tower_dpo"])
+def test_coat_experiment_runs_end_to_end_with_mlflow_records(coat, tmp_path, experiment):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    done = run_pipeline("run.py", "experiment=coat_mf_dpo", f"paths.shared_data={SHARED_DATA}",
+    done = run_pipeline("run.py", f"experiment={experiment}", f"paths.shared_data={SHARED_DATA}",
                         f"paths.artifacts={tmp_path / 'artifacts'}", f"tracking.uri={uri}",
                         "progress=false", f"hydra.run.dir={tmp_path / 'job'}", cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
