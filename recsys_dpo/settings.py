@@ -156,9 +156,9 @@ def flip_rate(value: Any) -> float | str:
 
 
 class PreferenceObjective(Section):
-    """A stage-2 (DPO-family) objective."""
+    """A stage-2 objective: the DPO family, or the RLHF route against `reward.ckpt`."""
 
-    name: Annotated[str, one_of("recsys_dpo.objectives.preference:LOSSES")]
+    name: Annotated[str, one_of("recsys_dpo.training.rlhf_module:PREFERENCE_OBJECTIVES")]
     stage: Literal["preference"]
     beta: Positive
     label_smoothing: Annotated[Any, AfterValidator(flip_rate)] = 0.0
@@ -169,18 +169,25 @@ class PreferenceObjective(Section):
     sft_alpha: NonNegative = 0.0
     # H of the pair weights (1 - pi_ref(rejected))^H (training/false_negatives.py); None: off.
     rejected_weight_horizon: NonNegative | None = None
+    # rloo's samples per row (the RLHF route, training/rlhf_module.py); None for the others.
+    k: Count | None = None
 
     @model_validator(mode="after")
     def loss_accepts_its_settings(self) -> PreferenceObjective:
         """The loss's own check of its parameters (e.g. gamma set for dpo, which ignores it),
         run here so that run.py refuses them before it trains the reference."""
         from recsys_dpo.training.preference_module import objective_params
+        from recsys_dpo.training.rlhf_module import RLHF_OBJECTIVES, rlhf_params
 
+        settings = {"label_smoothing": self.label_smoothing, "gamma": self.gamma,
+                    "lambda_d": self.lambda_d, "lambda_u": self.lambda_u, "lambda_": self.lambda_}  # fmt: skip
         try:
-            objective_params(
-                self.name, self.beta, label_smoothing=self.label_smoothing, gamma=self.gamma,
-                lambda_d=self.lambda_d, lambda_u=self.lambda_u, lambda_=self.lambda_,
-            )  # fmt: skip
+            if self.name in RLHF_OBJECTIVES:
+                rlhf_params(self.name, self.beta, self.k, sft_alpha=self.sft_alpha, **settings)
+            elif self.k is not None:
+                raise ValueError(f"k={self.k} is rloo's number of samples per row")
+            else:
+                objective_params(self.name, self.beta, **settings)
         except ValueError as err:
             raise ValueError(f"objective={self.name}: {err}") from err
         if self.rejected_weight_horizon is not None and self.name in ("sdpo", "kto"):
@@ -256,6 +263,10 @@ class Reference(Section):
                 "replaces the skip (skip s, N negatives is the band [s+1, s+N]), set one of them"
             )
         return self
+
+
+class Reward(Section):
+    ckpt: str | None = None
 
 
 class Tracking(Section):
@@ -342,6 +353,32 @@ class TrainReference(Training):
 
 
 class TrainPreference(Training):
+    reward: Reward = Reward()
+
+    @model_validator(mode="after")
+    def rlhf_objectives_take_a_reward_model(self) -> TrainPreference:
+        """reward.ckpt is set exactly when the objective is one of the RLHF route's, which
+        score the catalog with the live reference (no precompute)."""
+        from recsys_dpo.training.rlhf_module import RLHF_OBJECTIVES
+
+        name, ckpt = self.objective.name, self.reward.ckpt
+        if name in RLHF_OBJECTIVES and ckpt is None:
+            raise ValueError(
+                f"objective={name} optimises against a reward model: pass reward.ckpt=<a "
+                "checkpoint written by recsys-dpo train-reward on this dataset>"
+            )
+        if name not in RLHF_OBJECTIVES and ckpt is not None:
+            raise ValueError(
+                f"reward.ckpt={ckpt} objective={name}: only the RLHF objectives "
+                f"({', '.join(RLHF_OBJECTIVES)}) read a reward model; unset reward.ckpt"
+            )
+        if name in RLHF_OBJECTIVES and self.reference.precompute:
+            raise ValueError(
+                f"objective={name} reference.precompute=true: the RLHF objectives score the "
+                "whole catalog with the live reference, set reference.precompute=false"
+            )
+        return self
+
     @model_validator(mode="after")
     def kto_scores_the_live_reference(self) -> TrainPreference:
         if self.objective.name == "kto" and self.reference.precompute:

@@ -92,7 +92,20 @@ BAD = [
      "reference.hard_negatives_skip=-1: must be >= 0"),
     ("train_preference", ["objective.name=dpx"],
      "objective.name=dpx: must be one of dpo, dpop, cdpo, robust, ipo, hinge, sdpo, simpo, kto, "
-     "sft"),
+     "sft, rlhf_exact, rlhf_pg, rloo"),
+    ("train_preference", ["objective=rloo", "objective.k=1", "reward.ckpt=r.ckpt"],
+     "objective=rloo: rloo needs k >= 2 samples per row (a leave-one-out baseline), got 1"),
+    ("train_preference", ["objective=rlhf_pg", "+objective.gamma=0.5", "reward.ckpt=r.ckpt"],
+     "objective=rlhf_pg: objective 'rlhf_pg' does not use {'gamma': 0.5}; it takes beta"),
+    ("train_preference", ["+objective.k=4"],
+     "objective=dpo: k=4 is rloo's number of samples per row"),
+    ("train_preference", ["objective=rlhf_exact"],
+     "objective=rlhf_exact optimises against a reward model: pass reward.ckpt=<a checkpoint "
+     "written by recsys-dpo train-reward on this dataset>"),
+    ("train_preference", ["objective=rlhf_exact", "reward.ckpt=r.ckpt",
+                          "reference.precompute=true"],
+     "objective=rlhf_exact reference.precompute=true: the RLHF objectives score the whole "
+     "catalog with the live reference, set reference.precompute=false"),
     ("train_preference", ["objective=dpop", "objective.lambda_=-1.0"],
      "objective.lambda_=-1.0: must be >= 0"),
     ("train_preference", ["+objective.label_smoothing=auto"],

@@ -82,7 +82,106 @@ def pair_logps(logits: Tensor, chosen: Tensor, rejected: Tensor) -> tuple[Tensor
     return logp[:, 0], logp[:, 1:]
 
 
-class PreferenceModule(LightningModule):
+def frozen(model: Recommender) -> Recommender:
+    """`model` in eval mode without gradients: a reference or a reward model, never trained."""
+    return model.eval().requires_grad_(False)
+
+
+class PolicyModule(LightningModule):
+    """What every policy-training LightningModule of stage 2 shares: the policy started from
+    the reference checkpoint, the frozen reference beside it (not a registered child), the
+    logged training step, validation (the `preference_step` of the valid pairs and the ranking
+    metrics), AdamW and the checkpoint's model spec. A subclass saves its hyperparameters
+    (`objective`, `k`, `dataset` among them), calls `load_policy`, sets `loss_params` (named in
+    a non-finite loss's error) and defines `preference_step`."""
+
+    loss_params: dict[str, Any]
+
+    def load_policy(
+        self,
+        reference_ckpt: str,
+        n_items: int,
+        n_users: int,
+        dataset: dict[str, str] | None,
+        keep_reference: bool,
+        disable_dropout: bool,
+    ) -> None:
+        """The policy from `reference_ckpt` (checked against `dataset` and the vocab sizes),
+        and (keep_reference) its frozen copy as `reference`."""
+        checkpoint = read_checkpoint(reference_ckpt)
+        if dataset is not None:
+            check_vocab(checkpoint, dataset, f"reference {reference_ckpt}")
+        spec, state = model_weights(checkpoint)
+        check_sizes(spec, f"reference {reference_ckpt}", n_items=n_items, n_users=n_users)
+        config = dict(spec["config"])
+        if disable_dropout and "dropout" in config:
+            config["dropout"] = 0.0
+        self.policy = self._build(spec["name"], config, state)
+        ref = frozen(self._build(spec["name"], config, state)) if keep_reference else None
+        self.keep_out(_reference=ref)
+
+    def keep_out(self, **models: Recommender | None) -> None:
+        """Attributes that are NOT registered children: object.__setattr__ bypasses nn.Module
+        registration, so they are not in parameters(), state_dict() or .to(); `on_device`
+        moves them to the policy's device."""
+        for name, model in models.items():
+            object.__setattr__(self, name, model)
+
+    def on_device(self, model: Recommender | None) -> Recommender | None:
+        if model is not None and next(model.parameters()).device != self.device:
+            model.to(self.device)
+        return model
+
+    @staticmethod
+    def _build(name: str, config: dict[str, Any], state: dict[str, Tensor]) -> Recommender:
+        model = build_model(name, **config)
+        model.load_state_dict(state)
+        return model
+
+    @property
+    def reference(self) -> Recommender | None:
+        """The frozen reference, on the policy's device (None with precompute)."""
+        return self.on_device(self._reference)
+
+    def preference_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, detached metrics) of a pairs batch."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        loss, metrics = self.preference_step(batch)
+        with stage_guard(self, "preference"):
+            require_finite(loss, f"the {self.hparams.objective} loss {self.loss_params}")
+        self.log_dict(metrics, batch_size=len(batch["chosen"]))
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        size = len(batch["user_idx"])
+        with stage_guard(self, "preference"):
+            if "chosen" in batch:
+                loss, metrics = self.preference_step(batch)
+                require_finite(loss, "the validation loss")
+                metrics = {f"val/{name}": v for name, v in metrics.items()}
+            else:
+                ranking = ranking_metrics(self.policy, batch, self.hparams.k)
+                metrics = {n: v.mean() for n, v in ranking.items()}
+        # Under DDP each rank validates a shard: the best checkpoint needs the global mean.
+        self.log_dict(metrics, batch_size=size, add_dataloader_idx=False, sync_dist=True)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = grad_norm(self.policy, norm_type=2)
+        if norms:
+            self.log("grad_norm", norms["grad_2.0_norm_total"])
+
+    def configure_optimizers(self) -> Any:
+        return configure_optimizer(self, self.policy.parameters())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["model"] = model_spec(self.policy, "policy.")
+        if self.hparams.dataset is not None:
+            checkpoint["dataset"] = dict(self.hparams.dataset)
+
+
+class PreferenceModule(PolicyModule):
     """Stage-2 LightningModule.
 
     Args:
@@ -151,35 +250,8 @@ class PreferenceModule(LightningModule):
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got {lr}, {weight_decay}")
         check_schedule(lr_schedule, warmup_steps)
         self.save_hyperparameters()
-        checkpoint = read_checkpoint(reference_ckpt)
-        if dataset is not None:
-            check_vocab(checkpoint, dataset, f"reference {reference_ckpt}")
-        spec, state = model_weights(checkpoint)
-        check_sizes(spec, f"reference {reference_ckpt}", n_items=n_items, n_users=n_users)
-        config = dict(spec["config"])
-        if disable_dropout and "dropout" in config:
-            config["dropout"] = 0.0
-        self.policy = self._build(spec["name"], config, state)
-        # object.__setattr__ bypasses nn.Module registration: not a child module, so not in
-        # parameters(), state_dict() or .to(); `reference` moves it to the policy's device.
-        frozen = None if precompute else self._build(spec["name"], config, state)
-        if frozen is not None:
-            frozen.eval().requires_grad_(False)
-        object.__setattr__(self, "_reference", frozen)
-
-    @staticmethod
-    def _build(name: str, config: dict[str, Any], state: dict[str, Tensor]) -> Recommender:
-        model = build_model(name, **config)
-        model.load_state_dict(state)
-        return model
-
-    @property
-    def reference(self) -> Recommender | None:
-        """The frozen reference, on the policy's device (None with precompute)."""
-        ref = self._reference
-        if ref is not None and next(ref.parameters()).device != self.device:
-            ref.to(self.device)
-        return ref
+        self.load_policy(reference_ckpt, n_items, n_users, dataset, not precompute,
+                         disable_dropout)  # fmt: skip
 
     def preference_step(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss, detached metrics) of a pairs batch; see the module docstring for the names."""
@@ -227,36 +299,3 @@ class PreferenceModule(LightningModule):
         if kl is not None:
             metrics["kl/policy_ref"] = kl.mean()
         return loss, metrics
-
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        loss, metrics = self.preference_step(batch)
-        with stage_guard(self, "preference"):
-            require_finite(loss, f"the {self.hparams.objective} loss {self.loss_params}")
-        self.log_dict(metrics, batch_size=len(batch["chosen"]))
-        return loss
-
-    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        size = len(batch["user_idx"])
-        with stage_guard(self, "preference"):
-            if "chosen" in batch:
-                loss, metrics = self.preference_step(batch)
-                require_finite(loss, "the validation loss")
-                metrics = {f"val/{name}": v for name, v in metrics.items()}
-            else:
-                ranking = ranking_metrics(self.policy, batch, self.hparams.k)
-                metrics = {n: v.mean() for n, v in ranking.items()}
-        # Under DDP each rank validates a shard: the best checkpoint needs the global mean.
-        self.log_dict(metrics, batch_size=size, add_dataloader_idx=False, sync_dist=True)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = grad_norm(self.policy, norm_type=2)
-        if norms:
-            self.log("grad_norm", norms["grad_2.0_norm_total"])
-
-    def configure_optimizers(self) -> Any:
-        return configure_optimizer(self, self.policy.parameters())
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["model"] = model_spec(self.policy, "policy.")
-        if self.hparams.dataset is not None:
-            checkpoint["dataset"] = dict(self.hparams.dataset)

@@ -2,7 +2,9 @@
 
     train_reference(cfg)   stage 1: a next-item loss (`objective.stage: reference`); with
                            `mode=continue` the compute-matched control (DESIGN.md, "Evaluation")
-    train_preference(cfg)  stage 2: a DPO-family objective against `reference.ckpt`
+    train_preference(cfg)  stage 2: a DPO-family objective against `reference.ckpt`, or an
+                           RLHF one (rlhf_exact, rlhf_pg, rloo) against the reward model of
+                           `reward.ckpt` (`train_rlhf`)
     train_reward(cfg)      the RLHF route's reward model r_phi, Bradley-Terry on the same pairs
                            (`objective.stage: reward`), started from `reference.ckpt`
 
@@ -74,6 +76,7 @@ from recsys_dpo.training.reference_module import (
     trained_on,
 )
 from recsys_dpo.training.reward_module import RewardModule
+from recsys_dpo.training.rlhf_module import RLHF_OBJECTIVES, RLHFModule
 
 # Settings that change how a run is watched, resumed or evaluated, not what it trains: a
 # resumed run keeps its directory, and turning MLflow off does not start a new one.
@@ -120,10 +123,28 @@ def require_reference(cfg: DictConfig, data: PreparedDataset) -> dict[str, Any]:
     return spec
 
 
+def require_reward(cfg: DictConfig, data: PreparedDataset) -> None:
+    """`reward.ckpt`, the RLHF objectives' reward model, checked against the data's
+    vocabulary (its hash, `check_vocab`) and sizes."""
+    path = cfg.reward.ckpt
+    if path is None:
+        raise DataError(
+            f"objective={cfg.objective.name} optimises against a reward model: pass "
+            "reward.ckpt=<a checkpoint written by recsys-dpo train-reward on this dataset>"
+        )
+    checkpoint = read_checkpoint(path, f"reward.ckpt={path}")
+    check_vocab(checkpoint, trained_on(data), f"reward.ckpt={path}")
+    with bad_setting(f"reward.ckpt={path} on {cfg.paths.prepared}"):
+        spec, _ = model_weights(checkpoint)
+        check_sizes(spec, "the reward model", n_items=data.n_items, n_users=data.n_users)
+
+
 def run_dir(cfg: DictConfig, stage: str, name: str) -> Path:
     """`<paths.runs>/<stage>/<name>-<hash of the config that decides training>`, name being
     `<model>-<objective>`."""
     config = {k: v for k, v in plain(cfg).items() if k not in UNHASHED}
+    if config.get("reward") == {"ckpt": None}:  # unset: the hashes of runs before the key
+        del config["reward"]
     return Path(cfg.paths.runs) / stage / f"{name}-{config_hash(config)}"
 
 
@@ -498,6 +519,8 @@ def train_preference(cfg: DictConfig) -> Path:
     require_stage(cfg, "preference")
     seed_everything(cfg.seed, workers=True)
     objective = plain(cfg.objective)
+    if objective["name"] in RLHF_OBJECTIVES:
+        return train_rlhf(cfg)
     horizon = objective.get("rejected_weight_horizon")
     data, spec, reference = preference_pairs(
         cfg, with_reference=cfg.reference.precompute or horizon is not None
@@ -531,6 +554,35 @@ def train_preference(cfg: DictConfig) -> Path:
         for rows in (data.train_set, data.valid_pairs):
             if rows is not None:
                 attach_reference_logps(rows, reference, cfg.train.batch_size)
+    name = f"{spec['name']}-{objective['name']}"
+    with run_lock(run_dir(cfg, "preference", name)) as out:
+        return fit(cfg, module, data, out, f"preference/{name}")
+
+
+def train_rlhf(cfg: DictConfig) -> Path:
+    """Stage 2, the RLHF route (`RLHFModule`): the policy of `reference.ckpt` optimised against
+    the reward model of `reward.ckpt` on the contexts of the preference pairs (the same
+    events DPO trains on, mined ones included); the run dir, as train_preference's."""
+    data, spec, _ = preference_pairs(cfg)
+    require_reward(cfg, data.dataset)
+    objective = plain(cfg.objective)
+    with bad_setting(f"objective={objective['name']}"):
+        module = RLHFModule(
+            str(cfg.reference.ckpt),
+            str(cfg.reward.ckpt),
+            data.n_items,
+            data.n_users,
+            objective=objective["name"],
+            beta=objective["beta"],
+            rloo_k=objective.get("k"),
+            seed=cfg.seed,
+            lr=cfg.train.lr,
+            weight_decay=cfg.train.weight_decay,
+            lr_schedule=cfg.train.lr_schedule,
+            warmup_steps=cfg.train.warmup_steps,
+            k=cfg.train.k,
+            dataset=trained_on(data.dataset),
+        )
     name = f"{spec['name']}-{objective['name']}"
     with run_lock(run_dir(cfg, "preference", name)) as out:
         return fit(cfg, module, data, out, f"preference/{name}")
