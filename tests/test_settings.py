@@ -126,7 +126,7 @@ BAD = [
     ("train_reference", ["objective.stage=other"],
      "objective.stage=other: must be 'reference' or 'preference' or 'reward'"),
     ("train_reference", ["objective.name=dpo"],
-     "objective.name=dpo: must be one of ce, sampled_softmax, bce, gbce, bpr"),
+     "objective.name=dpo: must be one of ce, sampled_softmax, bce, gbce, bpr, rating_bce"),
     ("train_reference", ["objective=bpr", "objective.num_negatives=0"],
      "objective.num_negatives=0: must be >= 1"),
     ("train_reference", ["model.n_heads=3"],
@@ -161,7 +161,8 @@ BAD = [
     ("run", ["pipeline.reference.objective.stage=preference"],
      "pipeline.reference.objective.stage=preference: must be 'reference'"),
     ("run", ["pipeline.reference.objective.name=dpo"],
-     "pipeline.reference.objective.name=dpo: must be one of ce, sampled_softmax, bce, gbce, bpr"),
+     "pipeline.reference.objective.name=dpo: must be one of ce, sampled_softmax, bce, gbce, bpr, "
+     "rating_bce"),
     ("run", ["pipeline.reference.max_epochs=0"], "pipeline.reference.max_epochs=0: must be >= 1"),
     ("run", ["pipeline.reference.lr=-1"], "pipeline.reference.lr=-1: must be > 0"),
     ("run", ["pipeline.primary_metric=ndcg_at_50"],
