@@ -25,7 +25,8 @@ def data_features(cfg: DictConfig) -> dict[str, Any] | None:
     """The side information `cfg.data.features` reads (a hydra `_target_`, e.g. Coat's
     `read_coat_features`: {"user": frame, "item": frame}), or None when the dataset has none."""
     spec = cfg.data.get("features")
-    return None if spec is None else instantiate(spec)
+    # _partial_ so the reader's own DataError reaches the caller unwrapped by hydra.
+    return None if spec is None else instantiate(spec, _partial_=True)()
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -395,6 +395,22 @@ def test_reader_refuses_features_wider_than_their_map(coat, tmp_path):
         read_coat_features(tmp_path)
 
 
+def test_prepare_refuses_bad_features_in_one_line(coat, tmp_path):
+    """Through the command: the features reader's DataError is the one-line exit 2 (hydra's
+    instantiate wrapped it in InstantiationException and a traceback before)."""
+    bad = tmp_path / "shared" / "coat"
+    bad.mkdir(parents=True)
+    for path in coat.iterdir():
+        (bad / path.name).write_bytes(path.read_bytes())
+    (bad / "item_features_map.txt").write_text("gender:men\n")
+    done = run_pipeline("prepare.py", "data=coat", f"paths.shared_data={tmp_path / 'shared'}",
+                        f"paths.artifacts={tmp_path / 'artifacts'}", "progress=false",
+                        f"hydra.run.dir={tmp_path / 'job'}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert "item_features.ascii: 33 columns, but" in " ".join(done.stderr.split())
+
+
 @pytest.mark.parametrize("features", ["ids_and_features", "features_only"])
 def test_two_tower_scores_depend_on_the_features(featured, features):
     """Changing one item's attribute row changes that item's score and no other item's;
