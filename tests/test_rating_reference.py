@@ -68,6 +68,21 @@ def test_rated_examples_refuse_events_without_ratings():
         rated_examples(events, user_sequences(events), 5, 4.0, "train.parquet")
 
 
+def test_a_rated_rows_context_never_holds_its_own_target():
+    """A liked target is one of the user's positives; left in its own context it would hand a
+    history model the label. Each row's context is the user's positives less its target, in
+    time order."""
+    events = pl.DataFrame({"user_idx": [0, 0, 0, 1, 1], "item_idx": [3, 1, 2, 1, 4],
+                           "clicked": [True, True, False, False, True],
+                           "rating": [5.0, 4.0, 1.0, 2.0, 5.0],
+                           "timestamp": [0, 1, 2, 0, 1], "seq": [0, 1, 2, 3, 4]})  # fmt: skip
+    rows = rated_examples(events, user_sequences(events), 5, 4.0)
+    contexts = rows.columns["context"].take(torch.arange(5)).tolist()
+    want = [[0, 0, 0, 0, 1], [0, 0, 0, 0, 3], [0, 0, 0, 3, 1], [0, 0, 0, 0, 4], [0] * 5]
+    assert contexts == want
+    assert rows.columns["liked"].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
+
+
 def _toy_coat(root: Path, n_users: int = 24, n_items: int = 12) -> Path:
     """Two taste groups: even users rate items 1..6 five stars and 7..12 one star, odd users
     the reverse. Each rates a random 8 of the 12 in train.ascii, 4 of them in test.ascii."""

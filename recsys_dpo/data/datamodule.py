@@ -248,7 +248,9 @@ def rated_examples(
 ) -> RowsDataset:
     """Stage-1 rows of a rating classifier: one per rated event (rating not null) of `events`:
     user_idx, target = the rated item, liked = rating >= threshold (float 0/1), context = the
-    user's positives in `sequences` (the same history the validation rows condition on).
+    user's positives in `sequences` (the same history the validation rows condition on) less
+    the target itself: a liked target is one of those positives, so keeping it would tell a
+    history model the label (validation candidates are never in their context either).
 
     DataError naming `where` when the events have no rating column or no rated row.
     """
@@ -258,9 +260,19 @@ def rated_examples(
             "classifier on rated (user, item) events (use a dataset with explicit ratings, "
             "e.g. data=coat, or a next-item objective such as objective=ce)"
         )
-    rated = events.filter(pl.col("rating").is_not_null()).join(
-        sequences, on=USER_IDX, how="left", maintain_order="left"
+    rated = (
+        events.filter(pl.col("rating").is_not_null())
+        .join(sequences, on=USER_IDX, how="left", maintain_order="left")
+        .with_row_index("row")
     )
+    context = (
+        rated.select("row", ITEM_IDX, pl.col("items").fill_null([]))
+        .explode("items")
+        .filter(pl.col("items") != pl.col(ITEM_IDX))  # also drops an empty list's null
+        .group_by("row", maintain_order=True)
+        .agg("items")
+    )
+    rated = rated.drop("items").join(context, on="row", how="left", maintain_order="left")
     users = rated[USER_IDX].to_numpy().astype(np.int64)
     liked = (rated["rating"] >= threshold).to_numpy().astype(np.float32)
     return RowsDataset({
