@@ -97,6 +97,8 @@ def test_spec_refuses_selection_on_test_and_unknown_objectives():
         study_spec(tiny_study(**{"rows.rpo.objective": "ipo"}), [10, 20])
     with pytest.raises(DataError, match=r"study.selection.metric='ndcg_at_5'"):
         study_spec(tiny_study(**{"selection.metric": "ndcg_at_5"}), [10, 20])
+    with pytest.raises(DataError, match=r"selection.metric='truth/utility_at_10': a study sel"):
+        study_spec(tiny_study(**{"selection.metric": "truth/utility_at_10"}), [10, 20])
     for bad in ("truth/utility_at_5", "truth/clicks_at_10"):  # K not in eval.k; no such metric
         with pytest.raises(DataError, match=r"truth/<m>_at_K with m one of utility, ctr"):
             study_spec(tiny_study(**{"report.metrics": [bad]}), [10, 20])

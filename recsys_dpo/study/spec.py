@@ -144,6 +144,16 @@ def _selected_grids(path: Path, rows: list[str]) -> dict[str, dict[str, list[Any
     return {r: {k: [v] for k, v in done[r]["selected"].items()} for r in rows}
 
 
+def _selection_metric(name: str, ks: list[int]) -> str:
+    """A metric a real log can give on valid: never truth/* (no real user has the truth, and
+    the argmax selection would also pick the worst point of truth/utility_regret_at_K)."""
+    where = "study.selection.metric"
+    if TRUTH_METRIC.match(name):
+        raise DataError(f"{where}={name!r}: a study selects on an observable valid metric; "
+                        "truth/* is for study.report.metrics only")  # fmt: skip
+    return _metric(name, ks, where)
+
+
 def _metric(name: str, ks: list[int], where: str) -> str:
     if name in MCAR_METRICS or name in PAPER_METRICS:
         return name
@@ -206,8 +216,8 @@ def study_spec(study: DictConfig, eval_k: list[int]) -> StudySpec:
         fine_tune=flatten(s.get("fine_tune") or {}),
         rows=tuple(rows),
         objectives=objectives,
-        selection_metric=_metric(s.get("selection", {}).get("metric", "ndcg_at_10"), eval_k,
-                                 "study.selection.metric"),
+        selection_metric=_selection_metric(s.get("selection", {}).get("metric", "ndcg_at_10"),
+                                           eval_k),
         sft_control=bool(controls.get("sft", True)),
         continue_control=bool(controls.get("continue", True)),
         popularity=bool(s.get("baselines", {}).get("popularity", True)),
