@@ -190,12 +190,14 @@ class PreferenceObjective(Section):
                 objective_params(self.name, self.beta, **settings)
         except ValueError as err:
             raise ValueError(f"objective={self.name}: {err}") from err
-        if self.rejected_weight_horizon is not None and self.name in ("sdpo", "kto"):
+        if self.rejected_weight_horizon is not None and self.name in ("sdpo", "kto",
+                                                                      *RLHF_OBJECTIVES):
+            kind = {"sdpo": "listwise", "kto": "unpaired"}.get(self.name, "an RLHF objective")
             raise ValueError(
                 f"objective={self.name} objective.rejected_weight_horizon="
                 f"{self.rejected_weight_horizon}: per-pair weights need a pairwise loss; "
-                f"{self.name} is {'listwise' if self.name == 'sdpo' else 'unpaired'}"
-            )
+                f"{self.name} is {kind}"
+            )  # fmt: skip
         if self.name == "sft" and self.sft_alpha == 0:
             raise ValueError(
                 "objective=sft objective.sft_alpha=0: the SFT baseline trains the SFT term "

@@ -97,6 +97,10 @@ BAD = [
      "objective=rloo: rloo needs k >= 2 samples per row (a leave-one-out baseline), got 1"),
     ("train_preference", ["objective=rlhf_pg", "+objective.gamma=0.5", "reward.ckpt=r.ckpt"],
      "objective=rlhf_pg: objective 'rlhf_pg' does not use {'gamma': 0.5}; it takes beta"),
+    ("train_preference", ["objective=rloo", "+objective.rejected_weight_horizon=2",
+                          "reward.ckpt=r.ckpt"],
+     "objective=rloo objective.rejected_weight_horizon=2.0: per-pair weights need a pairwise "
+     "loss; rloo is an RLHF objective"),
     ("train_preference", ["+objective.k=4"],
      "objective=dpo: k=4 is rloo's number of samples per row"),
     ("train_preference", ["objective=rlhf_exact"],
