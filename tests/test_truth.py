@@ -128,6 +128,22 @@ def test_no_truth_columns_on_a_log_that_is_not_synthetic(tmp_path: Path):
     assert not [c for c in result.per_user.columns if c.startswith("truth/")]
 
 
+def test_a_synthetic_log_gone_from_disk_leaves_truth_out_not_the_evaluation(tmp_path: Path):
+    raw = tmp_path / "raw"
+    log = read_synthetic(raw, n_users=30, n_items=20, slate_size=4, mean_requests=3.0)
+    prepare_dataset(log, source="synthetic", out_dir=tmp_path / "prepared",
+                    validation={"min_events_per_user": 3}, split={"kind": "loo"},
+                    pairs={"impressions": {"max_context": 10}},
+                    config={"data": {"reader": {"_target_": SYNTHETIC_READER, "path": str(raw)}}},
+                    progress=False)  # fmt: skip
+    data = load_prepared(tmp_path / "prepared")
+    assert "truth/utility_at_3" in evaluate(random_model(data, 0), data, "test", k=[3]).per_user
+    raw.rename(tmp_path / "moved")
+    result = evaluate(random_model(data, 0), data, "test", k=[3])
+    assert not [c for c in result.per_user.columns if c.startswith("truth/")]
+    assert "ndcg_at_3" in result.per_user.columns
+
+
 def test_a_pair_strategy_set_to_none_is_off(data):
     """`data.pairs.next_item=null` drops the preset's strategy: only impression pairs."""
     assert {s for by_source in data.manifest["pairs"].values() for s in by_source} == {

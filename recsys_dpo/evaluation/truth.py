@@ -20,6 +20,7 @@ click; the oracle has the same number of empty slots.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -53,9 +54,14 @@ def truth_metrics(
 
 
 def synthetic_truth(data: PreparedDataset) -> Truth | None:
-    """The ground truth of the synthetic log `data` was prepared from; None for another reader."""
+    """The ground truth of the synthetic log `data` was prepared from; None for another reader,
+    and None when that raw log is no longer where it was generated (deleted, or a relative
+    path read from another directory): truth/* is then left out rather than the evaluation
+    refused, since every other metric needs only the prepared dataset."""
     reader = data.manifest.get("config", {}).get("data", {}).get("reader", {})
     if reader.get("_target_") != SYNTHETIC_READER:
+        return None
+    if not (Path(reader["path"]) / "manifest.json").is_file():
         return None
     return load_truth(reader["path"])
 
