@@ -76,10 +76,7 @@ class RewardModule(LightningModule):
         r_chosen, r_rejected = pair_logps(
             self.reward.full_scores(batch), batch["chosen"], batch["rejected"]
         )
-        weight = batch["weight"]
-        if "rejected_weight" in batch:
-            weight = weight.unsqueeze(1) * batch["rejected_weight"]
-        loss = bradley_terry(r_chosen, r_rejected, batch["rejected_mask"], weight)
+        loss = bradley_terry(r_chosen, r_rejected, batch["rejected_mask"], batch["weight"])
         return loss, r_chosen.detach(), r_rejected.detach()
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:

@@ -137,7 +137,10 @@ class RLHFModule(PolicyModule):
             loss = out.loss
         else:
             generator = torch.Generator(policy_logits.device)
-            generator.manual_seed(self.hparams.seed * 1_000_003 + self.global_step)
+            # Per step (a resumed run draws the same samples) and per rank (DDP ranks hold
+            # different rows and must not share their uniforms).
+            generator.manual_seed((self.hparams.seed * 1_000_003 + self.global_step) * 1_009
+                                  + self.global_rank)  # fmt: skip
             out = rloo_loss(policy_logits, ref_logits, reward, beta, self.hparams.rloo_k,
                             generator)  # fmt: skip
             loss = out.loss
