@@ -320,7 +320,8 @@ def rloo_round(
 def run_online(truth: Truth, events: pl.DataFrame, settings: OnlineSettings) -> dict:
     """The loop of the module docstring. Returns {"settings", "reference": its read-out,
     "oracle_utility", "rounds": [one dict per (round, method)]} with, per row, round, method,
-    truth/utility_at_K, truth/ctr_at_K, kl/policy_ref, exposures (new simulated item
+    truth/utility_at_K, truth/ctr_at_K, truth/utility_regret_at_K, truth/expected_utility,
+    kl/policy_ref, exposures (new simulated item
     exposures that round), exposures_total, pair_rows (the DPO methods' training rows)."""
     cfg = truth.config
     k_slate, n_users = cfg.slate_size, cfg.n_users
