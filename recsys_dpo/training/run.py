@@ -327,6 +327,14 @@ def rating_threshold(cfg: DictConfig) -> float:
     return float(value)
 
 
+def module_settings(cfg: DictConfig, data: Any) -> dict[str, Any]:
+    """What every training module takes alike: the optimizer's step (train.lr, weight_decay,
+    lr_schedule, warmup_steps), the validation cut-off train.k and the dataset it trains on."""
+    return {"lr": cfg.train.lr, "weight_decay": cfg.train.weight_decay,
+            "lr_schedule": cfg.train.lr_schedule, "warmup_steps": cfg.train.warmup_steps,
+            "k": cfg.train.k, "dataset": trained_on(data.dataset)}  # fmt: skip
+
+
 def train_reference(cfg: DictConfig) -> Path:
     """Stage 1: train (or, mode=continue, train further) a reference ranker; the run dir."""
     require_stage(cfg, "reference")
@@ -353,12 +361,7 @@ def train_reference(cfg: DictConfig) -> Path:
             **settings,
             n_items=data.n_items,
             n_users=data.n_users,
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            lr_schedule=cfg.train.lr_schedule,
-            warmup_steps=cfg.train.warmup_steps,
-            k=cfg.train.k,
-            dataset=trained_on(data.dataset),
+            **module_settings(cfg, data),
         )
     if features is not None:  # buffers: saved with the weights, so loaded with every checkpoint
         module.model.set_features(*(torch.from_numpy(f) for f in features))
@@ -542,13 +545,8 @@ def train_preference(cfg: DictConfig) -> Path:
             lambda_u=objective.get("lambda_u", 1.0),
             lambda_=objective.get("lambda_", 0.0),
             sft_alpha=objective.get("sft_alpha", 0.0),
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            lr_schedule=cfg.train.lr_schedule,
-            warmup_steps=cfg.train.warmup_steps,
             precompute=cfg.reference.precompute,
-            k=cfg.train.k,
-            dataset=trained_on(data.dataset),
+            **module_settings(cfg, data),
         )
     if cfg.reference.precompute:
         for rows in (data.train_set, data.valid_pairs):
@@ -576,12 +574,7 @@ def train_rlhf(cfg: DictConfig) -> Path:
             beta=objective["beta"],
             rloo_k=objective.get("k"),
             seed=cfg.seed,
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            lr_schedule=cfg.train.lr_schedule,
-            warmup_steps=cfg.train.warmup_steps,
-            k=cfg.train.k,
-            dataset=trained_on(data.dataset),
+            **module_settings(cfg, data),
         )
     name = f"{spec['name']}-{objective['name']}"
     with run_lock(run_dir(cfg, "preference", name)) as out:
@@ -605,12 +598,7 @@ def train_reward(cfg: DictConfig) -> Path:
     with bad_setting(f"objective={cfg.objective.name}"):
         module = RewardModule(
             str(cfg.reference.ckpt),
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            lr_schedule=cfg.train.lr_schedule,
-            warmup_steps=cfg.train.warmup_steps,
-            k=cfg.train.k,
-            dataset=trained_on(data.dataset),
+            **module_settings(cfg, data),
         )
     name = f"{spec['name']}-{cfg.objective.name}"
     with run_lock(run_dir(cfg, "reward", name)) as out:
