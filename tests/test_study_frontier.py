@@ -124,3 +124,20 @@ def test_an_rlhf_row_without_a_reward_recipe_is_refused():
     del cfg.reward
     with pytest.raises(DataError, match=r"study.reward lacks \['objective', 'lr', 'max_epochs'\]"):
         study_spec(cfg, [10, 20])
+
+
+def test_the_frontier_preset_composes_four_methods_over_one_beta_grid():
+    from hydra import compose, initialize_config_dir
+
+    from recsys_dpo.study.spec import study_spec
+
+    with initialize_config_dir(str(ROOT / "recsys_dpo" / "conf"), version_base="1.3"):
+        cfg = compose("run_study", ["study=synthetic_rlhf_frontier"])
+    spec = study_spec(cfg.study, list(cfg.eval.k))
+    assert [r.name for r in spec.rows] == ["dpo", "rlhf_exact", "rlhf_pg", "rloo"]
+    assert [spec.is_rlhf(r) for r in spec.rows] == [False, True, True, True]
+    assert all(r.grid == {"objective.beta": [0.1, 0.3, 1.0, 3.0]} for r in spec.rows)
+    assert spec.reward is not None and spec.reward.objective == "bradley_terry"
+    assert len(spec.reference_seeds) == 3 and spec.selection_metric == "ndcg_at_10"
+    assert spec.metrics == ("truth/utility_at_10", "truth/ctr_at_10", "ndcg_at_10")
+    assert cfg.data.name == "synthetic" and cfg.data.pairs.next_item is None  # impressions only
