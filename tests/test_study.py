@@ -413,6 +413,9 @@ def test_two_jobs_track_under_the_study_run(tracking_server, tmp_path):  # noqa:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == "FINISHED" and run.data.params and run.data.metrics
     assert parent.info.status == "FINISHED"
+    # The study's outputs, the frontier plot with them, on its own run.
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert logged == {"study/study.json", "study/table.md", "study/frontier.png"}
 
 
 def test_a_workers_bad_input_is_the_studys_one_line_error(tmp_path):
