@@ -66,19 +66,25 @@ def test_the_frontier_has_every_grid_point_with_its_exact_valid_kl(tiny):
     assert [(p["row"], p["point"].get("objective.beta")) for p in frontier] == [
         ("reference", None), ("dpo", 0.1), ("dpo", 1.0), ("rlhf_exact", 0.1), ("rlhf_exact", 1.0)
     ]  # fmt: skip
-    assert frontier[0]["kl"]["mean"] == 0.0
+    assert frontier[0]["kl"]["mean"] == 0.0 and frontier[0]["reward_gain"]["mean"] == 0.0
     rows = {r["name"]: r for r in result["rows"]}
     refs = [run for per_ref in rows["reference"]["runs"] for run in per_ref]
     data = load_prepared(next((tmp / "art" / "prepared").iterdir()))
     queries = build_queries(data, "valid")
 
-    def log_softmax(ckpt: str) -> torch.Tensor:
+    def scores(ckpt: str) -> torch.Tensor:
         model = load_model(ckpt, trained_on(data)).eval()
         with torch.no_grad():
-            scores = embed_users(model, queries) @ item_vectors(model)[1:].T  # no padding
-        return scores.double().log_softmax(-1)
+            return (embed_users(model, queries) @ item_vectors(model)[1:].T).double()  # no pad
+
+    def log_softmax(ckpt: str) -> torch.Tensor:
+        return scores(ckpt).log_softmax(-1)
 
     ckpt = {run: json.loads((Path(run) / "result.json").read_text()) for run in refs}
+    reward_of = {}  # reference checkpoint -> its reward model's
+    for out in (tmp / "art" / "runs" / "reward").iterdir():
+        best = json.loads((out / "result.json").read_text())["best_ckpt"]
+        reward_of[hparams(best)["reference_ckpt"]] = best
     for point in frontier[1:]:
         row = rows[point["row"]]
         grid = next(g for g in row["grid"] if g["point"] == point["point"])
@@ -91,6 +97,11 @@ def test_the_frontier_has_every_grid_point_with_its_exact_valid_kl(tiny):
             log_q = log_softmax(ckpt[ref]["best_ckpt"] or ckpt[ref]["last_ckpt"])
             brute = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
             assert kl == pytest.approx(brute, rel=1e-3, abs=1e-7)
+            # Every row's reward gain under its reference's reward model, DPO's too.
+            r = scores(reward_of[ckpt[ref]["best_ckpt"] or ckpt[ref]["last_ckpt"]])
+            gain = point["reward_gain"]["per_reference"][refs.index(ref)]
+            brute_gain = ((log_p.exp() - log_q.exp()) * r).sum(-1).mean().item()
+            assert gain == pytest.approx(brute_gain, rel=1e-3, abs=1e-6)
     assert (tmp / "art" / "studies" / NAME / "frontier.png").stat().st_size > 0
     table = (tmp / "art" / "studies" / NAME / "table.md").read_text()
     assert "## Reward-KL frontier (valid)" in table and "test is read once" in table

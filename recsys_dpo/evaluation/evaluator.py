@@ -485,18 +485,33 @@ def _kl(pol_user: Tensor, pol_item: Tensor, ref_user: Tensor, ref_item: Tensor, 
 
 
 def policy_kl(policy: Recommender, reference: Recommender, data: PreparedDataset, split: str,
-              *, seen: str = DEFAULT_SEEN, batch_size: int = 1024,
-              kl_chunk: int = 65536) -> pl.DataFrame:  # fmt: skip
+              *, reward: Recommender | None = None, seen: str = DEFAULT_SEEN,
+              batch_size: int = 1024, kl_chunk: int = 65536) -> pl.DataFrame:  # fmt: skip
     """Each user's exact KL(policy || reference) over the full catalog on `split`'s queries
     (`user_idx`, `kl`): the x axis of a reward-KL frontier, without the ranking metrics
-    `compare` also computes."""
+    `compare` also computes. With a `reward` model r, also `reward_gain`:
+    E_{i~policy}[r(u, i)] - E_{i~reference}[r(u, i)], both expectations exact over the catalog
+    (a difference: a Bradley-Terry reward is defined up to a per-user offset); memory
+    O(batch_size x catalog)."""
     queries = build_queries(data, split, seen)
-    policy.eval()
-    reference.eval()
-    kl = _kl(embed_users(policy, queries, batch_size), item_vectors(policy),
-             embed_users(reference, queries, batch_size), item_vectors(reference), kl_chunk,
+    models = {"policy": policy, "reference": reference, "reward": reward}
+    users, items = {}, {}
+    for name, model in models.items():
+        if model is not None:
+            model.eval()
+            users[name], items[name] = embed_users(model, queries, batch_size), item_vectors(model)
+    kl = _kl(users["policy"], items["policy"], users["reference"], items["reference"], kl_chunk,
              batch_size)  # fmt: skip
-    return pl.DataFrame({USER_IDX: queries.user_idx, "kl": kl})
+    table = pl.DataFrame({USER_IDX: queries.user_idx, "kl": kl})
+    if reward is None:
+        return table
+    gain = []
+    for rows in _batches(len(queries), batch_size, False, ""):
+        # Padding (row 0) excluded, as in the KL.
+        r = users["reward"][rows] @ items["reward"][1:].T
+        p, q = ((users[m][rows] @ items[m][1:].T).softmax(-1) for m in ("policy", "reference"))
+        gain.append(((p - q) * r).sum(-1))
+    return table.with_columns(pl.Series("reward_gain", torch.cat(gain).double().numpy()))
 
 
 def _entropy(user_emb: Tensor, item_emb: Tensor, chunk: int, batch_size: int) -> np.ndarray:

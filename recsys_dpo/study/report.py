@@ -103,16 +103,22 @@ def entry_json(entry: Entry, spec: StudySpec) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def frontier_point(row: str, point: dict[str, Any], kls: list[list[float]], evals: Grid2,
-                   metrics: list[str], selected: bool) -> dict[str, Any]:  # fmt: skip
-    """One point of the frontier: `kls` [reference][seed] mean exact KL to the run's own
-    reference on valid, `evals` the same runs' valid evaluations; mean +- sd across references
-    (each reference's figure the mean over its seeds)."""
-    per_ref = [float(np.mean(s)) for s in kls]
-    mean, sd = mean_sd(per_ref)
-    return {"row": row, "point": point, "selected": selected,
-            "kl": {"mean": mean, "sd": sd, "per_reference": per_ref},
-            "valid": {m: figures(evals, m) for m in metrics}}  # fmt: skip
+def frontier_point(row: str, point: dict[str, Any], kls: list[list[dict[str, float]]],
+                   evals: Grid2, metrics: list[str], selected: bool) -> dict[str, Any]:  # fmt: skip
+    """One point of the frontier: `kls` [reference][seed] the runs' `kl` (mean exact KL to
+    their own reference on valid) and, with reward models, `reward_gain`; `evals` the same
+    runs' valid evaluations; mean +- sd across references (each the mean over its seeds)."""
+
+    def across(key: str) -> dict[str, Any]:
+        per_ref = [float(np.mean([k[key] for k in s])) for s in kls]
+        mean, sd = mean_sd(per_ref)
+        return {"mean": mean, "sd": sd, "per_reference": per_ref}
+
+    out = {"row": row, "point": point, "selected": selected, "kl": across("kl"),
+           "valid": {m: figures(evals, m) for m in metrics}}  # fmt: skip
+    if "reward_gain" in kls[0][0]:
+        out["reward_gain"] = across("reward_gain")
+    return out
 
 
 FRONTIER_CAPTION = ("x: mean exact KL(pi || pi_ref) over valid users, each run to its own "
@@ -122,26 +128,36 @@ FRONTIER_CAPTION = ("x: mean exact KL(pi || pi_ref) over valid users, each run t
 
 def frontier_markdown(frontier: list[dict[str, Any]], metrics: list[str]) -> list[str]:
     """The frontier as a table (FRONTIER_CAPTION)."""
-    return ["## Reward-KL frontier (valid)", "", FRONTIER_CAPTION, "",
-            "| row | point | selected | KL(pi ‖ pi_ref) | " + " | ".join(metrics) + " |",
-            "|---|---|---|---:|" + "---:|" * len(metrics),
+    gain = "reward_gain" in frontier[0]
+    cols = [*metrics, *(["reward gain E_pi[r] - E_ref[r]"] if gain else [])]
+    return ["## Reward-KL frontier (valid)", "", FRONTIER_CAPTION
+            + (" Reward gain: under the reference's own reward model, every row." if gain else ""),
+            "", "| row | point | selected | KL(pi ‖ pi_ref) | " + " | ".join(cols) + " |",
+            "|---|---|---|---:|" + "---:|" * len(cols),
             *(f"| {p['row']} | {_point(p['point'])} | {'yes' if p['selected'] else ''} | "
-              f"{_fig(p['kl'])} | " + " | ".join(_fig(p["valid"][m]) for m in metrics) + " |"
-              for p in frontier), ""]  # fmt: skip
+              f"{_fig(p['kl'])} | " + " | ".join([*(_fig(p["valid"][m]) for m in metrics),
+                                                  *([_fig(p["reward_gain"])] if gain else [])])
+              + " |" for p in frontier), ""]  # fmt: skip
 
 
 def plot_frontier(frontier: list[dict[str, Any]], metrics: list[str], title: str,
                   path: Path) -> None:  # fmt: skip
-    """frontier.png: one panel per metric, one curve per row in grid order (error bars: sd
-    across references), the reference a star at KL 0, the selected point ringed."""
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
+    """frontier.png: one panel per metric (and the reward gain, when there is one), one curve
+    per row in grid order (error bars: sd across references), the reference a star at KL 0,
+    the selected point ringed."""
+    panels = [*metrics, *(["reward_gain"] if "reward_gain" in frontier[0] else [])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
     rows = list(dict.fromkeys(p["row"] for p in frontier))
-    for ax, m in zip(axes[0], metrics, strict=True):
+
+    def fig_of(p: dict[str, Any], m: str) -> dict[str, Any]:
+        return p["reward_gain"] if m == "reward_gain" else p["valid"][m]
+
+    for ax, m in zip(axes[0], panels, strict=True):
         for row in rows:
             pts = [p for p in frontier if p["row"] == row]
             x = [p["kl"]["mean"] for p in pts]
-            y = [p["valid"][m]["mean"] for p in pts]
-            err = [p["valid"][m]["sd"] for p in pts]
+            y = [fig_of(p, m)["mean"] for p in pts]
+            err = [fig_of(p, m)["sd"] for p in pts]
             if row == "reference":
                 ax.plot(x, y, "k*", markersize=12, label=row)
                 continue
@@ -150,7 +166,8 @@ def plot_frontier(frontier: list[dict[str, Any]], metrics: list[str], title: str
             ax.scatter([x[i] for i in chosen], [y[i] for i in chosen], s=150, facecolors="none",
                        edgecolors=line.get_color())  # fmt: skip
         ax.set_xlabel("exact KL(π ‖ π_ref), valid")
-        ax.set_ylabel(f"valid {m}")
+        ax.set_ylabel("valid E_π[r] − E_ref[r] (reward model)" if m == "reward_gain"
+                      else f"valid {m}")  # fmt: skip
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{title}: reward-KL frontier on valid (test read once, after selection)",

@@ -228,24 +228,30 @@ class EvalCache:
         return Evaluation(key, split, model, pl.read_parquet(out / "per_user.parquet"),
                           json.loads((out / "metrics.json").read_text()))  # fmt: skip
 
-    def kl(self, policy: Run, reference: Run, dataset: dict[str, Any], split: str) -> float:
-        """The mean over `split`'s users of the exact KL(policy || reference), cached by both
-        checkpoints' sha256 like an evaluation."""
+    def kl(self, policy: Run, reference: Run, dataset: dict[str, Any], split: str,
+           reward: str | None = None) -> dict[str, float]:  # fmt: skip
+        """The means over `split`'s users of the exact KL(policy || reference) and, with a
+        `reward` checkpoint, of the reward gain E_pi[r] - E_ref[r] (`evaluator.policy_kl`),
+        cached by the checkpoints' sha256 like an evaluation."""
         ids = {"policy": file_sha256(Path(policy.ckpt)),
-               "reference": file_sha256(Path(reference.ckpt))}  # fmt: skip
+               "reference": file_sha256(Path(reference.ckpt)),
+               **({} if reward is None else {"reward": file_sha256(Path(reward))})}  # fmt: skip
         out = self.root / self.key(config_hash(ids), f"{split}:kl")
         if not (out / "manifest.json").is_file():
             table = policy_kl(load_model(policy.ckpt, dataset), load_model(reference.ckpt, dataset),
-                              self.data, split, seen=self.seen, batch_size=self.batch_size,
+                              self.data, split,
+                              reward=None if reward is None else load_model(reward, dataset),
+                              seen=self.seen, batch_size=self.batch_size,
                               kl_chunk=self.kl_chunk)  # fmt: skip
             with atomic_dir(out) as tmp:
                 table.write_parquet(tmp / "per_user.parquet")
                 write_manifest(tmp, {"model": policy.ckpt, "reference": reference.ckpt,
-                                     "split": split, **ids})  # fmt: skip
+                                     "reward": reward, "split": split, **ids})  # fmt: skip
             self.ledger.evaluated.append(f"{split}:kl:{policy.ckpt}")
         else:
             self.ledger.eval_reused.append(f"{split}:kl:{policy.ckpt}")
-        return float(pl.read_parquet(out / "per_user.parquet")["kl"].mean())
+        table = pl.read_parquet(out / "per_user.parquet")
+        return {c: float(table[c].mean()) for c in table.columns if c != USER_IDX}
 
 
 class Study:
@@ -669,17 +675,21 @@ def run_study(spec: StudySpec, template: DictConfig, console: Console | None = N
 def frontier_points(study: Study, searched: list[Selected],
                     refs: list[Run]) -> list[dict[str, Any]]:  # fmt: skip
     """The reward-KL frontier on valid: the reference (KL 0), then every row's every grid point,
-    each with its mean exact KL(pi || pi_ref) over valid users and its valid metrics (the
-    selection metric and the report's), mean +- sd across references. Valid only: test is
-    read once, for the selected recipes."""
+    each with its mean exact KL(pi || pi_ref) over valid users, its valid metrics (the
+    selection metric and the report's) and, in a study with reward models, the reward gain
+    E_pi[r] - E_ref[r] under its reference's reward model (every row's, DPO's too: the
+    over-optimisation read-out), mean +- sd across references. Valid only: test is read once,
+    for the selected recipes."""
     spec = study.spec
     metrics = list(dict.fromkeys((spec.selection_metric, *spec.metrics)))
-    points = [frontier_point("reference", {}, [[0.0] for _ in refs],
+    zeros = [[{"kl": 0.0, **({"reward_gain": 0.0} if study.rewards else {})}] for _ in refs]
+    points = [frontier_point("reference", {}, zeros,
                              [[study.read(r, SELECTION_SPLIT)] for r in refs], metrics,
                              False)]  # fmt: skip
     for sel in searched:
         for point, runs, grid in zip(sel.row.points(), sel.point_runs, sel.grid, strict=True):
-            kls = [[study.cache.kl(r, ref, study.dataset, SELECTION_SPLIT) for r in per_ref]
+            kls = [[study.cache.kl(r, ref, study.dataset, SELECTION_SPLIT,
+                                   study.rewards.get(ref.ckpt)) for r in per_ref]
                    for ref, per_ref in zip(refs, runs, strict=True)]  # fmt: skip
             evals = [[study.read(r, SELECTION_SPLIT) for r in per_ref] for per_ref in runs]
             points.append(frontier_point(sel.row.name, point, kls, evals, metrics,
