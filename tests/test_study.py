@@ -154,6 +154,9 @@ def test_every_entry_has_valid_and_test_and_the_row_its_controls(tiny):
     table = (tmp / "art" / "studies" / "synthetic_tiny" / "table.md").read_text()
     assert "chosen on **valid ndcg_at_10** only" in table and "two-level" in table
     assert "| rpo | objective.beta=" in table
+    # The frontier of a study without RLHF rows: the reference and the grid, no reward gain.
+    assert [p["row"] for p in result["frontier"]] == ["reference", "rpo", "rpo"]
+    assert all("reward_gain" not in p and p["kl"]["mean"] >= 0 for p in result["frontier"])
 
 
 def test_continue_control_takes_the_rows_optimizer_steps(tiny):

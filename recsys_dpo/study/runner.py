@@ -492,7 +492,8 @@ def check_plan(study: Study) -> int:
     plan = [("study.reference", study.reference_config(s), TrainReference)
             for s in spec.reference_seeds]  # fmt: skip
     plan += [("study.reward", job.cfg, TrainReward) for job in study.reward_jobs([PLANNED_CKPT])]
-    study.rewards.setdefault(PLANNED_CKPT, PLANNED_REWARD)
+    if spec.reward is not None:
+        study.rewards.setdefault(PLANNED_CKPT, PLANNED_REWARD)
     for row in spec.rows:
         for p in row.points():
             where = f"study.rows.{row.name} at {p or 'its fixed settings'}"
@@ -682,14 +683,15 @@ def frontier_points(study: Study, searched: list[Selected],
     for the selected recipes."""
     spec = study.spec
     metrics = list(dict.fromkeys((spec.selection_metric, *spec.metrics)))
-    zeros = [[{"kl": 0.0, **({"reward_gain": 0.0} if study.rewards else {})}] for _ in refs]
+    zeros = [[{"kl": 0.0, **({} if spec.reward is None else {"reward_gain": 0.0})}] for _ in refs]
     points = [frontier_point("reference", {}, zeros,
                              [[study.read(r, SELECTION_SPLIT)] for r in refs], metrics,
                              False)]  # fmt: skip
     for sel in searched:
         for point, runs, grid in zip(sel.row.points(), sel.point_runs, sel.grid, strict=True):
             kls = [[study.cache.kl(r, ref, study.dataset, SELECTION_SPLIT,
-                                   study.rewards.get(ref.ckpt)) for r in per_ref]
+                                   study.rewards[ref.ckpt] if spec.reward else None)
+                      for r in per_ref]
                    for ref, per_ref in zip(refs, runs, strict=True)]  # fmt: skip
             evals = [[study.read(r, SELECTION_SPLIT) for r in per_ref] for per_ref in runs]
             points.append(frontier_point(sel.row.name, point, kls, evals, metrics,
