@@ -66,7 +66,7 @@ from recsys_dpo.settings import Run
 from recsys_dpo.stage import data_features, plain, preflight
 from recsys_dpo.tracking.mlflow_utils import Tracker
 from recsys_dpo.training.reference_module import load_model, trained_on
-from recsys_dpo.training.run import run_dir, train_preference, train_reference
+from recsys_dpo.training.run import run_dir, train_preference, train_reference, train_reward
 
 # Keys of recsys_dpo/conf/run.yaml that steer the runner only; the stages never see them.
 RUNNER_KEYS = ("pipeline", "force", "export")
@@ -127,6 +127,10 @@ def prepare_config(cfg: DictConfig) -> dict[str, Any]:
     return {"data": plain(cfg.data), "seed": cfg.seed}
 
 
+# The training stages `Pipeline.train` runs, by name (the reward model: the RLHF route's).
+STAGES = {"reference": train_reference, "preference": train_preference, "reward": train_reward}
+
+
 class Pipeline:
     """The stages in order, each with its skip rule, tracked under one parent run."""
 
@@ -181,7 +185,7 @@ class Pipeline:
             if self._fresh(done, stage, out):
                 with open_dict(stage_cfg):
                     stage_cfg.tracking.run_id = run
-                out = (train_reference if stage == "reference" else train_preference)(stage_cfg)
+                out = STAGES[stage](stage_cfg)
             result = json.loads((out / "result.json").read_text())
             self.tracker.set_tags(run, {"skipped": stage not in self.ran, "run_dir": out,
                                         "trained_in_run": result.get("mlflow_run_id")})  # fmt: skip

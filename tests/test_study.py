@@ -156,6 +156,9 @@ def test_every_entry_has_valid_and_test_and_the_row_its_controls(tiny):
     table = (tmp / "art" / "studies" / "synthetic_tiny" / "table.md").read_text()
     assert "chosen on **valid ndcg_at_10** only" in table and "two-level" in table
     assert "| rpo | objective.beta=" in table
+    # The frontier of a study without RLHF rows: the reference and the grid, no reward gain.
+    assert [p["row"] for p in result["frontier"]] == ["reference", "rpo", "rpo"]
+    assert all("reward_gain" not in p and p["kl"]["mean"] >= 0 for p in result["frontier"])
 
 
 def test_continue_control_takes_the_rows_optimizer_steps(tiny):
@@ -415,6 +418,9 @@ def test_two_jobs_track_under_the_study_run(tracking_server, tmp_path):  # noqa:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == "FINISHED" and run.data.params and run.data.metrics
     assert parent.info.status == "FINISHED"
+    # The study's outputs, the frontier plot with them, on its own run.
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert logged == {"study/study.json", "study/table.md", "study/frontier.png"}
 
 
 def test_a_workers_bad_input_is_the_studys_one_line_error(tmp_path):

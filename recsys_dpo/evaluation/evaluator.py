@@ -475,6 +475,45 @@ class EvalResult:
     ope: dict | None = None  # the off-policy section (recsys_dpo.evaluation.counterfactual)
 
 
+def _kl(pol_user: Tensor, pol_item: Tensor, ref_user: Tensor, ref_item: Tensor, chunk: int,
+        batch_size: int) -> np.ndarray:  # fmt: skip
+    """Per user, the exact full-catalog KL(policy || reference) of the two softmaxes."""
+    return torch.cat([
+        chunked_kl_entropy(pol_user[r], pol_item, ref_user[r], ref_item, chunk)[0]
+        for r in _batches(len(pol_user), batch_size, False, "")
+    ]).numpy().astype(np.float64)  # fmt: skip
+
+
+def policy_kl(policy: Recommender, reference: Recommender, data: PreparedDataset, split: str,
+              *, reward: Recommender | None = None, seen: str = DEFAULT_SEEN,
+              batch_size: int = 1024, kl_chunk: int = 65536) -> pl.DataFrame:  # fmt: skip
+    """Each user's exact KL(policy || reference) over the full catalog on `split`'s queries
+    (`user_idx`, `kl`): the x axis of a reward-KL frontier, without the ranking metrics
+    `compare` also computes. With a `reward` model r, also `reward_gain`:
+    E_{i~policy}[r(u, i)] - E_{i~reference}[r(u, i)], both expectations exact over the catalog
+    (a difference: a Bradley-Terry reward is defined up to a per-user offset); memory
+    O(batch_size x catalog)."""
+    queries = build_queries(data, split, seen)
+    models = {"policy": policy, "reference": reference, "reward": reward}
+    users, items = {}, {}
+    for name, model in models.items():
+        if model is not None:
+            model.eval()
+            users[name], items[name] = embed_users(model, queries, batch_size), item_vectors(model)
+    kl = _kl(users["policy"], items["policy"], users["reference"], items["reference"], kl_chunk,
+             batch_size)  # fmt: skip
+    table = pl.DataFrame({USER_IDX: queries.user_idx, "kl": kl})
+    if reward is None:
+        return table
+    gain = []
+    for rows in _batches(len(queries), batch_size, False, ""):
+        # Padding (row 0) excluded, as in the KL.
+        r = users["reward"][rows] @ items["reward"][1:].T
+        p, q = ((users[m][rows] @ items[m][1:].T).softmax(-1) for m in ("policy", "reference"))
+        gain.append(((p - q) * r).sum(-1))
+    return table.with_columns(pl.Series("reward_gain", torch.cat(gain).double().numpy()))
+
+
 def _entropy(user_emb: Tensor, item_emb: Tensor, chunk: int, batch_size: int) -> np.ndarray:
     """Entropy of softmax_i <u, v_i> over the real items, per user, streamed over the catalog."""
     parts = [
@@ -653,10 +692,7 @@ def compare(
     per_user, deltas = _paired(ref.per_user, pol.per_user, USER_IDX, n_resamples, seed, ci)
     chunk = evaluate_kwargs.get("kl_chunk", 65536)
     batch_size = evaluate_kwargs.get("batch_size", 1024)
-    kl = torch.cat([
-        chunked_kl_entropy(pol.user_emb[r], pol.item_emb, ref.user_emb[r], ref.item_emb, chunk)[0]
-        for r in _batches(len(pol.user_emb), batch_size, False, "")
-    ]).numpy().astype(np.float64)  # fmt: skip
+    kl = _kl(pol.user_emb, pol.item_emb, ref.user_emb, ref.item_emb, chunk, batch_size)
     per_user = per_user.with_columns(pl.Series("kl", kl))
     aggregates = {"kl": float(kl.mean())}
     if pol.per_request is not None and ref.per_request is not None:

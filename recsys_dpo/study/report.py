@@ -9,6 +9,11 @@ in the JSON. The table says which figures were used for selection (valid, rows o
 are the test read-out. A global metric (`spec.GLOBAL_METRICS`: coat_paper/auc pools every
 (user, item) row, so no user has a value of their own) gets no per-user CI: its difference is
 each reference's difference of the global figure, shown as mean +- sd across references.
+
+The frontier (`frontier_point`): every row's every grid point on valid, x the mean exact
+KL(pi || pi_ref) over valid users (`evaluator.policy_kl`), y each metric; study.json's
+`frontier`, a table in table.md and frontier.png (one curve per row, one panel per metric;
+matplotlib's Agg backend, files only). Valid only: test stays read once, after selection.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import matplotlib
 import numpy as np
 
 from recsys_dpo.artifacts import atomic_dir
@@ -25,6 +31,9 @@ from recsys_dpo.data.schema import USER_IDX
 from recsys_dpo.evaluation.metrics import paired_bootstrap_ci
 from recsys_dpo.study.spec import GLOBAL_METRICS, SELECTION_SPLIT, StudySpec
 from recsys_dpo.study.stats import hierarchical_bootstrap_ci, mean_sd
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
 
 if TYPE_CHECKING:
     from recsys_dpo.study.runner import Entry, Grid2, Ledger
@@ -92,6 +101,80 @@ def entry_json(entry: Entry, spec: StudySpec) -> dict[str, Any]:
                                                                 spec.ci) for m in metrics}}
                    for what, other in entry.compare_with.items()},
     }  # fmt: skip
+
+
+def frontier_point(row: str, point: dict[str, Any], kls: list[list[dict[str, float]]],
+                   evals: Grid2, metrics: list[str], selected: bool) -> dict[str, Any]:  # fmt: skip
+    """One point of the frontier: `kls` [reference][seed] the runs' `kl` (mean exact KL to
+    their own reference on valid) and, with reward models, `reward_gain`; `evals` the same
+    runs' valid evaluations; mean +- sd across references (each the mean over its seeds)."""
+
+    def across(key: str) -> dict[str, Any]:
+        per_ref = [float(np.mean([k[key] for k in s])) for s in kls]
+        mean, sd = mean_sd(per_ref)
+        return {"mean": mean, "sd": sd, "per_reference": per_ref}
+
+    out = {"row": row, "point": point, "selected": selected, "kl": across("kl"),
+           "valid": {m: figures(evals, m) for m in metrics}}  # fmt: skip
+    if "reward_gain" in kls[0][0]:
+        out["reward_gain"] = across("reward_gain")
+    return out
+
+
+FRONTIER_CAPTION = ("x: mean exact KL(pi || pi_ref) over valid users, each run to its own "
+                    "reference; y: the valid metric; mean ± sd across references. Valid only: "
+                    "test is read once, for the selected recipes (main table).")  # fmt: skip
+
+
+def frontier_markdown(frontier: list[dict[str, Any]], metrics: list[str]) -> list[str]:
+    """The frontier as a table (FRONTIER_CAPTION)."""
+    gain = "reward_gain" in frontier[0]
+    cols = [*metrics, *(["reward gain E_pi[r] - E_ref[r]"] if gain else [])]
+    return ["## Reward-KL frontier (valid)", "", FRONTIER_CAPTION
+            + (" Reward gain: under the reference's own reward model, every row." if gain else ""),
+            "", "| row | point | selected | KL(pi ‖ pi_ref) | " + " | ".join(cols) + " |",
+            "|---|---|---|---:|" + "---:|" * len(cols),
+            *(f"| {p['row']} | {_point(p['point'])} | {'yes' if p['selected'] else ''} | "
+              f"{_fig(p['kl'])} | " + " | ".join([*(_fig(p["valid"][m]) for m in metrics),
+                                                  *([_fig(p["reward_gain"])] if gain else [])])
+              + " |" for p in frontier), ""]  # fmt: skip
+
+
+def plot_frontier(frontier: list[dict[str, Any]], metrics: list[str], title: str,
+                  path: Path) -> None:  # fmt: skip
+    """frontier.png: one panel per metric (and the reward gain, when there is one), one curve
+    per row in grid order (error bars: sd across references), the reference a star at KL 0,
+    the selected point ringed."""
+    panels = [*metrics, *(["reward_gain"] if "reward_gain" in frontier[0] else [])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    rows = list(dict.fromkeys(p["row"] for p in frontier))
+
+    def fig_of(p: dict[str, Any], m: str) -> dict[str, Any]:
+        return p["reward_gain"] if m == "reward_gain" else p["valid"][m]
+
+    for ax, m in zip(axes[0], panels, strict=True):
+        for row in rows:
+            pts = [p for p in frontier if p["row"] == row]
+            x = [p["kl"]["mean"] for p in pts]
+            y = [fig_of(p, m)["mean"] for p in pts]
+            err = [fig_of(p, m)["sd"] for p in pts]
+            if row == "reference":
+                ax.plot(x, y, "k*", markersize=12, label=row)
+                continue
+            line = ax.errorbar(x, y, yerr=err, marker="o", capsize=2, label=row)[0]
+            chosen = [i for i, p in enumerate(pts) if p["selected"]]
+            ax.scatter([x[i] for i in chosen], [y[i] for i in chosen], s=150, facecolors="none",
+                       edgecolors=line.get_color())  # fmt: skip
+        ax.set_xlabel("exact KL(π ‖ π_ref), valid")
+        ax.set_ylabel("valid E_π[r] − E_ref[r] (reward model)" if m == "reward_gain"
+                      else f"valid {m}")  # fmt: skip
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{title}: reward-KL frontier on valid (test read once, after selection)",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _fig(f: dict[str, Any]) -> str:
@@ -172,10 +255,10 @@ def markdown(result: dict[str, Any], spec: StudySpec) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_report(spec: StudySpec, lines: list[Entry], ledger: Ledger,
-                 test_reads: list[str]) -> Path:  # fmt: skip
-    """study.json and table.md into spec.out_dir (atomically), study.json also to
-    spec.publish when set; the output directory."""
+def write_report(spec: StudySpec, lines: list[Entry], ledger: Ledger, test_reads: list[str],
+                 frontier: list[dict[str, Any]]) -> Path:  # fmt: skip
+    """study.json, table.md and frontier.png into spec.out_dir (atomically), study.json (and
+    frontier.png beside it, same stem) also to spec.publish when set; the output directory."""
     result = {
         "study": spec.name,
         "selection": {"split": SELECTION_SPLIT, "metric": spec.selection_metric,
@@ -187,15 +270,20 @@ def write_report(spec: StudySpec, lines: list[Entry], ledger: Ledger,
         "cache": {"trained": ledger.trained, "reused": ledger.reused,
                   "evaluated": ledger.evaluated, "eval_reused": ledger.eval_reused},
         "test_reads": test_reads,
+        "frontier": frontier,
     }  # fmt: skip
+    metrics = list(dict.fromkeys((spec.selection_metric, *spec.metrics)))
     text = json.dumps(result, indent=2)
-    table = markdown(result, spec)
+    table = markdown(result, spec) + "\n" + "\n".join(frontier_markdown(frontier, metrics))
     with atomic_dir(spec.out_dir) as tmp:
         (tmp / "study.json").write_text(text)
         (tmp / "table.md").write_text(table)
+        plot_frontier(frontier, metrics, spec.name, tmp / "frontier.png")
     if spec.publish is not None:
         spec.publish.parent.mkdir(parents=True, exist_ok=True)
-        tmp_file = spec.publish.with_name(f".{spec.publish.name}.tmp-{os.getpid()}")
-        tmp_file.write_text(text)
-        os.replace(tmp_file, spec.publish)
+        for src, dst in ((None, spec.publish), (spec.out_dir / "frontier.png",
+                                                 spec.publish.with_suffix(".png"))):  # fmt: skip
+            tmp_file = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+            tmp_file.write_bytes(text.encode() if src is None else src.read_bytes())
+            os.replace(tmp_file, dst)
     return spec.out_dir

@@ -68,15 +68,16 @@ from recsys_dpo.evaluation.evaluator import (
     EvalResult,
     RetrievalConfig,
     evaluate,
+    policy_kl,
     request_metric_name,
     train_popularity,
 )
 from recsys_dpo.models import Recommender
 from recsys_dpo.pipeline import Pipeline, stage_config
-from recsys_dpo.settings import TrainPreference, TrainReference, validate
+from recsys_dpo.settings import TrainPreference, TrainReference, TrainReward, validate
 from recsys_dpo.stage import plain
 from recsys_dpo.study.popularity import MostPopular
-from recsys_dpo.study.report import write_report
+from recsys_dpo.study.report import frontier_point, write_report
 from recsys_dpo.study.spec import SELECTION_SPLIT, SFT, Row, StudySpec
 from recsys_dpo.study.stats import mean_sd
 from recsys_dpo.study.workers import job_pool, run_jobs, train_job
@@ -227,6 +228,31 @@ class EvalCache:
         return Evaluation(key, split, model, pl.read_parquet(out / "per_user.parquet"),
                           json.loads((out / "metrics.json").read_text()))  # fmt: skip
 
+    def kl(self, policy: Run, reference: Run, dataset: dict[str, Any], split: str,
+           reward: str | None = None) -> dict[str, float]:  # fmt: skip
+        """The means over `split`'s users of the exact KL(policy || reference) and, with a
+        `reward` checkpoint, of the reward gain E_pi[r] - E_ref[r] (`evaluator.policy_kl`),
+        cached by the checkpoints' sha256 like an evaluation."""
+        ids = {"policy": file_sha256(Path(policy.ckpt)),
+               "reference": file_sha256(Path(reference.ckpt)),
+               **({} if reward is None else {"reward": file_sha256(Path(reward))})}  # fmt: skip
+        out = self.root / self.key(config_hash(ids), f"{split}:kl")
+        if not (out / "manifest.json").is_file():
+            table = policy_kl(load_model(policy.ckpt, dataset), load_model(reference.ckpt, dataset),
+                              self.data, split,
+                              reward=None if reward is None else load_model(reward, dataset),
+                              seen=self.seen, batch_size=self.batch_size,
+                              kl_chunk=self.kl_chunk)  # fmt: skip
+            with atomic_dir(out) as tmp:
+                table.write_parquet(tmp / "per_user.parquet")
+                write_manifest(tmp, {"model": policy.ckpt, "reference": reference.ckpt,
+                                     "reward": reward, "split": split, **ids})  # fmt: skip
+            self.ledger.evaluated.append(f"{split}:kl:{policy.ckpt}")
+        else:
+            self.ledger.eval_reused.append(f"{split}:kl:{policy.ckpt}")
+        table = pl.read_parquet(out / "per_user.parquet")
+        return {c: float(table[c].mean()) for c in table.columns if c != USER_IDX}
+
 
 class Study:
     """One study's runs, evaluations and the guard on test reads."""
@@ -251,6 +277,8 @@ class Study:
         self.test_allowed: set[str] = set()
         self.test_reads: list[str] = []
         self.selection_open = True
+        # Reference checkpoint -> its reward model's checkpoint (the RLHF rows' reward.ckpt).
+        self.rewards: dict[str, str] = {}
 
     def job(self, stage: str, cfg: DictConfig, suffix: str = "") -> Job:
         return Job(stage, cfg, f"{self.model_name}-{cfg.objective.name}{suffix}")
@@ -309,6 +337,8 @@ class Study:
     def preference_config(self, row: Row, point: dict[str, Any], ref_ckpt: str,
                           seed: int) -> DictConfig:  # fmt: skip
         updates = {"reference.ckpt": ref_ckpt, **self.spec.fine_tune, **row.overrides, **point}
+        if self.spec.is_rlhf(row):
+            updates["reward.ckpt"] = self.rewards[ref_ckpt]
         return stage_config(self.template, objective=self._objective(row.objective), seed=seed,
                             **updates)  # fmt: skip
 
@@ -329,6 +359,28 @@ class Study:
                    "train.early_stopping_patience": None}  # fmt: skip
         return stage_config(self.template, objective=self._objective(recipe.objective),
                             mode="continue", seed=seed, **updates)  # fmt: skip
+
+    def reward_config(self, ref_ckpt: str) -> DictConfig:
+        """The reward model of the reference `ref_ckpt`, trained from it at the first
+        fine-tuning seed (one per reference, shared by every RLHF row and grid point)."""
+        recipe = self.spec.reward
+        assert recipe is not None, "reward_config: the study has no RLHF row"
+        return stage_config(self.template, objective=self._objective(recipe.objective),
+                            seed=self.spec.seeds[0], **{"reference.ckpt": ref_ckpt},
+                            **recipe.updates())  # fmt: skip
+
+    def reward_jobs(self, ckpts: list[str]) -> list[Job]:
+        """The reward models the RLHF rows need, one per reference checkpoint (none without
+        an RLHF row)."""
+        if not any(self.spec.is_rlhf(r) for r in self.spec.rows):
+            return []
+        return [self.job("reward", self.reward_config(c)) for c in ckpts]
+
+    def train_rewards(self, refs: list[Run]) -> None:
+        """Train (or reuse) each reference's reward model; fills `self.rewards`."""
+        ckpts = [r.ckpt for r in refs]
+        runs = self.train_all(self.reward_jobs(ckpts))
+        self.rewards |= {c: r.ckpt for c, r in zip(ckpts, runs, strict=False)}
 
     def reference_jobs(self) -> list[Job]:
         return [self.job("reference", self.reference_config(s)) for s in self.spec.reference_seeds]
@@ -396,6 +448,8 @@ class Selected:
     point: dict[str, Any]
     runs: list[list[Run]]
     unselected: list[str]
+    # Every grid point's runs [point][reference][seed] (the frontier reads them on valid).
+    point_runs: list[list[list[Run]]] = field(default_factory=list)
 
 
 def search_rows(study: Study, refs: list[Run]) -> list[Selected]:
@@ -422,11 +476,12 @@ def select_row(study: Study, row: Row, runs: list[list[list[Run]]]) -> Selected:
             for i, (p, s, point) in enumerate(zip(points, scores, runs, strict=True))]  # fmt: skip
     unselected = [r.ckpt for i, point in enumerate(runs) if i != best
                   for per_ref in point for r in per_ref]  # fmt: skip
-    return Selected(row, grid, points[best], runs[best], unselected)
+    return Selected(row, grid, points[best], runs[best], unselected, runs)
 
 
 # Stands for a reference checkpoint while the plan is checked, before any is trained.
 PLANNED_CKPT = "<the reference's best checkpoint>"
+PLANNED_REWARD = "<its reward model's best checkpoint>"
 
 
 def check_plan(study: Study) -> int:
@@ -436,6 +491,9 @@ def check_plan(study: Study) -> int:
     spec, seed = study.spec, study.spec.seeds[0]
     plan = [("study.reference", study.reference_config(s), TrainReference)
             for s in spec.reference_seeds]  # fmt: skip
+    plan += [("study.reward", job.cfg, TrainReward) for job in study.reward_jobs([PLANNED_CKPT])]
+    if spec.reward is not None:
+        study.rewards.setdefault(PLANNED_CKPT, PLANNED_REWARD)
     for row in spec.rows:
         for p in row.points():
             where = f"study.rows.{row.name} at {p or 'its fixed settings'}"
@@ -477,6 +535,10 @@ def plan_study(spec: StudySpec, template: DictConfig) -> str:
     # A reference not trained yet stands in by name: its runs cannot be cached either.
     ckpts = [r["best_ckpt"] or r["last_ckpt"] if r else f"<reference {i}, not trained yet>"
              for i, r in enumerate(refs.values())]  # fmt: skip
+    rewards = {job.out(): cached(job) for job in study.reward_jobs(ckpts)}
+    # A reward model not trained yet stands in by name, like a reference.
+    study.rewards |= {c: r["best_ckpt"] or r["last_ckpt"] if r else f"<reward of {c}>"
+                      for c, r in zip(ckpts, rewards.values(), strict=False)}  # fmt: skip
     grid = {job.out(): cached(job) for row in spec.rows for job in study.grid_jobs(row, ckpts)}
     n_each = len(ckpts) * len(spec.seeds)
     with_sft = [r for r in spec.rows
@@ -496,6 +558,8 @@ def plan_study(spec: StudySpec, template: DictConfig) -> str:
     lines = [
         f"plan of study {spec.name} (study.jobs={spec.jobs} training runs at a time):",
         f"  reference runs:   {len(refs)} ({sum(r is not None for r in refs.values())} cached)",
+        f"  reward models:    {len(rewards)} ({sum(r is not None for r in rewards.values())}"
+        " cached): one per reference, for the RLHF rows",
         f"  fine-tuning runs: {len(grid)} ({sum(r is not None for r in grid.values())} cached):"
         f" grid points {points}; each x {len(ckpts)} references x {len(spec.seeds)} seeds,"
         " identical configs once",
@@ -569,9 +633,15 @@ def run_study(spec: StudySpec, template: DictConfig, console: Console | None = N
         study = Study(spec, template, pipe, data, console, pool, parent_run)
         check_plan(study)
         # Each reference's grid starts as soon as it is trained; search_rows then finds it.
+        # Each reference's reward model and non-RLHF grid start as soon as it is trained; the
+        # RLHF rows' grids need the reward model, so they start in search_rows.
         refs = study.train_all(study.reference_jobs(), then=lambda ref: [
-            job for row in spec.rows for job in study.grid_jobs(row, [ref.ckpt])])  # fmt: skip
+            *study.reward_jobs([ref.ckpt]),
+            *(job for row in spec.rows if not spec.is_rlhf(row)
+              for job in study.grid_jobs(row, [ref.ckpt]))])  # fmt: skip
+        study.train_rewards(refs)
         searched = search_rows(study, refs)
+        frontier = frontier_points(study, searched, refs)
         # Every control is trained before any test figure is read: one batch of jobs.
         controls = [control_jobs(study, sel, refs) for sel in searched]
         made = iter(study.train_all([j for c in controls for j in (*c.sft, *c.cont)]))
@@ -598,7 +668,35 @@ def run_study(spec: StudySpec, template: DictConfig, console: Console | None = N
                                       [next(made) for _ in ctl.cont], n_seeds, reference,
                                       steps=steps))  # fmt: skip
         check_test_reads(study, [c for sel in searched for c in sel.unselected], lines)
-    return write_report(spec, lines, study.ledger, sorted(set(study.test_reads)))
+        out = write_report(spec, lines, study.ledger, sorted(set(study.test_reads)), frontier)
+        tracker.log_artifacts(parent_run, out, "study")
+    return out
+
+
+def frontier_points(study: Study, searched: list[Selected],
+                    refs: list[Run]) -> list[dict[str, Any]]:  # fmt: skip
+    """The reward-KL frontier on valid: the reference (KL 0), then every row's every grid point,
+    each with its mean exact KL(pi || pi_ref) over valid users, its valid metrics (the
+    selection metric and the report's) and, in a study with reward models, the reward gain
+    E_pi[r] - E_ref[r] under its reference's reward model (every row's, DPO's too: the
+    over-optimisation read-out), mean +- sd across references. Valid only: test is read once,
+    for the selected recipes."""
+    spec = study.spec
+    metrics = list(dict.fromkeys((spec.selection_metric, *spec.metrics)))
+    zeros = [[{"kl": 0.0, **({} if spec.reward is None else {"reward_gain": 0.0})}] for _ in refs]
+    points = [frontier_point("reference", {}, zeros,
+                             [[study.read(r, SELECTION_SPLIT)] for r in refs], metrics,
+                             False)]  # fmt: skip
+    for sel in searched:
+        for point, runs, grid in zip(sel.row.points(), sel.point_runs, sel.grid, strict=True):
+            kls = [[study.cache.kl(r, ref, study.dataset, SELECTION_SPLIT,
+                                   study.rewards[ref.ckpt] if spec.reward else None)
+                      for r in per_ref]
+                   for ref, per_ref in zip(refs, runs, strict=True)]  # fmt: skip
+            evals = [[study.read(r, SELECTION_SPLIT) for r in per_ref] for per_ref in runs]
+            points.append(frontier_point(sel.row.name, point, kls, evals, metrics,
+                                         grid["selected"]))  # fmt: skip
+    return points
 
 
 def _control(study: Study, name: str, row: Entry, what: str, made: list[Run], n_seeds: int,

@@ -7,6 +7,9 @@ A study (DESIGN.md, "Study protocol") is the dataset and model of the root confi
   overrides) and `reference_seeds`, one independently trained reference per seed (the seed
   changes the initialisation and the data order);
 - `fine_tune`: overrides shared by every fine-tuning run, `seeds` its seeds;
+- `reward`: the reward-model recipe (objective, lr, max_epochs), read only when a row is one of
+  the RLHF route's objectives (rlhf_exact, rlhf_pg, rloo): one reward model per reference,
+  trained from it, and every RLHF run from that reference optimises against it;
 - `rows`: name -> a preference objective, its fixed `overrides` and the `grid` selected over
   (nested like the config, lists at the leaves: `{objective: {beta: [0.1, 1]}}`);
 - `selection`: the metric selected on; the split is always `valid` (anything else is refused);
@@ -37,6 +40,7 @@ from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.evaluator import MCAR_K
 from recsys_dpo.evaluation.truth import TRUTH_METRICS
 from recsys_dpo.stage import flatten
+from recsys_dpo.training.rlhf_module import RLHF_OBJECTIVES
 
 # Hyperparameters are selected on valid and read out on test once: not a free setting.
 SELECTION_SPLIT = "valid"
@@ -70,6 +74,18 @@ class ReferenceRecipe:
             "train.early_stopping_patience": self.early_stopping_patience,
             **self.overrides,
         }
+
+
+@dataclass(frozen=True)
+class RewardRecipe:
+    """The RLHF rows' reward model: trained once per reference, from it (`train-reward`)."""
+
+    objective: str
+    lr: float
+    max_epochs: int
+
+    def updates(self) -> dict[str, Any]:
+        return {"train.lr": self.lr, "trainer.max_epochs": self.max_epochs}
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,11 @@ class StudySpec:
     publish: Path | None
     jobs: int = 1
     plan_only: bool = False
+    reward: RewardRecipe | None = None
+
+    def is_rlhf(self, row: Row) -> bool:
+        """Whether `row` optimises against a reward model (needs `reward.ckpt`)."""
+        return self.objectives[row.objective]["name"] in RLHF_OBJECTIVES
 
 
 def _objective(objectives: Mapping[str, Any], name: str, stage: str, where: str) -> None:
@@ -195,6 +216,18 @@ def study_spec(study: DictConfig, eval_k: list[int]) -> StudySpec:
     for name, r in raw_rows.items():
         _objective(objectives, r["objective"], "preference", f"study.rows.{name}.objective")
         rows.append(Row(name, r["objective"], flatten(r.get("overrides") or {}), grids[name]))
+    reward = None
+    rlhf = [r.name for r in rows if objectives[r.objective]["name"] in RLHF_OBJECTIVES]
+    if rlhf:
+        recipe = s.get("reward") or {}
+        missing = [k for k in ("objective", "lr", "max_epochs") if recipe.get(k) is None]
+        if missing:
+            raise DataError(f"study.rows {rlhf}: RLHF rows train against a reward model, and "
+                            f"study.reward lacks {missing} (e.g. study.reward: {{objective: "
+                            "bradley_terry, lr: 1.0e-3, max_epochs: 3}, with `- /objective@"
+                            "study.objectives.bradley_terry: bradley_terry` in the defaults)")  # fmt: skip
+        _objective(objectives, recipe["objective"], "reward", "study.reward.objective")
+        reward = RewardRecipe(recipe["objective"], float(recipe["lr"]), int(recipe["max_epochs"]))
     controls = s.get("controls", {})
     if controls.get("sft", True):
         _objective(objectives, SFT, "preference", "study.controls.sft")
@@ -230,4 +263,5 @@ def study_spec(study: DictConfig, eval_k: list[int]) -> StudySpec:
         publish=None if s.get("publish") is None else Path(s["publish"]),
         jobs=jobs,
         plan_only=bool(s.get("plan_only", False)),
+        reward=reward,
     )  # fmt: skip
