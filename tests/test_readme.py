@@ -43,6 +43,8 @@ SKIP = {
     "core",
     "recsys-dpo study study=synthetic_negatives": "69 training runs, about 10 minutes on one "
     "core",
+    "recsys-dpo study study=synthetic_rlhf_frontier": "57 training runs, about 7 minutes on "
+    "one core",
 }
 
 
