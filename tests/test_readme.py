@@ -45,6 +45,8 @@ SKIP = {
     "core",
     "recsys-dpo study study=synthetic_rlhf_frontier": "57 training runs, about 7 minutes on "
     "one core",
+    "recsys-dpo study study=ml1m_sasrec_rlhf_frontier": "3 ML-1M SASRec references, 3 reward "
+    "models and 39 fine-tuning runs, about an hour on 2 cores",
 }
 
 

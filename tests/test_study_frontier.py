@@ -102,9 +102,30 @@ def test_the_frontier_has_every_grid_point_with_its_exact_valid_kl(tiny):
             gain = point["reward_gain"]["per_reference"][refs.index(ref)]
             brute_gain = ((log_p.exp() - log_q.exp()) * r).sum(-1).mean().item()
             assert gain == pytest.approx(brute_gain, rel=1e-3, abs=1e-6)
+            # How far from the RLHF optimum pi_ref exp(r / beta) / Z at the row's own beta.
+            log_opt = (log_q + r / point["point"]["objective.beta"]).log_softmax(-1)
+            to_opt = point["kl_to_optimum"]["per_reference"][refs.index(ref)]
+            brute_opt = (log_opt.exp() * (log_opt - log_p)).sum(-1).mean().item()
+            assert to_opt == pytest.approx(brute_opt, rel=1e-3, abs=1e-6)
     assert (tmp / "art" / "studies" / NAME / "frontier.png").stat().st_size > 0
     table = (tmp / "art" / "studies" / NAME / "table.md").read_text()
     assert "## Reward-KL frontier (valid)" in table and "test is read once" in table
+
+
+def test_every_entry_and_reward_model_reports_what_its_training_cost(tiny):
+    tmp, result = tiny
+    for row in result["rows"][1:]:  # the baseline trains nothing
+        runs = [run for per_ref in row["runs"] for run in per_ref]
+        steps = [torch.load(json.loads((Path(r) / "result.json").read_text())["last_ckpt"],
+                            map_location="cpu", weights_only=False)["global_step"] for r in runs]
+        cost = row["cost"]
+        assert cost["runs"] == len(runs) and cost["optimizer_steps"]["mean"] == pytest.approx(
+            sum(steps) / len(steps))  # fmt: skip
+        assert cost["fit_seconds"]["mean"] > 0 and cost["peak_rss_mb"] > 100
+    assert result["rows"][0]["cost"] is None
+    assert result["reward_cost"]["runs"] == 2 and result["reward_cost"]["optimizer_steps"]["mean"] > 0
+    table = (tmp / "art" / "studies" / NAME / "table.md").read_text()
+    assert "## Cost" in table and "| reward model (once per reference" in table
 
 
 def test_a_rerun_trains_nothing_and_the_plan_counts_the_reward_models(tiny):

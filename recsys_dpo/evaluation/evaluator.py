@@ -61,6 +61,7 @@ from recsys_dpo.evaluation import metrics
 from recsys_dpo.evaluation.truth import synthetic_truth, topk_truth_metrics
 from recsys_dpo.models.base import Recommender
 from recsys_dpo.objectives.catalog import chunked_kl_entropy
+from recsys_dpo.objectives.rlhf import distill_loss, rlhf_optimum_logits
 from recsys_dpo.retrieval.index import build_index, search
 from recsys_dpo.retrieval.seen import DEFAULT_SEEN, removed_items
 from recsys_dpo.training.guards import NonFinite, require_finite
@@ -485,13 +486,17 @@ def _kl(pol_user: Tensor, pol_item: Tensor, ref_user: Tensor, ref_item: Tensor, 
 
 
 def policy_kl(policy: Recommender, reference: Recommender, data: PreparedDataset, split: str,
-              *, reward: Recommender | None = None, seen: str = DEFAULT_SEEN,
-              batch_size: int = 1024, kl_chunk: int = 65536) -> pl.DataFrame:  # fmt: skip
+              *, reward: Recommender | None = None, beta: float | None = None,
+              seen: str = DEFAULT_SEEN, batch_size: int = 1024,
+              kl_chunk: int = 65536) -> pl.DataFrame:  # fmt: skip
     """Each user's exact KL(policy || reference) over the full catalog on `split`'s queries
     (`user_idx`, `kl`): the x axis of a reward-KL frontier, without the ranking metrics
     `compare` also computes. With a `reward` model r, also `reward_gain`:
     E_{i~policy}[r(u, i)] - E_{i~reference}[r(u, i)], both expectations exact over the catalog
-    (a difference: a Bradley-Terry reward is defined up to a per-user offset); memory
+    (a difference: a Bradley-Terry reward is defined up to a per-user offset); with `beta`
+    too, `kl_to_optimum`: KL(pi* || policy), pi* the RLHF optimum of r at beta,
+    pi_ref exp(r / beta) / Z (`rlhf.rlhf_optimum_logits`): how far the policy is from the
+    policy the RLHF route targets at that beta (0 for a perfect distillation of pi*). Memory
     O(batch_size x catalog)."""
     queries = build_queries(data, split, seen)
     models = {"policy": policy, "reference": reference, "reward": reward}
@@ -505,13 +510,19 @@ def policy_kl(policy: Recommender, reference: Recommender, data: PreparedDataset
     table = pl.DataFrame({USER_IDX: queries.user_idx, "kl": kl})
     if reward is None:
         return table
-    gain = []
+    gain, to_optimum = [], []
     for rows in _batches(len(queries), batch_size, False, ""):
-        # Padding (row 0) excluded, as in the KL.
-        r = users["reward"][rows] @ items["reward"][1:].T
-        p, q = ((users[m][rows] @ items[m][1:].T).softmax(-1) for m in ("policy", "reference"))
-        gain.append(((p - q) * r).sum(-1))
-    return table.with_columns(pl.Series("reward_gain", torch.cat(gain).double().numpy()))
+        # Padding (column 0) excluded, as in the KL.
+        logits = {m: users[m][rows] @ items[m].T for m in models if m in users}
+        p, q = (logits[m][:, 1:].softmax(-1) for m in ("policy", "reference"))
+        gain.append(((p - q) * logits["reward"][:, 1:]).sum(-1))
+        if beta is not None:
+            optimum = rlhf_optimum_logits(logits["reference"], logits["reward"], beta)
+            to_optimum.append(distill_loss(logits["policy"], optimum))
+    table = table.with_columns(pl.Series("reward_gain", torch.cat(gain).double().numpy()))
+    if beta is None:
+        return table
+    return table.with_columns(pl.Series("kl_to_optimum", torch.cat(to_optimum).double().numpy()))
 
 
 def _entropy(user_emb: Tensor, item_emb: Tensor, chunk: int, batch_size: int) -> np.ndarray:

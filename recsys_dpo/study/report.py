@@ -95,12 +95,52 @@ def entry_json(entry: Entry, spec: StudySpec) -> dict[str, Any]:
     return {
         "name": entry.name, "kind": entry.kind, "of": entry.of, "selected": entry.selected,
         "grid": entry.grid, "runs": entry.runs, "epochs": entry.epochs, "steps": entry.steps,
+        "cost": cost_summary(entry.costs),
         "valid": {m: figures(entry.valid, m) for m in metrics},
         "test": {m: figures(entry.test, m) for m in metrics},
         "deltas": {f"vs {what}": {"vs": other.name, **{m: delta(entry, other, m, spec.n_resamples,
                                                                 spec.ci) for m in metrics}}
                    for what, other in entry.compare_with.items()},
     }  # fmt: skip
+
+
+def cost_summary(costs: list[list[dict[str, Any] | None]] | None) -> dict[str, Any] | None:
+    """What an entry's training runs cost (`training.run.fit_cost`, over every reference and
+    seed): wall seconds and optimizer steps as mean ± sd, the largest peak RSS; None when a run
+    has no record (the baseline; a run cached from before costs were recorded)."""
+    runs = [c for s in costs or [] for c in s]
+    if not runs or None in runs:
+        return None
+    out = {k: dict(zip(("mean", "sd"), mean_sd([float(c[k]) for c in runs]), strict=True))
+           for k in ("fit_seconds", "optimizer_steps")}  # fmt: skip
+    rss = [c["peak_rss_mb"] for c in runs if c.get("peak_rss_mb") is not None]
+    gpu = [c["peak_gpu_mb"] for c in runs if c.get("peak_gpu_mb") is not None]
+    return {**out, "peak_rss_mb": max(rss, default=None), "peak_gpu_mb": max(gpu, default=None),
+            "runs": len(runs)}  # fmt: skip
+
+
+COST_CAPTION = ("Training cost at the selected points (`trainer.fit` only: data loading and "
+                "negative mining before it are not counted), over every reference x seed: wall "
+                "seconds and optimizer steps mean ± sd, the largest peak RSS of the training "
+                "process (MiB). With study.jobs > 1 the runs shared the machine's cores, so "
+                "compare rows of one study, not studies.")  # fmt: skip
+
+
+def cost_markdown(rows: list[dict[str, Any]], reward: dict[str, Any] | None) -> list[str]:
+    """The cost table (COST_CAPTION): every entry with a record, then the reward models."""
+    def line(name: str, c: dict[str, Any]) -> str:
+        gpu = "" if c["peak_gpu_mb"] is None else f" (GPU {c['peak_gpu_mb']:.0f})"
+        rss = "n/a" if c["peak_rss_mb"] is None else f"{c['peak_rss_mb']:.0f}{gpu}"
+        return (f"| {name} | {c['fit_seconds']['mean']:.1f} ± {c['fit_seconds']['sd']:.1f} | "
+                f"{c['optimizer_steps']['mean']:.0f} | {rss} |")
+
+    lines = [line(r["name"], r["cost"]) for r in rows if r.get("cost")]
+    if reward is not None:
+        lines.append(line("reward model (once per reference; the RLHF rows' extra cost)", reward))
+    if not lines:
+        return []
+    return ["## Cost", "", COST_CAPTION, "", "| entry | fit s | optimizer steps | peak RSS MiB |",
+            "|---|---:|---:|---:|", *lines, ""]  # fmt: skip
 
 
 def frontier_point(row: str, point: dict[str, Any], kls: list[list[dict[str, float]]],
@@ -116,8 +156,9 @@ def frontier_point(row: str, point: dict[str, Any], kls: list[list[dict[str, flo
 
     out = {"row": row, "point": point, "selected": selected, "kl": across("kl"),
            "valid": {m: figures(evals, m) for m in metrics}}  # fmt: skip
-    if "reward_gain" in kls[0][0]:
-        out["reward_gain"] = across("reward_gain")
+    for key in ("reward_gain", "kl_to_optimum"):
+        if key in kls[0][0]:
+            out[key] = across(key)
     return out
 
 
@@ -129,15 +170,23 @@ FRONTIER_CAPTION = ("x: mean exact KL(pi || pi_ref) over valid users, each run t
 def frontier_markdown(frontier: list[dict[str, Any]], metrics: list[str]) -> list[str]:
     """The frontier as a table (FRONTIER_CAPTION)."""
     gain = "reward_gain" in frontier[0]
-    cols = [*metrics, *(["reward gain E_pi[r] - E_ref[r]"] if gain else [])]
+    optimum = any("kl_to_optimum" in p for p in frontier)
+    cols = [*metrics, *(["reward gain E_pi[r] - E_ref[r]"] if gain else []),
+            *(["KL(pi*_beta ‖ pi)"] if optimum else [])]  # fmt: skip
+
+    def cells(p: dict[str, Any]) -> list[str]:
+        return [*(_fig(p["valid"][m]) for m in metrics),
+                *([_fig(p["reward_gain"])] if gain else []),
+                *([_fig(p["kl_to_optimum"]) if "kl_to_optimum" in p else ""] if optimum else [])]  # fmt: skip
+
     return ["## Reward-KL frontier (valid)", "", FRONTIER_CAPTION
-            + (" Reward gain: under the reference's own reward model, every row." if gain else ""),
+            + (" Reward gain: under the reference's own reward model, every row." if gain else "")
+            + (" KL(pi*_beta ‖ pi): to the RLHF optimum pi_ref exp(r / beta) / Z of that reward"
+               " model at the row's own beta." if optimum else ""),
             "", "| row | point | selected | KL(pi ‖ pi_ref) | " + " | ".join(cols) + " |",
             "|---|---|---|---:|" + "---:|" * len(cols),
             *(f"| {p['row']} | {_point(p['point'])} | {'yes' if p['selected'] else ''} | "
-              f"{_fig(p['kl'])} | " + " | ".join([*(_fig(p["valid"][m]) for m in metrics),
-                                                  *([_fig(p["reward_gain"])] if gain else [])])
-              + " |" for p in frontier), ""]  # fmt: skip
+              f"{_fig(p['kl'])} | " + " | ".join(cells(p)) + " |" for p in frontier), ""]  # fmt: skip
 
 
 def plot_frontier(frontier: list[dict[str, Any]], metrics: list[str], title: str,
@@ -256,9 +305,11 @@ def markdown(result: dict[str, Any], spec: StudySpec) -> str:
 
 
 def write_report(spec: StudySpec, lines: list[Entry], ledger: Ledger, test_reads: list[str],
-                 frontier: list[dict[str, Any]]) -> Path:  # fmt: skip
+                 frontier: list[dict[str, Any]],
+                 reward_costs: list[dict[str, Any] | None] | None = None) -> Path:  # fmt: skip
     """study.json, table.md and frontier.png into spec.out_dir (atomically), study.json (and
-    frontier.png beside it, same stem) also to spec.publish when set; the output directory."""
+    frontier.png beside it, same stem) also to spec.publish when set; the output directory.
+    `reward_costs`: each reference's reward-model run's cost, in a study with RLHF rows."""
     result = {
         "study": spec.name,
         "selection": {"split": SELECTION_SPLIT, "metric": spec.selection_metric,
@@ -271,10 +322,12 @@ def write_report(spec: StudySpec, lines: list[Entry], ledger: Ledger, test_reads
                   "evaluated": ledger.evaluated, "eval_reused": ledger.eval_reused},
         "test_reads": test_reads,
         "frontier": frontier,
+        "reward_cost": None if reward_costs is None else cost_summary([reward_costs]),
     }  # fmt: skip
     metrics = list(dict.fromkeys((spec.selection_metric, *spec.metrics)))
     text = json.dumps(result, indent=2)
-    table = markdown(result, spec) + "\n" + "\n".join(frontier_markdown(frontier, metrics))
+    table = "\n".join([markdown(result, spec), *frontier_markdown(frontier, metrics),
+                       *cost_markdown(result["rows"], result["reward_cost"])])
     with atomic_dir(spec.out_dir) as tmp:
         (tmp / "study.json").write_text(text)
         (tmp / "table.md").write_text(table)

@@ -15,7 +15,8 @@
    `sft` (same chosen events, steps, lr, epochs, seed and start point, no preference term) and
    `continue-<N>steps` (stage-1 training continued from the same reference for the N optimizer
    steps the row took, at its lr). Every entry has valid and test figures.
-4. study.json and table.md go to `spec.out_dir` (and study.json to `spec.publish` if set).
+4. study.json and table.md go to `spec.out_dir` (and study.json to `spec.publish` if set),
+   with the valid reward-KL frontier (`frontier_points`) and each entry's training cost.
 
 The training runs of each phase (the references; every row's every grid point from every
 reference; every row's controls) are independent: `spec.jobs` of them train at a time, in
@@ -102,13 +103,16 @@ class Run:
     lr: float
     # result.json's epochs: the best one (by valid) and where training stopped.
     epochs: dict[str, Any] = field(default_factory=dict)
+    # result.json's `cost` (training.run.fit_cost); None for a run trained before it existed.
+    cost: dict[str, Any] | None = None
 
 
 def run_of(job: Job, result: dict[str, Any]) -> Run:
     """The run of `job` from its result.json."""
     ckpt = result["best_ckpt"] or result["last_ckpt"]
     epochs = {k: result.get(k) for k in ("best_epoch", "stopped_epoch")}
-    return Run(str(Path(ckpt).parent), ckpt, result["last_ckpt"], float(job.cfg.train.lr), epochs)
+    return Run(str(Path(ckpt).parent), ckpt, result["last_ckpt"], float(job.cfg.train.lr), epochs,
+               result.get("cost"))
 
 
 @dataclass(frozen=True)
@@ -229,18 +233,21 @@ class EvalCache:
                           json.loads((out / "metrics.json").read_text()))  # fmt: skip
 
     def kl(self, policy: Run, reference: Run, dataset: dict[str, Any], split: str,
-           reward: str | None = None) -> dict[str, float]:  # fmt: skip
+           reward: str | None = None, beta: float | None = None) -> dict[str, float]:  # fmt: skip
         """The means over `split`'s users of the exact KL(policy || reference) and, with a
-        `reward` checkpoint, of the reward gain E_pi[r] - E_ref[r] (`evaluator.policy_kl`),
-        cached by the checkpoints' sha256 like an evaluation."""
+        `reward` checkpoint, of the reward gain E_pi[r] - E_ref[r] and (with `beta`) the
+        KL(pi* || policy) to the RLHF optimum at beta (`evaluator.policy_kl`), cached by the
+        checkpoints' sha256 (and beta) like an evaluation."""
         ids = {"policy": file_sha256(Path(policy.ckpt)),
                "reference": file_sha256(Path(reference.ckpt)),
-               **({} if reward is None else {"reward": file_sha256(Path(reward))})}  # fmt: skip
+               **({} if reward is None else {"reward": file_sha256(Path(reward))}),
+               **({} if beta is None else {"beta": beta})}  # fmt: skip
         out = self.root / self.key(config_hash(ids), f"{split}:kl")
         if not (out / "manifest.json").is_file():
             table = policy_kl(load_model(policy.ckpt, dataset), load_model(reference.ckpt, dataset),
                               self.data, split,
                               reward=None if reward is None else load_model(reward, dataset),
+                              beta=beta,
                               seen=self.seen, batch_size=self.batch_size,
                               kl_chunk=self.kl_chunk)  # fmt: skip
             with atomic_dir(out) as tmp:
@@ -277,8 +284,10 @@ class Study:
         self.test_allowed: set[str] = set()
         self.test_reads: list[str] = []
         self.selection_open = True
-        # Reference checkpoint -> its reward model's checkpoint (the RLHF rows' reward.ckpt).
+        # Reference checkpoint -> its reward model's checkpoint (the RLHF rows' reward.ckpt),
+        # and its trained run (for its cost).
         self.rewards: dict[str, str] = {}
+        self.reward_runs: dict[str, Run] = {}
 
     def job(self, stage: str, cfg: DictConfig, suffix: str = "") -> Job:
         return Job(stage, cfg, f"{self.model_name}-{cfg.objective.name}{suffix}")
@@ -380,7 +389,8 @@ class Study:
         """Train (or reuse) each reference's reward model; fills `self.rewards`."""
         ckpts = [r.ckpt for r in refs]
         runs = self.train_all(self.reward_jobs(ckpts))
-        self.rewards |= {c: r.ckpt for c, r in zip(ckpts, runs, strict=False)}
+        self.reward_runs |= dict(zip(ckpts, runs, strict=False))
+        self.rewards |= {c: r.ckpt for c, r in self.reward_runs.items()}
 
     def reference_jobs(self) -> list[Job]:
         return [self.job("reference", self.reference_config(s)) for s in self.spec.reference_seeds]
@@ -416,9 +426,10 @@ class Study:
         self.selection_open = False
         self.test_allowed |= {POPULARITY if r is None else r.ckpt for s in models for r in s}
         epochs = [[{} if r is None else r.epochs for r in s] for s in models]
+        costs = [[None if r is None else r.cost for r in s] for s in models]
         return Entry(name, kind, [[self.read(r, "valid") for r in s] for s in models],
                      [[self.read(r, "test") for r in s] for s in models], epochs=epochs,
-                     **info)  # fmt: skip
+                     costs=costs, **info)  # fmt: skip
 
 
 @dataclass
@@ -434,6 +445,7 @@ class Entry:
     grid: list[dict[str, Any]] | None = None
     runs: list[list[str]] | None = None
     epochs: list[list[dict[str, Any]]] | None = None
+    costs: list[list[dict[str, Any] | None]] | None = None
     steps: list[int] | None = None
     compare_with: dict[str, Entry] = field(default_factory=dict)
 
@@ -668,7 +680,9 @@ def run_study(spec: StudySpec, template: DictConfig, console: Console | None = N
                                       [next(made) for _ in ctl.cont], n_seeds, reference,
                                       steps=steps))  # fmt: skip
         check_test_reads(study, [c for sel in searched for c in sel.unselected], lines)
-        out = write_report(spec, lines, study.ledger, sorted(set(study.test_reads)), frontier)
+        out = write_report(spec, lines, study.ledger, sorted(set(study.test_reads)), frontier,
+                           [study.reward_runs[r.ckpt].cost for r in refs]
+                           if study.reward_runs else None)  # fmt: skip
         tracker.log_artifacts(parent_run, out, "study")
     return out
 
@@ -679,7 +693,9 @@ def frontier_points(study: Study, searched: list[Selected],
     each with its mean exact KL(pi || pi_ref) over valid users, its valid metrics (the
     selection metric and the report's) and, in a study with reward models, the reward gain
     E_pi[r] - E_ref[r] under its reference's reward model (every row's, DPO's too: the
-    over-optimisation read-out), mean +- sd across references. Valid only: test is read once,
+    over-optimisation read-out) and, for a row with a beta, KL(pi* || pi) to that reward's
+    RLHF optimum at the row's beta (does DPO reach what RLHF targets?), mean +- sd across
+    references. Valid only: test is read once,
     for the selected recipes."""
     spec = study.spec
     metrics = list(dict.fromkeys((spec.selection_metric, *spec.metrics)))
@@ -689,8 +705,11 @@ def frontier_points(study: Study, searched: list[Selected],
                              False)]  # fmt: skip
     for sel in searched:
         for point, runs, grid in zip(sel.row.points(), sel.point_runs, sel.grid, strict=True):
+            beta = (study.preference_config(sel.row, point, refs[0].ckpt, spec.seeds[0])
+                    .objective.get("beta") if spec.reward else None)  # fmt: skip
             kls = [[study.cache.kl(r, ref, study.dataset, SELECTION_SPLIT,
-                                   study.rewards[ref.ckpt] if spec.reward else None)
+                                   study.rewards[ref.ckpt] if spec.reward else None,
+                                   None if beta is None else float(beta))
                       for r in per_ref]
                    for ref, per_ref in zip(refs, runs, strict=True)]  # fmt: skip
             evals = [[study.read(r, SELECTION_SPLIT) for r in per_ref] for per_ref in runs]

@@ -18,6 +18,7 @@ entry points print one clear message and exit 2.
 """
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -206,6 +207,42 @@ def run_lock(out: Path) -> AbstractContextManager[Path]:
     return stage_lock(out) if rank_zero_only.rank == 0 else nullcontext(out)
 
 
+def _peak_rss_mb(reset: bool = False) -> float | None:
+    """This process's peak resident memory (VmHWM) in MiB, first reset to the current RSS
+    when `reset` (Linux >= 4.0: /proc/self/clear_refs); None where /proc does not have it."""
+    try:
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM")), None)
+    return None if kib is None else int(kib) / 1024
+
+
+@contextmanager
+def fit_cost(trainer: Any) -> Iterator[dict[str, Any]]:
+    """What one `trainer.fit` cost, filled in on exit: `fit_seconds` (wall; this attempt's,
+    so a resumed run counts its last attempt only), `optimizer_steps` (the trainer's
+    global_step), `peak_rss_mb` (the process's peak RSS during the fit, reset at its start so
+    a worker that trained earlier runs does not carry their peak) and `peak_gpu_mb` (CUDA's
+    max allocated, None on CPU). Data preparation and negative mining before the fit are not
+    in it."""
+    cost: dict[str, Any] = {}
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    _peak_rss_mb(reset=True)
+    start = time.perf_counter()
+    yield cost
+    cost.update(
+        fit_seconds=round(time.perf_counter() - start, 3),
+        optimizer_steps=int(trainer.global_step),
+        peak_rss_mb=_peak_rss_mb(),
+        peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if gpu else None,
+    )
+
+
 def fit(
     cfg: DictConfig,
     module: LightningModule,
@@ -220,7 +257,7 @@ def fit(
     val/ndcg_at_k), and `last.ckpt`, the latest state, at every epoch end
     (and every `train.ckpt_every_n_steps` steps); all written atomically. With
     `train.early_stopping_patience` set, training stops once `monitor` has not improved for
-    that many epochs. `<out>/run.json` records the attempt's MLflow run at its start, so a
+    that many epochs. result.json's `cost` is `fit_cost`'s. `<out>/run.json` records the attempt's MLflow run at its start, so a
     later attempt can resume into that run or mark it KILLED.
     """
     if cfg.ckpt_path is not None:
@@ -251,7 +288,8 @@ def fit(
         enable_progress_bar=cfg.progress,
         enable_model_summary=cfg.progress,
     )
-    trainer.fit(module, data, ckpt_path=cfg.ckpt_path)
+    with fit_cost(trainer) as cost:
+        trainer.fit(module, data, ckpt_path=cfg.ckpt_path)
     score = best.best_model_score
     result = {
         "run": run_name,
@@ -265,6 +303,7 @@ def fit(
         "last_ckpt": latest[0].best_model_path or None,
         "seed": cfg.seed,
         "mlflow_run_id": run_id,
+        "cost": cost,
     }
     if owner:
         write_atomic(out / "result.json", json.dumps(result, indent=2).encode())
