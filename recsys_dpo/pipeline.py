@@ -1,5 +1,9 @@
 """One command end to end: prepare -> reference -> preference -> evaluate -> export.
 
+For an objective of the RLHF route (rlhf_exact, rlhf_pg, rloo) a reward-model stage runs
+between reference and preference (`reward_model`: Bradley-Terry from the reference on the same
+pairs, recipe `pipeline.reward`), unless `reward.ckpt` names one.
+
 `run_pipeline(cfg)` takes the config composed by `recsys_dpo/conf/run.yaml` (the root config plus a
 `pipeline` block and `force`) and runs each stage's library function on the previous stage's
 files. A stage is skipped when its output already exists for the same config hash (the prepared
@@ -66,6 +70,7 @@ from recsys_dpo.settings import Run
 from recsys_dpo.stage import data_features, plain, preflight
 from recsys_dpo.tracking.mlflow_utils import Tracker
 from recsys_dpo.training.reference_module import load_model, trained_on
+from recsys_dpo.training.rlhf_module import RLHF_OBJECTIVES
 from recsys_dpo.training.run import run_dir, train_preference, train_reference, train_reward
 
 # Keys of recsys_dpo/conf/run.yaml that steer the runner only; the stages never see them.
@@ -397,7 +402,8 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResu
                                   "train.lr": cfg.pipeline.reference.lr})  # fmt: skip
         reference = pipe.train("reference", ref_cfg, f"{cfg.model.name}-{ref_cfg.objective.name}")
         ref_ckpt = reference["best_ckpt"] or reference["last_ckpt"]
-        pref_cfg = stage_config(cfg, **{"reference.ckpt": ref_ckpt})
+        pref_cfg = stage_config(cfg, **{"reference.ckpt": ref_ckpt,
+                                        "reward.ckpt": reward_model(pipe, cfg, ref_ckpt)})  # fmt: skip
         policy = pipe.train("preference", pref_cfg, f"{cfg.model.name}-{cfg.objective.name}")
         pol_ckpt = policy["best_ckpt"] or policy["last_ckpt"]
         optimized = cfg.pipeline.optimized_metric
@@ -427,6 +433,21 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResu
         tracker.set_tags(parent, {"candidate": "better" if better else "not_better",
                                   "bundle": bundle})  # fmt: skip
     return result
+
+
+def reward_model(pipe: Pipeline, cfg: DictConfig, ref_ckpt: str) -> str | None:
+    """reward.ckpt for stage 2: as given, or, for an RLHF objective without one, the reward
+    model the pipeline trains from the reference on the same pairs (pipeline.reward; its own
+    stage, MLflow child and cached run directory); None for the DPO family."""
+    if cfg.reward.ckpt is not None or cfg.objective.name not in RLHF_OBJECTIVES:
+        return cfg.reward.ckpt
+    recipe = cfg.pipeline.reward
+    reward_cfg = stage_config(cfg, objective=recipe.objective,
+                              **{"reference.ckpt": ref_ckpt, "reward.ckpt": None,
+                                 "trainer.max_epochs": recipe.max_epochs,
+                                 "train.lr": recipe.lr})  # fmt: skip
+    done = pipe.train("reward", reward_cfg, f"{cfg.model.name}-{recipe.objective.name}")
+    return done["best_ckpt"] or done["last_ckpt"]
 
 
 def valid_score(pipe: Pipeline, data: PreparedDataset, policy: str, reference: str) -> float:

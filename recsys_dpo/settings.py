@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -310,9 +310,18 @@ class PipelineReference(Section):
     lr: Positive
 
 
+class PipelineReward(Section):
+    """The reward model `recsys-dpo run` trains for an RLHF objective (unless reward.ckpt)."""
+
+    objective: RewardObjective
+    max_epochs: Count
+    lr: Positive
+
+
 class Pipeline(Section):
     name: Annotated[str, Field(min_length=1)]
     reference: PipelineReference
+    reward: PipelineReward
     primary_metric: str
     optimized_metric: str | None = None
     bundle_dir: str
@@ -356,15 +365,18 @@ class TrainReference(Training):
 
 class TrainPreference(Training):
     reward: Reward = Reward()
+    # False where the command trains the reward model itself (`recsys-dpo run`).
+    reward_ckpt_required: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def rlhf_objectives_take_a_reward_model(self) -> TrainPreference:
-        """reward.ckpt is set exactly when the objective is one of the RLHF route's, which
-        score the catalog with the live reference (no precompute)."""
+        """reward.ckpt is set exactly when the objective is one of the RLHF route's (or may be
+        unset, where the command trains one), which score the catalog with the live reference
+        (no precompute)."""
         from recsys_dpo.training.rlhf_module import RLHF_OBJECTIVES
 
         name, ckpt = self.objective.name, self.reward.ckpt
-        if name in RLHF_OBJECTIVES and ckpt is None:
+        if name in RLHF_OBJECTIVES and ckpt is None and self.reward_ckpt_required:
             raise ValueError(
                 f"objective={name} optimises against a reward model: pass reward.ckpt=<a "
                 "checkpoint written by recsys-dpo train-reward on this dataset>"
@@ -411,6 +423,8 @@ class Run(TrainPreference):
 
     pipeline: Pipeline
     force: Bool
+    # An RLHF objective without reward.ckpt: the pipeline trains one (pipeline.reward).
+    reward_ckpt_required: ClassVar[bool] = False
 
     @model_validator(mode="after")
     def objective_is_stage_2s(self) -> Run:

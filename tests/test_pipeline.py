@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_pipeline
 from mlflow.tracking import MlflowClient
 
@@ -159,3 +160,32 @@ def test_multirun_sweep_summary_has_a_column_per_swept_key(tmp_path):
 def test_flat_params_cut_to_mlflow_limit():
     params = flat_params({"a": {"b": 1, "c": {"d": "x" * 10_000}}, "e": [1, 2]})
     assert params == {"a.b": "1", "a.c.d": "x" * 6000, "e": "[1, 2]"}
+
+
+def test_an_rlhf_objective_trains_its_reward_model_between_the_stages(tmp_path):
+    """objective=rlhf_pg without reward.ckpt: a reward stage (its own MLflow child) trains the
+    Bradley-Terry model from this very reference with pipeline.reward's recipe, and the policy
+    optimises against it; reward.ckpt given: that one is used and no reward stage runs."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    done = run(tmp_path, "rlhf", f"tracking.uri={uri}", "objective=rlhf_pg",
+               "pipeline.reward.max_epochs=1", "pipeline.reward.lr=0.01")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = job_result(tmp_path, "rlhf")
+    assert "reward" in result["ran"] and set(result["stage_run_ids"]) >= {"reward", "preference"}
+    hp = torch.load(result["policy_ckpt"], map_location="cpu", weights_only=False)
+    reward_ckpt = hp["hyper_parameters"]["reward_ckpt"]
+    reward = torch.load(reward_ckpt, map_location="cpu", weights_only=False)
+    assert reward["hyper_parameters"]["reference_ckpt"] == result["reference_ckpt"]
+    assert reward["epoch"] == 0  # pipeline.reward.max_epochs=1, not the preference stage's
+    runs = {r.info.run_name for r in runs_of(uri)}
+    assert "reward" in runs
+    # The DPO family never trains one, and a given reward.ckpt is used as it is.
+    again = run(tmp_path, "given", f"tracking.uri={uri}", "objective=rlhf_exact",
+                f"reward.ckpt={reward_ckpt}")  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    given = job_result(tmp_path, "given")
+    assert "reward" not in given["ran"]
+    hp = torch.load(given["policy_ckpt"], map_location="cpu", weights_only=False)
+    assert hp["hyper_parameters"]["reward_ckpt"] == reward_ckpt
+    refused = run(tmp_path, "dpo", "tracking.enabled=false", f"reward.ckpt={reward_ckpt}")
+    assert refused.returncode == 2 and "only the RLHF objectives" in refused.stderr
