@@ -53,6 +53,14 @@ def test_one_reward_model_per_reference_shared_by_its_rlhf_runs(tiny):
                      "sft @ rlhf_exact"]  # fmt: skip
     sft = {r["name"]: r["runs"] for r in result["rows"] if r["kind"] == "control"}
     assert sft["sft @ dpo"] == sft["sft @ rlhf_exact"]
+    # report.versus: [dpo]: the RLHF row is compared with DPO directly, DPO not with itself.
+    deltas = {r["name"]: r["deltas"] for r in result["rows"]}
+    assert "vs row dpo" in deltas["rlhf_exact"] and "vs row dpo" not in deltas["dpo"]
+    direct = deltas["rlhf_exact"]["vs row dpo"]["truth/utility_at_10"]
+    via_sft = [deltas[r]["vs sft"]["truth/utility_at_10"]["mean"] for r in ("rlhf_exact", "dpo")]
+    # Both sft controls are the same runs, so the direct delta is the difference of the two.
+    assert direct["mean"] == pytest.approx(via_sft[0] - via_sft[1], abs=1e-9)
+    assert direct["lo"] <= direct["mean"] <= direct["hi"]
     assert all(set(r["valid"]) == {"ndcg_at_10", "truth/utility_at_10"} for r in result["rows"])
 
 
@@ -155,6 +163,10 @@ def test_an_rlhf_row_without_a_reward_recipe_is_refused():
     assert study_spec(cfg, [10, 20]).reward.max_epochs == 1
     del cfg.reward
     with pytest.raises(DataError, match=r"study.reward lacks \['objective', 'lr', 'max_epochs'\]"):
+        study_spec(cfg, [10, 20])
+    cfg.reward = {"objective": "bradley_terry", "lr": 0.01, "max_epochs": 1}
+    cfg.report.versus = ["dpo", "ppo"]
+    with pytest.raises(DataError, match=r"study.report.versus=\['dpo', 'ppo'\]: \['ppo'\] not"):
         study_spec(cfg, [10, 20])
 
 

@@ -267,16 +267,18 @@ def markdown(result: dict[str, Any], spec: StudySpec) -> str:
         "bootstrap CIs over users follow the main table.", "",
         f"| entry | selected on valid | valid {sel} | test {sel} | "
         + " | ".join(f"test {x}" for x in spec.metrics if x != sel)
-        + f" | Δ test {m} vs reference | Δ vs sft | Δ vs continue |",
+        + f" | Δ test {m} vs reference | Δ vs sft | Δ vs continue |"
+        + "".join(f" Δ vs `{v}` |" for v in spec.versus),
         "|---|---|---:|---:|" + "---:|" * len([x for x in spec.metrics if x != sel])
-        + "---|---|---|",
+        + "---|---|---|" + "---|" * len(spec.versus),
     ]  # fmt: skip
     for e in result["rows"]:
         d = e["deltas"]
         cells = [e["name"], _point(e["selected"]) if e["kind"] == "row" else _epochs(e),
                  _fig(e["valid"][sel]), _fig(e["test"][sel]),
                  *(_fig(e["test"][x]) for x in spec.metrics if x != sel),
-                 *(_ci(d.get(f"vs {w}", {}).get(m)) for w in ("reference", "sft", "continue"))]  # fmt: skip
+                 *(_ci(d.get(f"vs {w}", {}).get(m))
+                   for w in ("reference", "sft", "continue", *(f"row {v}" for v in spec.versus)))]  # fmt: skip
         out.append("| " + " | ".join(cells) + " |")
     out += [
         "",

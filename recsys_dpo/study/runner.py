@@ -679,12 +679,23 @@ def run_study(spec: StudySpec, template: DictConfig, console: Console | None = N
                 lines.append(_control(study, name, row, "continue",
                                       [next(made) for _ in ctl.cont], n_seeds, reference,
                                       steps=steps))  # fmt: skip
+        compare_rows(lines, spec.versus)
         check_test_reads(study, [c for sel in searched for c in sel.unselected], lines)
         out = write_report(spec, lines, study.ledger, sorted(set(study.test_reads)), frontier,
                            [study.reward_runs[r.ckpt].cost for r in refs]
                            if study.reward_runs else None)  # fmt: skip
         tracker.log_artifacts(parent_run, out, "study")
     return out
+
+
+def compare_rows(lines: list[Entry], versus: tuple[str, ...]) -> None:
+    """Every row is also compared with each row of `versus` (itself excepted), as `row <name>`:
+    the same paired per-user test deltas as against its controls."""
+    rows = {e.name: e for e in lines if e.kind == "row"}
+    for entry in rows.values():
+        for name in versus:
+            if name != entry.name:
+                entry.compare_with[f"row {name}"] = rows[name]
 
 
 def frontier_points(study: Study, searched: list[Selected],

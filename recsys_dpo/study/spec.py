@@ -14,7 +14,8 @@ A study (DESIGN.md, "Study protocol") is the dataset and model of the root confi
   (nested like the config, lists at the leaves: `{objective: {beta: [0.1, 1]}}`);
 - `selection`: the metric selected on; the split is always `valid` (anything else is refused);
 - `controls`, `baselines`, `report`: which matched controls and baselines every table has, the
-  metrics shown and the CI settings;
+  metrics shown, the CI settings and `report.versus`, rows every other row is compared with
+  directly (e.g. each RLHF row against `dpo`);
 - `recipe_from`: a finished study's JSON whose selected points replace the grids of the rows of
   the same name (a recipe carried over untouched to another dataset);
 - `jobs`: how many training runs at a time, each in a single-threaded worker process;
@@ -126,6 +127,8 @@ class StudySpec:
     jobs: int = 1
     plan_only: bool = False
     reward: RewardRecipe | None = None
+    # Rows every other row is also compared with on test, paired per user (`report.versus`).
+    versus: tuple[str, ...] = ()
 
     def is_rlhf(self, row: Row) -> bool:
         """Whether `row` optimises against a reward model (needs `reward.ckpt`)."""
@@ -239,6 +242,11 @@ def study_spec(study: DictConfig, eval_k: list[int]) -> StudySpec:
     ci = float(report.get("ci", 0.95))
     if not 0 < ci < 1:
         raise DataError(f"study.report.ci={ci}: expected a level in (0, 1), e.g. 0.95")
+    versus = tuple(report.get("versus") or ())
+    unknown = [v for v in versus if v not in raw_rows]
+    if unknown:
+        raise DataError(f"study.report.versus={list(versus)}: {unknown} not among study.rows "
+                        f"{list(raw_rows)}")  # fmt: skip
     return StudySpec(
         name=s["name"],
         reference=ReferenceRecipe(ref["objective"], float(ref["lr"]), int(ref["max_epochs"]),
@@ -258,6 +266,7 @@ def study_spec(study: DictConfig, eval_k: list[int]) -> StudySpec:
                       for m in report.get("metrics", ["ndcg_at_10", "hr_at_10"])),
         n_resamples=int(report.get("n_resamples", 1000)),
         ci=ci,
+        versus=versus,
         out_dir=Path(s["out_dir"]),
         eval_cache=Path(s["eval_cache"]),
         publish=None if s.get("publish") is None else Path(s["publish"]),
