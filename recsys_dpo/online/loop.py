@@ -2,9 +2,11 @@
 
 "RL explores, DPO learns from a fixed log", measured. The simulator is the synthetic log's
 own click model (`recsys_dpo.data.synthetic`): P(click | u, i shown at p) = examine(p) *
-sigmoid(c t(u, i) + c0), drawn as Bernoulli clicks from a seeded numpy Generator. Three
+sigmoid(c t(u, i) + c0), drawn as Bernoulli clicks from a seeded numpy Generator. Five
 policies start from one reference pi_ref (an MF trained with full-catalog CE on the clicks of
-the logged, fixed impression log) and are updated for R rounds:
+the logged, fixed impression log) and are updated for R rounds; each DPO method has a matched
+SFT control (the project's standard: the same data, steps, lr and start point, no preference
+term):
 
 - online DPO: each round, a seeded sample of users is served a slate of K items from the
   current policy (`serve="topk"`: its top-K; `"sample"`: a Plackett-Luce draw from pi_theta,
@@ -16,6 +18,17 @@ the logged, fixed impression log) and are updated for R rounds:
 - offline DPO: the same DPO updates on the FIXED logged impression pairs only, as many pair
   rows each round as online DPO has accumulated (a seeded shuffle of the log's rows; capped
   at what the log holds).
+- online SFT, the matched control of online DPO: the same loop (the same round's users, its
+  own policy serving its own slates by the same rule, its own simulated clicks, its own pair
+  rows accumulated over rounds) but the update is `dpo_epochs` epochs of full-catalog
+  cross-entropy on the rows' chosen (clicked) items, with no preference term and no
+  reference: the same lr, batch size, epochs and start point. Its serving noise and clicks are
+  common random numbers (its own generators, seeded as online DPO's), so in round 1, where both
+  policies are the reference, it sees the very slates and clicks online DPO sees; later
+  differences come from the update and from what each policy then serves. Online DPO minus
+  online SFT is what the shown-not-clicked items (the DPO term) add on the same kind of data.
+- offline SFT, the matched control of offline DPO: the same CE updates on the same fixed-log
+  rows offline DPO trains on each round.
 - RLOO: each round `rloo_steps` steps of `objectives.rlhf.rloo_loss` (KL penalty `rloo_beta`
   to the reference), each on a fresh seeded sample of users with `rloo_k` items drawn per
   user from pi_theta. The reward is the simulated click of the item shown alone at position 0:
@@ -28,7 +41,8 @@ the logged, fixed impression log) and are updated for R rounds:
 Budget (item exposures, the simulator's only currency): per round online DPO shows
 users_per_round x K items; RLOO shows rloo_steps x users_per_step x rloo_k sampled items, and
 users_per_step is set to make the two equal (`OnlineSettings` refuses sizes that do not
-divide). Offline DPO uses no new exposures: it is matched on pair rows instead.
+divide); online SFT shows the same users_per_round x K. The offline arms use no new
+exposures: they are matched on pair rows instead.
 
 After every round each policy's top-`eval_k` over the whole catalog (no seen filter: the
 simulator's utility is static) is read out exactly on the truth over ALL users:
@@ -44,6 +58,7 @@ Runs on CPU; seeded end to end (numpy Generators keyed by (seed, stream), torch 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -61,10 +76,13 @@ from recsys_dpo.objectives.reference import full_softmax_ce
 from recsys_dpo.objectives.rlhf import rloo_loss
 
 SERVE_RULES = ("topk", "sample")
-METHODS = ("offline_dpo", "online_dpo", "rloo")
+METHODS = ("offline_dpo", "online_dpo", "rloo", "offline_sft", "online_sft")
+ONLINE_METHODS = ("online_dpo", "online_sft")
 # Independent random streams per purpose, so one method's draws never shift another's.
 _REF_SHUFFLE, _ROUND_USERS, _CLICKS, _SERVE, _RLOO_USERS, _RLOO_REWARD, _RLOO_SAMPLE = range(7)
-_DPO_SHUFFLE, _OFFLINE_POOL = 7, 8
+_OFFLINE_POOL = 8
+# Minibatch order per method trained on pair rows (stream < 100: torch seeds are seed*100+stream).
+_SHUFFLE = {"offline_dpo": 7, "online_dpo": 17, "offline_sft": 37, "online_sft": 47}
 
 
 @dataclass(frozen=True)
@@ -239,7 +257,7 @@ def train_reference(truth: Truth, logged: Slates, settings: OnlineSettings) -> M
     return model.eval()
 
 
-class _Policy:
+class Policy:
     """A trainable copy of the reference with its own optimiser (kept across rounds)."""
 
     def __init__(self, reference: MF, lr: float) -> None:
@@ -254,8 +272,14 @@ class _Policy:
         self.optimiser.step()
 
 
+def _minibatches(n: int, settings: OnlineSettings, generator: torch.Generator) -> Iterator[Tensor]:
+    """Row indices of `settings.dpo_epochs` shuffled epochs over n rows, batch by batch."""
+    for _ in range(settings.dpo_epochs):
+        yield from torch.randperm(n, generator=generator).split(settings.batch_size)
+
+
 def dpo_epochs(
-    policy: _Policy,
+    policy: Policy,
     reference: MF,
     pairs: PairRows,
     settings: OnlineSettings,
@@ -266,27 +290,64 @@ def dpo_epochs(
     chosen = torch.as_tensor(pairs.chosen)
     rejected = torch.as_tensor(pairs.rejected)
     mask = torch.as_tensor(pairs.mask)
-    for _ in range(settings.dpo_epochs):
-        for rows in torch.randperm(len(users), generator=generator).split(settings.batch_size):
-            batch = _batch(users[rows])
-            # `score` (not full_scores) keeps padded negatives finite; dpo masks them out.
-            items = torch.cat([chosen[rows, None], rejected[rows]], dim=1)
-            policy_scores = policy.model.score(batch, items)
-            with torch.no_grad():
-                ref_scores = reference.score(batch, items)
-            loss = dpo(
-                policy_scores[:, 0],
-                policy_scores[:, 1:],
-                ref_scores[:, 0],
-                ref_scores[:, 1:],
-                mask[rows],
-                beta=settings.dpo_beta,
-            ).loss
-            policy.step(loss)
+    for rows in _minibatches(len(users), settings, generator):
+        batch = _batch(users[rows])
+        # `score` (not full_scores) keeps padded negatives finite; dpo masks them out.
+        items = torch.cat([chosen[rows, None], rejected[rows]], dim=1)
+        policy_scores = policy.model.score(batch, items)
+        with torch.no_grad():
+            ref_scores = reference.score(batch, items)
+        loss = dpo(
+            policy_scores[:, 0],
+            policy_scores[:, 1:],
+            ref_scores[:, 0],
+            ref_scores[:, 1:],
+            mask[rows],
+            beta=settings.dpo_beta,
+        ).loss
+        policy.step(loss)
+
+
+def sft_epochs(
+    policy: Policy, pairs: PairRows, settings: OnlineSettings, generator: torch.Generator
+) -> None:
+    """`dpo_epochs`' matched control: the same epochs and minibatches, the loss full-catalog CE
+    on the rows' chosen items (the rejected items and the reference unused)."""
+    users = torch.as_tensor(pairs.users)
+    chosen = torch.as_tensor(pairs.chosen)
+    for rows in _minibatches(len(users), settings, generator):
+        policy.step(full_softmax_ce(policy.model.full_scores(_batch(users[rows])), chosen[rows]))
+
+
+class OnlineArm:
+    """An online method's policy with its own serving noise, clicks and pair rows so far."""
+
+    def __init__(
+        self, policy: Policy, serve_generator: torch.Generator, click_rng: np.random.Generator
+    ) -> None:
+        self.policy = policy
+        self.serve_generator = serve_generator
+        self.click_rng = click_rng
+        self.parts: list[PairRows] = []
+
+    def collect(self, truth: Truth, users: np.ndarray, rule: str) -> Slates:
+        """Serve `users` a slate each from the current policy by `rule`, simulate the clicks
+        and keep the slates' impression pairs (`pairs`)."""
+        with torch.no_grad():
+            scores = self.policy.model.full_scores(_batch(users))
+        items = serve(scores, truth.config.slate_size, rule, self.serve_generator)
+        slates = Slates(users, items, simulate_clicks(truth, users, items, self.click_rng))
+        self.parts.append(impression_pairs(slates))
+        return slates
+
+    @property
+    def pairs(self) -> PairRows:
+        """Every pair row collected so far, in round order."""
+        return PairRows.concat(self.parts)
 
 
 def rloo_round(
-    policy: _Policy,
+    policy: Policy,
     reference: MF,
     truth: Truth,
     settings: OnlineSettings,
@@ -317,12 +378,24 @@ def rloo_round(
     return settings.rloo_steps * per_step * settings.rloo_k
 
 
-def run_online(truth: Truth, events: pl.DataFrame, settings: OnlineSettings) -> dict:
-    """The loop of the module docstring. Returns {"settings", "reference": its read-out,
-    "oracle_utility", "rounds": [one dict per (round, method)]} with, per row, round, method,
+def run_online(
+    truth: Truth,
+    events: pl.DataFrame,
+    settings: OnlineSettings,
+    methods: tuple[str, ...] = METHODS,
+) -> dict:
+    """The loop of the module docstring for `methods` (a subset of METHODS with online_dpo, the
+    arm the others are matched to; each method's rows are the same whichever others run).
+    Returns {"settings", "reference": its read-out, "oracle_utility", "rounds": [one dict per
+    (round, method), methods in METHODS order]} with, per row, round, method,
     truth/utility_at_K, truth/ctr_at_K, truth/utility_regret_at_K, truth/expected_utility,
-    kl/policy_ref, exposures (new simulated item
-    exposures that round), exposures_total, pair_rows (the DPO methods' training rows)."""
+    kl/policy_ref, exposures (new simulated item exposures that round), exposures_total,
+    pair_rows (the pair-trained methods' training rows)."""
+    if not set(methods) <= set(METHODS) or "online_dpo" not in methods:
+        raise ValueError(
+            f"online: methods={methods}; expected a subset of {METHODS} with online_dpo"
+        )
+    methods = tuple(m for m in METHODS if m in methods)
     cfg = truth.config
     k_slate, n_users = cfg.slate_size, cfg.n_users
     settings.rloo_users_per_step(k_slate)  # refuse unequal budgets before any work
@@ -350,35 +423,41 @@ def run_online(truth: Truth, events: pl.DataFrame, settings: OnlineSettings) -> 
 
     log_pairs = impression_pairs(logged)
     log_pairs = log_pairs.take(rng(_OFFLINE_POOL).permutation(len(log_pairs)))
-    policies = {m: _Policy(reference, settings.lr) for m in METHODS}
-    rng_round, rng_clicks = rng(_ROUND_USERS), rng(_CLICKS)
+    policies = {m: Policy(reference, settings.lr) for m in methods}
+    # Online SFT's generators are seeded as online DPO's: common random numbers (docstring).
+    arms = {m: OnlineArm(policies[m], torch_rng(_SERVE), rng(_CLICKS))
+            for m in ONLINE_METHODS if m in methods}  # fmt: skip
+    rng_round = rng(_ROUND_USERS)
     rng_rloo_users, rng_rloo_reward = rng(_RLOO_USERS), rng(_RLOO_REWARD)
-    serve_gen, rloo_gen = torch_rng(_SERVE), torch_rng(_RLOO_SAMPLE)
-    shuffle = {m: torch_rng(_DPO_SHUFFLE + 10 * i) for i, m in enumerate(METHODS)}
-    online_parts: list[PairRows] = []
-    totals = dict.fromkeys(METHODS, 0)
+    rloo_gen = torch_rng(_RLOO_SAMPLE)
+    shuffle = {m: torch_rng(_SHUFFLE[m]) for m in methods if m in _SHUFFLE}
+    totals = dict.fromkeys(methods, 0)
+
+    def update(method: str, pairs: PairRows) -> None:
+        if method.endswith("_sft"):
+            sft_epochs(policies[method], pairs, settings, shuffle[method])
+        else:
+            dpo_epochs(policies[method], reference, pairs, settings, shuffle[method])
 
     for round_ in range(1, settings.rounds + 1):
-        # (a) online DPO: serve -> simulate -> pairs -> DPO on everything collected so far.
-        online = policies["online_dpo"]
+        exposures, rows = dict.fromkeys(methods, 0), dict.fromkeys(methods, 0)
+        # (a) Online: the same users, each arm serves from its own policy and learns from
+        # everything it has collected so far.
         users = rng_round.choice(n_users, size=settings.users_per_round, replace=False)
-        with torch.no_grad():
-            scores = online.model.full_scores(_batch(users))
-        items = serve(scores, k_slate, settings.serve, serve_gen)
-        slates = Slates(users, items, simulate_clicks(truth, users, items, rng_clicks))
-        online_parts.append(impression_pairs(slates))
-        online_pairs = PairRows.concat(online_parts)
-        dpo_epochs(online, reference, online_pairs, settings, shuffle["online_dpo"])
-        # Offline DPO: as many fixed-log rows, the same updates.
-        offline_pairs = log_pairs.take(np.arange(min(len(online_pairs), len(log_pairs))))
-        dpo_epochs(
-            policies["offline_dpo"], reference, offline_pairs, settings, shuffle["offline_dpo"]
-        )
+        for method, arm in arms.items():
+            exposures[method] = arm.collect(truth, users, settings.serve).items.size
+            pairs = arm.pairs
+            update(method, pairs)
+            rows[method] = len(pairs)
+        # Offline: as many fixed-log rows as online DPO has, the same updates.
+        offline_pairs = log_pairs.take(np.arange(min(rows["online_dpo"], len(log_pairs))))
+        for method in ("offline_dpo", "offline_sft"):
+            if method in methods:
+                update(method, offline_pairs)
+                rows[method] = len(offline_pairs)
         # (b) RLOO with simulated click rewards, the same exposure budget.
-        exposures = {
-            "offline_dpo": 0,
-            "online_dpo": items.size,
-            "rloo": rloo_round(
+        if "rloo" in methods:
+            exposures["rloo"] = rloo_round(
                 policies["rloo"],
                 reference,
                 truth,
@@ -386,9 +465,7 @@ def run_online(truth: Truth, events: pl.DataFrame, settings: OnlineSettings) -> 
                 rng_rloo_users,
                 rng_rloo_reward,
                 rloo_gen,
-            ),
-        }
-        rows = {"offline_dpo": len(offline_pairs), "online_dpo": len(online_pairs), "rloo": 0}
+            )
         for method, policy in policies.items():
             totals[method] += exposures[method]
             readout = truth_readout(truth, all_scores(policy.model.eval(), n_users), ref_scores, k)
