@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import CONF, run_pipeline
+from conftest import CONF, bad_input_message, run_pipeline
 from hydra import compose, initialize_config_dir
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -310,6 +310,18 @@ def test_the_later_vocab_extends_the_first_and_records_its_base(loop):
     # the same log on its own orders its items by its own counts: not an extension
     alone = Vocab.load(loop["alone"])
     assert not alone.extends(first.manifest["vocab_hash"], first.n_items, first.n_users)
+
+
+def test_a_base_that_is_not_a_prepared_dataset_is_refused(loop, tmp_path):
+    (tmp_path / "half").mkdir()  # a directory without a manifest: an unfinished prepare
+    for base, said in ((tmp_path / "none", "no such directory"),
+                       (tmp_path / "half", "no manifest.json")):  # fmt: skip
+        done = run_pipeline("prepare.py", *PREPARE, f"data.reader.path={loop['root']}/later.parquet",
+                            f"paths.prepared={tmp_path / 'out'}", f"+data.base_vocab={base}",
+                            cwd=tmp_path)  # fmt: skip
+        message = bad_input_message(done)
+        assert f"data.base_vocab={base}: not a prepared dataset" in message and said in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_reference_grows_on_the_later_data_and_keeps_its_rows(loop):
