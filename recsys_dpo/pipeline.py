@@ -175,6 +175,7 @@ class Pipeline:
                     pairs=plain(cfg.data.pairs), pair_splits=list(cfg.data.pair_splits),
                     n_buckets=cfg.data.n_buckets, config=prepare_config(cfg),
                     progress=cfg.progress, features=data_features(cfg),
+                    base_vocab=cfg.data.get("base_vocab"),
                 )  # fmt: skip
                 self.console.print(summary.table())
             self.tracker.set_tags(run, {"skipped": "prepare" not in self.ran})

@@ -85,6 +85,9 @@ class Data(Section):
     split: Split
     pair_splits: list[Annotated[str, one_of("recsys_dpo.data.splits:SPLITS")]]
     n_buckets: Count
+    # a prepared dataset whose vocabulary this one extends (set with +data.base_vocab=, so
+    # configs without it keep their hashes)
+    base_vocab: str | None = None
 
 
 Dropout = Annotated[float, Strict(), Field(ge=0, lt=1)]

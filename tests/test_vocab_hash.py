@@ -23,7 +23,7 @@ from recsys_dpo.artifacts import content_hash
 from recsys_dpo.commands import evaluate as evaluate_cli
 from recsys_dpo.data.datamodule import load_prepared
 from recsys_dpo.data.prepare import prepare_dataset
-from recsys_dpo.data.vocab import ITEMS_SCHEMA, USERS_SCHEMA, Vocab, check_same_vocab
+from recsys_dpo.data.vocab import ITEMS_SCHEMA, USERS_SCHEMA, Vocab, check_extends
 from recsys_dpo.errors import DataError
 from recsys_dpo.pipeline import export_bundle
 from recsys_dpo.stage import exits_cleanly_on_bad_input
@@ -101,9 +101,10 @@ def test_vocab_hash_is_stable_and_sees_reordering():
     )
     swapped = items.with_columns(pl.col("item_id").reverse())
     assert Vocab(swapped, users).content_hash() != vocab.content_hash()
-    check_same_vocab(vocab.content_hash(), vocab.content_hash(), "x.ckpt")
+    sizes = (vocab.n_items, vocab.n_users)
+    check_extends(vocab.content_hash(), sizes, vocab, "x.ckpt")
     with pytest.raises(DataError, match="x.ckpt: its vocabulary hash is 0+, but"):
-        check_same_vocab("0" * 16, vocab.content_hash(), "x.ckpt")
+        check_extends("0" * 16, sizes, vocab, "x.ckpt")
 
 
 def assert_refused(done, ckpt: Path, setup) -> None:

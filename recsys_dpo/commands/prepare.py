@@ -6,6 +6,8 @@
         '+data.reader.columns={user_id: uid, item_id: sku, timestamp: ts}'
 
 The dataset goes to `paths.prepared` (default `${paths.artifacts}/prepared/${data.name}`).
+`+data.base_vocab=<a prepared dataset>` extends that dataset's vocabulary (a growing catalog:
+its items and users keep their indices, the new ones are appended).
 """
 
 from pathlib import Path
@@ -40,6 +42,7 @@ def run(cfg: DictConfig) -> Path:
         config=plain(cfg),
         progress=cfg.progress,
         features=data_features(cfg),
+        base_vocab=cfg.data.get("base_vocab"),
     )
     Console(quiet=not cfg.progress).print(summary.table())
     return Path(cfg.paths.prepared)

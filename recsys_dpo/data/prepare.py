@@ -41,7 +41,7 @@ from recsys_dpo.data.validate import (
     merge_reports,
     validate,
 )
-from recsys_dpo.data.vocab import Vocab, build_vocab, encode
+from recsys_dpo.data.vocab import Vocab, build_vocab, encode, load_base_vocab
 from recsys_dpo.errors import DataError
 
 BUCKET = "_bucket"
@@ -141,6 +141,7 @@ def prepare_dataset(
     config: Mapping[str, Any] | None = None,
     progress: bool = True,
     features: Mapping[str, pl.DataFrame] | None = None,
+    base_vocab: str | Path | None = None,
 ) -> PrepareSummary:
     """Run the prepare stage and write the dataset directory atomically (manifest last).
 
@@ -150,7 +151,10 @@ def prepare_dataset(
     `n_buckets > 1` bounds memory (module docstring). `config` (the composed hydra config, as
     plain data) is stored in the manifest together with its hash. `features` ("user" / "item"
     -> a frame of the raw id and numeric attribute columns) are written aligned to the vocab
-    (`features_frame`).
+    (`features_frame`). `base_vocab` (a prepared dataset's directory, `data.base_vocab`): the
+    vocabulary extends that dataset's, its items and users keeping their indices and the new
+    ones appended (`build_vocab`), so a model trained on it can be used here (grown, see
+    `recsys_dpo.training.reference_module.load_model`); the manifest records the base.
     """
     if n_buckets < 1:
         raise DataError(f"n_buckets must be >= 1, got {n_buckets}")
@@ -159,6 +163,7 @@ def prepare_dataset(
     if unknown:
         raise DataError(f"pair_splits: unknown split(s) {unknown}; expected some of {SPLITS}")
     out_dir = Path(out_dir)
+    base = None if base_vocab is None else load_base_vocab(base_vocab)
     console = Console(stderr=True, quiet=not progress)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
     with (
@@ -200,7 +205,7 @@ def prepare_dataset(
                              **split_kwargs).drop(USER_IDX)  # fmt: skip
             df.write_parquet(work / f"split_{b}.parquet")
             bar.advance(steps)
-        vocab = build_vocab(pl.scan_parquet(work / "split_*.parquet"))
+        vocab = build_vocab(pl.scan_parquet(work / "split_*.parquet"), base)
         vocab.save(tmp)
         for side, frame in (features or {}).items():
             features_frame(frame, vocab, side).write_parquet(tmp / FEATURES_FILE.format(side))
@@ -270,6 +275,10 @@ def prepare_dataset(
                 "n_buckets": n_buckets,
                 "config": dict(config or {}),
                 "config_hash": dataset_hash(dict(config or {})),
+                # only with a base, so the manifests (and dataset hashes) without one are as before
+                **({} if base is None else {"base_vocab": {
+                    "path": str(base_vocab), "vocab_hash": base.content_hash(),
+                    "n_items": base.n_items, "n_users": base.n_users}}),
             },
         )
         bar.update(steps, description="done")

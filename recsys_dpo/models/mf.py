@@ -9,6 +9,10 @@ it changes no ranking and no softmax over items. The item bias rides in the last
 user vector [p_u, 1] and item vector [q_i, b_i] (d = dim - 1 factors), so faiss inner-product search over
 `item_embeddings()` ranks exactly by s(u, i). The user is their id alone: the history in a
 batch's `context` is not read.
+
+Grown for new items and users (`Recommender.grow_state`), a new item gets the mean factor and
+the mean bias of the known items, a new user the mean factor of the known users:
+s(u, new) = <p_u, mean_j q_j> + mean_j b_j, and s(new user, i) = <mean_v p_v, q_i> + b_i.
 """
 
 import torch
@@ -31,6 +35,8 @@ class MF(Recommender):
 
     name = "mf"
     embeds_user_ids = True
+    item_rows = ("item_emb.weight", "item_bias.weight")
+    user_rows = ("user_emb.weight",)
 
     def __init__(self, n_items: int, n_users: int, dim: int = 32, max_len: int = 50) -> None:
         super().__init__()

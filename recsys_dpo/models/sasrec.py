@@ -15,6 +15,10 @@ padding) the user vector does not depend on the amount of left padding.
 A padded position attends only to itself, so fully padded query rows never see an all-masked
 softmax (NaN). An empty history thus gets a learned vector (the last position's embedding
 through the blocks) instead of NaN. Contexts longer than max_len keep their last max_len items.
+
+Grown for new items (`Recommender.grow_state`), a new item's row of the tied table is the mean
+row of the known items: s(u, new) = <h_last, mean_j E[j]>, and the same vector stands for it in
+a history. SASRec has no user table; a new user is their history.
 """
 
 import math
@@ -159,6 +163,7 @@ class SASRec(Recommender):
     """
 
     name = "sasrec"
+    item_rows = ("item_emb.weight",)
 
     def __init__(
         self,

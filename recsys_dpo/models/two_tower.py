@@ -15,6 +15,13 @@ is still pooled over item-id embeddings when use_history). The attribute matrice
 history pooling and the item tower, so a user's history and the items it predicts share one
 space. Both towers are pure functions of their inputs, so the item tower's output for the whole
 catalog can be indexed by faiss once and served.
+
+Grown for new items and users (`Recommender.grow_state`), a new id's embedding row is the mean
+row of the known ones, and its attribute rows are the data's own attributes of it (the content
+tower): s(u, new) = <user_tower(u), item_tower(mean_j e_j + W x_new)> with attributes
+(ids_and_features), item_tower(W x_new) with features_only (its content alone), and
+item_tower(mean_j e_j) with ids only (the tower of the mean embedding, not the mean of the
+towers' outputs). A new user likewise gets the mean user-id row and their own attributes.
 """
 
 from collections.abc import Sequence
@@ -60,6 +67,9 @@ class TwoTower(Recommender):
     """
 
     name = "two_tower"
+    item_rows = ("item_emb.weight",)
+    user_rows = ("user_emb.weight",)
+    attribute_rows = {"item_features": "item", "user_features": "user"}
 
     def __init__(
         self,

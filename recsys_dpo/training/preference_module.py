@@ -29,10 +29,9 @@ from recsys_dpo.training.guards import require_finite, stage_guard
 from recsys_dpo.training.ranking_eval import ranking_metrics
 from recsys_dpo.training.reference_module import (
     check_sizes,
-    check_vocab,
     model_spec,
-    model_weights,
     read_checkpoint,
+    weights_for,
 )
 from recsys_dpo.training.schedule import check_schedule, configure_optimizer
 
@@ -107,12 +106,12 @@ class PolicyModule(LightningModule):
         disable_dropout: bool,
     ) -> None:
         """The policy from `reference_ckpt` (checked against `dataset` and the vocab sizes),
-        and (keep_reference) its frozen copy as `reference`."""
-        checkpoint = read_checkpoint(reference_ckpt)
-        if dataset is not None:
-            check_vocab(checkpoint, dataset, f"reference {reference_ckpt}")
-        spec, state = model_weights(checkpoint)
-        check_sizes(spec, f"reference {reference_ckpt}", n_items=n_items, n_users=n_users)
+        and (keep_reference) its frozen copy as `reference`; both grown alike when the
+        dataset's vocabulary extends the reference's (`weights_for`), so pi_ref is defined on
+        the new items too."""
+        what = f"reference {reference_ckpt}"
+        spec, state = weights_for(read_checkpoint(reference_ckpt), dataset, what)
+        check_sizes(spec, what, n_items=n_items, n_users=n_users)
         config = dict(spec["config"])
         if disable_dropout and "dropout" in config:
             config["dropout"] = 0.0

@@ -14,6 +14,16 @@ The compute-matched control is this same module started from a reference checkpo
 A checkpoint also records the prepared dataset it was trained on (`"dataset"`: `trained_on`),
 and every consumer checks that record's vocabulary hash against the data it uses it with
 (`check_vocab`), so a model is never silently used where its indices mean other items.
+
+A growing catalog: data whose vocabulary extends the checkpoint's (`data.base_vocab`: the same
+ids at the same indices, new items and users appended) is accepted, and the model is grown to
+it as it is loaded (`weights_for`: `Recommender.grow_state`, each new row of an id table the
+mean of the known rows, a two-tower's new attribute rows the data's own). Every stage loads
+its checkpoints through `weights_for`, so the reference, the policy started from it, the
+reward model and the evaluated models all grow the same way, and a new item has a defined
+reference score (e.g. MF: s(u, new) = <p_u, mean q> + mean b). A checkpoint written from the
+grown model (the policy, the reward model, mode=continue) records the data it trained on,
+hence the NEW vocabulary and sizes.
 """
 
 import math
@@ -26,11 +36,11 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from recsys_dpo.artifacts import content_hash
-from recsys_dpo.data.datamodule import PreparedDataset
+from recsys_dpo.data.datamodule import PreparedDataset, load_prepared
 from recsys_dpo.data.schema import PAD_ITEM
-from recsys_dpo.data.vocab import check_same_vocab
+from recsys_dpo.data.vocab import Vocab, check_extends
 from recsys_dpo.errors import DataError
-from recsys_dpo.models import Recommender, build_model
+from recsys_dpo.models import MODELS, Recommender, build_model
 from recsys_dpo.models.base import Batch
 from recsys_dpo.objectives import reference as losses
 from recsys_dpo.training.guards import require_finite, stage_guard
@@ -102,10 +112,14 @@ def trained_on(data: PreparedDataset) -> dict[str, str]:
     }
 
 
-def check_vocab(checkpoint: Mapping[str, Any], data: Mapping[str, str], what: str) -> None:
+def check_vocab(
+    checkpoint: Mapping[str, Any], data: Mapping[str, str], what: str
+) -> Vocab | None:
     """Refuse the checkpoint `what` (its setting and path) unless it was trained on the
-    vocabulary of `data` (`trained_on` of the dataset it is used with). One without the
-    record, written before checkpoints carried it, cannot be checked and is refused too."""
+    vocabulary of `data` (`trained_on` of the dataset it is used with) or on a prefix of it
+    (`check_extends`). One without the record, written before checkpoints carried it, cannot
+    be checked and is refused too. Returns None for its own vocabulary, the data's vocabulary
+    when that extends it (the model must grow to it, `weights_for`)."""
     record = checkpoint.get("dataset")
     if record is None:
         raise DataError(
@@ -113,12 +127,61 @@ def check_vocab(checkpoint: Mapping[str, Any], data: Mapping[str, str], what: st
             "not by its training stages), so nothing says which items and users its indices "
             f"mean: re-train it on {data['path']}"
         )
-    check_same_vocab(
+    if record["vocab_hash"] == data["vocab_hash"]:
+        return None
+    vocab = Vocab.load(data["path"])
+    config = checkpoint["model"]["config"]
+    check_extends(
         record["vocab_hash"],
-        data["vocab_hash"],
+        (int(config["n_items"]), int(config["n_users"])),
+        vocab,
         f"{what} (trained on {record['path']}, dataset hash {record['dataset_hash']}; used "
         f"with {data['path']}, dataset hash {data['dataset_hash']})",
+        trained=_own_vocab(record),
     )
+    return vocab
+
+
+def _own_vocab(record: Mapping[str, str]) -> Vocab | None:
+    """The vocabulary a checkpoint was trained on, when its dataset is still where it was
+    and unchanged (its hash), to say what another one changed; else None."""
+    try:
+        vocab = Vocab.load(record["path"])
+    except DataError:
+        return None
+    return vocab if vocab.content_hash() == record["vocab_hash"] else None
+
+
+def weights_for(
+    checkpoint: Mapping[str, Any], data: Mapping[str, str] | None, what: str
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(spec, state_dict) of the checkpoint's recommender (`model_weights`) for `data`
+    (`trained_on` of the dataset it is used with; None: as stored, unchecked): checked
+    (`check_vocab`), and, when the data's vocabulary extends the checkpoint's, grown to it
+    (`Recommender.grow_state`; the spec's config then has the data's n_items and n_users, and
+    a model with attribute buffers takes the new rows from the dataset's features)."""
+    spec, state = model_weights(checkpoint)
+    extended = None if data is None else check_vocab(checkpoint, data, what)
+    if extended is None:
+        return spec, state
+    cls = MODELS[spec["name"]]
+    attributes = None
+    sides = {side for key, side in cls.attribute_rows.items() if key in state}
+    if sides:
+        dataset = load_prepared(data["path"])
+        found = {side: dataset.features(side) for side in sides}
+        if any(matrix is None for matrix in found.values()):
+            raise DataError(
+                f"{what} reads user and item attributes, and {data['path']} extends its "
+                "vocabulary but has no features for the new ids: prepare it with data.features"
+            )
+        attributes = {side: torch.from_numpy(matrix) for side, matrix in found.items()}
+    try:
+        config, state = cls.grow_state(spec["config"], state, extended.n_items, extended.n_users,
+                                       attributes)  # fmt: skip
+    except ValueError as err:
+        raise DataError(f"{what} grown to {data['path']}: {err}") from err
+    return {**spec, "config": config}, state
 
 
 def check_sizes(spec: dict[str, Any], what: str, **sizes: int) -> None:
@@ -141,14 +204,13 @@ def load_model(
     """Rebuild the recommender stored in a checkpoint of either stage (eval mode, on CPU).
 
     data: `trained_on` of the dataset the model is for; the checkpoint is checked against it
-    (`check_vocab`, naming it `what`, by default its path). config_overrides replace
-    constructor kwargs that do not change the weights' shapes (e.g. dropout=0.0); one the
-    model does not take (MF has no dropout) has nothing to replace and is left out.
+    (`check_vocab`, naming it `what`, by default its path) and grown when the data's
+    vocabulary extends its own (`weights_for`). config_overrides replace constructor kwargs
+    that do not change the weights' shapes (e.g. dropout=0.0); one the model does not take
+    (MF has no dropout) has nothing to replace and is left out.
     """
     checkpoint = read_checkpoint(path, what)
-    if data is not None:
-        check_vocab(checkpoint, data, what or str(path))
-    spec, state = model_weights(checkpoint)
+    spec, state = weights_for(checkpoint, data, what or str(path))
     config = spec["config"]
     overrides = {k: v for k, v in config_overrides.items() if k in config}
     model = build_model(spec["name"], **{**config, **overrides})
@@ -169,7 +231,8 @@ class ReferenceModule(LightningModule):
         num_negatives: uniformly sampled negatives per target for the sampled losses.
         lr, weight_decay: AdamW's; lr_schedule, warmup_steps: its learning rate per step
             (`recsys_dpo.training.schedule`; "constant", 0: lr throughout).
-        init_from: a checkpoint of this module to start from (the compute-matched control).
+        init_from: a checkpoint of this module to start from (the compute-matched control),
+            grown when the data's vocabulary extends its own (`weights_for`).
         k: cut-off of the validation HR@k / NDCG@k.
         dataset: `trained_on` of the prepared dataset it trains on, recorded in every
             checkpoint (without it the checkpoints are refused by the stages that use them);
@@ -208,10 +271,8 @@ class ReferenceModule(LightningModule):
             model_name, **{**model_cfg, "n_items": n_items, "n_users": n_users}
         )
         if init_from is not None:
-            start = read_checkpoint(init_from)
-            if dataset is not None:
-                check_vocab(start, dataset, f"init_from {init_from}")
-            spec, state = model_weights(start)
+            spec, state = weights_for(read_checkpoint(init_from), dataset,
+                                      f"init_from {init_from}")  # fmt: skip
             if spec["config"] != self.model.config:
                 raise ValueError(
                     f"init_from {init_from}: its model config {spec['config']} differs from "

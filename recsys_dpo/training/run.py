@@ -70,11 +70,11 @@ from recsys_dpo.training.preference_module import PreferenceModule, pair_logps
 from recsys_dpo.training.reference_module import (
     ReferenceModule,
     check_sizes,
-    check_vocab,
     load_model,
     model_weights,
     read_checkpoint,
     trained_on,
+    weights_for,
 )
 from recsys_dpo.training.reward_module import RewardModule
 from recsys_dpo.training.rlhf_module import RLHF_OBJECTIVES, RLHFModule
@@ -107,8 +107,9 @@ def require_stage(cfg: DictConfig, stage: str) -> None:
 
 
 def require_reference(cfg: DictConfig, data: PreparedDataset) -> dict[str, Any]:
-    """The model spec of `reference.ckpt`, checked against the data's vocabulary (its hash,
-    `check_vocab`) and sizes."""
+    """The model spec of `reference.ckpt` for the data: checked against the data's vocabulary
+    (its hash, `check_vocab`; one extending the reference's grows it, `weights_for`) and
+    sizes."""
     path = cfg.reference.ckpt
     if path is None:
         raise DataError(
@@ -117,8 +118,7 @@ def require_reference(cfg: DictConfig, data: PreparedDataset) -> dict[str, Any]:
         )
     with bad_setting(f"reference.ckpt={path} on {cfg.paths.prepared}"):
         checkpoint = read_checkpoint(path)
-        spec, _ = model_weights(checkpoint)
-    check_vocab(checkpoint, trained_on(data), f"reference.ckpt={path}")
+    spec, _ = weights_for(checkpoint, trained_on(data), f"reference.ckpt={path}")
     with bad_setting(f"reference.ckpt={path} on {cfg.paths.prepared}"):
         check_sizes(spec, "the reference", n_items=data.n_items, n_users=data.n_users)
     return spec
@@ -126,7 +126,7 @@ def require_reference(cfg: DictConfig, data: PreparedDataset) -> dict[str, Any]:
 
 def require_reward(cfg: DictConfig, data: PreparedDataset) -> None:
     """`reward.ckpt`, the RLHF objectives' reward model, checked against the data's
-    vocabulary (its hash, `check_vocab`) and sizes."""
+    vocabulary (its hash, `check_vocab`; grown for an extension, `weights_for`) and sizes."""
     path = cfg.reward.ckpt
     if path is None:
         raise DataError(
@@ -134,9 +134,8 @@ def require_reward(cfg: DictConfig, data: PreparedDataset) -> None:
             "reward.ckpt=<a checkpoint written by recsys-dpo train-reward on this dataset>"
         )
     checkpoint = read_checkpoint(path, f"reward.ckpt={path}")
-    check_vocab(checkpoint, trained_on(data), f"reward.ckpt={path}")
+    spec, _ = weights_for(checkpoint, trained_on(data), f"reward.ckpt={path}")
     with bad_setting(f"reward.ckpt={path} on {cfg.paths.prepared}"):
-        spec, _ = model_weights(checkpoint)
         check_sizes(spec, "the reward model", n_items=data.n_items, n_users=data.n_users)
 
 
