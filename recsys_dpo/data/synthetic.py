@@ -101,6 +101,7 @@ import polars as pl
 import pyarrow.parquet as pq
 from rich.progress import Progress
 
+from recsys_dpo.data.splits import DAY_SECONDS  # the window split's days are the log's
 from recsys_dpo.errors import DataError
 from recsys_dpo.ranking_policy import plackett_luce_marginals
 
@@ -115,7 +116,6 @@ EVENT_COLUMNS = ("request_id", "user_id", "item_id", "timestamp", "position", "c
 # own streams leave the users, items and request counts of a drift log those of the same seed
 # without drift.
 _ITEMS, _USERS, _SLATES, _CLICKS, _ITEM_ARRIVAL, _POPULARITY_WALK, _USER_ARRIVAL = range(7)
-DAY_SECONDS = 86_400
 _BLOCK_CELLS = 1 << 20  # users x items logits held per block (float64: 8 MiB)
 _MAX_BLOCK_USERS = 1024
 # Allowed leftovers in a directory that `generate` may replace (an earlier, maybe partial, log).
