@@ -20,6 +20,7 @@ from recsys_dpo.data.synthetic import (
 )
 from recsys_dpo.errors import DataError
 from recsys_dpo.ranking_policy import plackett_luce_marginals
+from tests.conftest import report, run_pipeline
 
 SMALL = {"n_users": 150, "n_items": 80, "mean_requests": 4}
 DRIFT = {"n_days": 6, "item_arrival": 0.25, "user_arrival": 0.3, "popularity_drift": 0.5}
@@ -195,3 +196,37 @@ def test_read_synthetic_regenerates_when_a_drift_setting_changes(tmp_path):
 def test_bad_drift_settings_are_refused(settings, message):
     with pytest.raises(DataError, match=message):
         SyntheticConfig(**TINY, **settings)
+
+
+def test_the_drift_preset_prepares_a_rolling_window_with_new_items_and_users(tmp_path,
+                                                                             pytestconfig):
+    """`data=synthetic_drift` (small): train days 0..9, valid 10..11, test 12..13; items and
+    users that arrive later are in the held-out days only, told apart by the truth's
+    arrival days."""
+    result = run_pipeline(
+        "prepare.py", "data=synthetic_drift", "data.reader.n_users=150",
+        "data.reader.n_items=60", f"paths.artifacts={tmp_path}", "progress=false", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "prepared" / "synthetic_drift"
+    day = {s: pl.read_parquet(out / f"{s}.parquet").with_columns(
+        ((pl.col("timestamp") - START_TIMESTAMP) // DAY_SECONDS).alias("day"))
+        for s in ("train", "valid", "test")}  # fmt: skip
+    assert day["train"]["day"].max() == 9
+    assert set(day["valid"]["day"]) == {10, 11} and set(day["test"]["day"]) == {12, 13}
+    truth = load_truth(tmp_path / "raw" / "synthetic_drift")
+    arrival = dict(zip(truth.item_index, truth.item_arrival_day.tolist(), strict=True))
+    test_items = day["test"]["item_id"].replace_strict(arrival, return_dtype=pl.Int64)
+    assert (test_items <= 13).all()
+    unseen = ~day["test"]["item_id"].is_in(day["train"]["item_id"].implode())
+    late = test_items >= 10  # arrived after the train window: never in train
+    assert late.any() and not (late & ~unseen).any()
+    users = dict(zip(truth.user_index, truth.user_arrival_day.tolist(), strict=True))
+    late_users = day["test"]["user_id"].replace_strict(users, return_dtype=pl.Int64) >= 10
+    assert late_users.any()
+    train_users = day["train"]["user_id"].implode()
+    assert not day["test"].filter(late_users)["user_id"].is_in(train_users).any()
+    report(pytestconfig, f"synthetic_drift (150 users, 60 items): test events {len(late)}, "
+           f"of items arrived after day 9 {float(late.mean()):.3f}, of items unseen in train "
+           f"{float(unseen.mean()):.3f}, of users arrived after day 9 "
+           f"{float(late_users.mean()):.3f}")

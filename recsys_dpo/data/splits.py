@@ -202,7 +202,8 @@ def window_bounds(
         first_request = requests.select(pl.col("timestamp").min()).collect().item()
         origin = origin if first_request is None else int(first_request)
     first = max(0, train_end - train_periods) if train_periods else 0
-    periods = (first, train_end, train_end + valid_periods, train_end + valid_periods + test_periods)
+    test_start = train_end + valid_periods
+    periods = (first, train_end, test_start, test_start + test_periods)
     bounds = tuple(_period_start(origin, k, period) for k in periods)
     if train_periods is None:
         bounds = (min(bounds[0], int(times[0])), *bounds[1:])
