@@ -76,6 +76,19 @@ class Validation(Section):
 
 class Split(Section):
     kind: Annotated[str, one_of("recsys_dpo.data.splits:SPLITTERS")]
+    # The window split's (recsys_dpo.data.splits.window_bounds); other kinds' keys pass.
+    train_end: Count | None = None
+    valid_periods: NonNegativeInt = 0
+    test_periods: Count = 1
+    train_periods: Count | None = None
+    period: Annotated[str, one_of("recsys_dpo.data.splits:WINDOW_PERIODS")] = "day"
+
+    @model_validator(mode="after")
+    def window_has_an_end(self) -> Split:
+        if self.kind == "window" and self.train_end is None:
+            raise ValueError("data.split.kind=window: data.split.train_end (the first period "
+                             "after the train window) is missing")
+        return self
 
 
 class Data(Section):

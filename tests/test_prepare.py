@@ -160,7 +160,10 @@ def test_a_pair_strategy_set_to_null_is_off(tmp_path):
         "next_item"}  # fmt: skip
 
 
-@pytest.mark.parametrize("split", [{"kind": "loo"}, {"kind": "temporal", "test_frac": 0.2}])
+@pytest.mark.parametrize("split", [
+    {"kind": "loo"}, {"kind": "temporal", "test_frac": 0.2},
+    {"kind": "window", "train_end": 3, "valid_periods": 1, "test_periods": 2},
+])  # fmt: skip
 def test_user_buckets_give_the_same_dataset(tmp_path, split):
     """The bounded-memory path (n_buckets > 1) writes the same events and pairs."""
     from recsys_dpo.data.synthetic import read_synthetic

@@ -12,9 +12,9 @@ dataset behind and never clobbers a previous good one.
 
 Bounded memory: with `n_buckets > 1` the log is first streamed to disk in user-hash buckets
 (polars' streaming sink), then each bucket is validated, encoded, split and turned into pairs
-on its own. Every step is per user except the vocabulary, the temporal cut times and the
-popularity counts of the negative sampler, which are computed over all buckets from disk. Peak
-memory is then about one bucket, whatever the size of the log.
+on its own. Every step is per user except the vocabulary, the temporal cut times (window
+bounds) and the popularity counts of the negative sampler, which are computed over all buckets
+from disk. Peak memory is then about one bucket, whatever the size of the log.
 """
 
 import shutil
@@ -33,7 +33,13 @@ from rich.table import Table
 from recsys_dpo.artifacts import atomic_dir, config_hash, write_manifest
 from recsys_dpo.data.pairs import build_pairs, check_impression_pairs, item_popularity
 from recsys_dpo.data.schema import ITEM_IDX, PAD_ITEM, SCHEMA_VERSION, USER_IDX
-from recsys_dpo.data.splits import SPLITS, split_frame, temporal_cuts
+from recsys_dpo.data.splits import (
+    SPLITS,
+    check_settings,
+    split_frame,
+    temporal_cuts,
+    window_bounds,
+)
 from recsys_dpo.data.validate import (
     ValidationReport,
     check_columns,
@@ -113,8 +119,12 @@ class _Appender:
 
 
 def _split_kwargs(split: Mapping[str, Any], validated: pl.LazyFrame) -> dict[str, Any]:
-    """The split's arguments, with temporal cut times computed once over the whole log."""
+    """The split's arguments, with temporal cut times and window bounds computed once over the
+    whole log."""
     kwargs = {k: v for k, v in split.items() if k != "kind"}
+    check_settings(split["kind"], kwargs)
+    if split["kind"] == "window" and "bounds" not in kwargs:
+        return {"bounds": window_bounds(validated, **kwargs)}
     if split["kind"] == "temporal" and None in (
         kwargs.get("valid_start"),
         kwargs.get("test_start"),
@@ -270,6 +280,8 @@ def prepare_dataset(
                 # what a checkpoint trained on this dataset records and its consumers check
                 "vocab_hash": vocab.content_hash(),
                 "events": events,
+                # as run: the cut times / window bounds computed over the whole log
+                "split": {"kind": split["kind"], **split_kwargs},
                 "pairs": pair_counts,
                 "validation": dict(report.as_rows()),
                 "n_buckets": n_buckets,

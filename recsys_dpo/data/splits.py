@@ -1,13 +1,15 @@
 """Train / valid / test splits of an encoded click log (DESIGN.md, "Evaluation").
 
 Every function adds a Utf8 `split` column ("train" | "valid" | "test") and keeps every row, so
-each row lies in exactly one split.
+each row lies in exactly one split; but `window`, which drops the rows outside its window.
 """
 
 from __future__ import annotations
 
+import inspect
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 
 import numpy as np
 import polars as pl
@@ -18,6 +20,8 @@ from recsys_dpo.errors import DataError
 
 SPLITS = ("train", "valid", "test")
 MIN_LOO_POSITIVES = 3
+DAY_SECONDS = 86_400
+WINDOW_PERIODS = ("day", "month")
 
 
 def _assign(key: pl.Expr, valid_start: pl.Expr | int, test_start: pl.Expr | int) -> pl.Expr:
@@ -85,6 +89,12 @@ def _cut(sorted_times: np.ndarray, frac_after: float) -> int:
     return int(sorted_times[first_after]) if first_after < n else int(sorted_times[-1]) + 1
 
 
+def _request_times(lf: pl.LazyFrame) -> np.ndarray:
+    """Every row's split time (`_request_time`), sorted; one Int64 column of the log in memory."""
+    times = lf.select(_request_time(lf.collect_schema().names()).alias("_t")).collect()["_t"]
+    return np.sort(times.to_numpy())
+
+
 def temporal_cuts(
     lf: pl.LazyFrame, valid_frac: float = 0.1, test_frac: float = 0.1
 ) -> tuple[int, int]:
@@ -99,9 +109,7 @@ def temporal_cuts(
             f"temporal split: need valid_frac, test_frac >= 0 with sum < 1, "
             f"got {valid_frac}, {test_frac}"
         )
-    times = np.sort(
-        lf.select(_request_time(lf.collect_schema().names()).alias("_t")).collect()["_t"].to_numpy()
-    )
+    times = _request_times(lf)
     if not len(times):
         return 0, 0
     test_start = _cut(times, test_frac)
@@ -128,6 +136,118 @@ def temporal(
     if valid_start > test_start:
         raise DataError(f"temporal split: valid_start {valid_start} > test_start {test_start}")
     out = df.with_columns(_request_time(df.columns).alias("_t"))
+    return out.with_columns(_assign(pl.col("_t"), valid_start, test_start)).drop("_t")
+
+
+def _period_start(origin: int, k: int, period: str) -> int:
+    """The unix time period k starts at: period 0 is the UTC day (or calendar month) holding
+    `origin`, k counts days (months) from it."""
+    if period == "day":
+        return origin // DAY_SECONDS * DAY_SECONDS + k * DAY_SECONDS
+    first = datetime.fromtimestamp(origin, UTC)
+    year, month = divmod(first.year * 12 + first.month - 1 + k, 12)
+    return int(datetime(year, month + 1, 1, tzinfo=UTC).timestamp())
+
+
+def _period_of(origin: int, t: int, period: str) -> int:
+    """The period index (as `_period_start` counts) of time t; < 0 before the origin's."""
+    if period == "day":
+        return (t - _period_start(origin, 0, period)) // DAY_SECONDS
+    a, b = (datetime.fromtimestamp(x, UTC) for x in (origin, t))
+    return (b.year - a.year) * 12 + b.month - a.month
+
+
+def _date(t: int) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d")
+
+
+def window_bounds(
+    lf: pl.LazyFrame,
+    train_end: int | None = None,
+    valid_periods: int = 0,
+    test_periods: int = 1,
+    train_periods: int | None = None,
+    period: str = "day",
+) -> tuple[int, int, int, int]:
+    """(train_start, valid_start, test_start, test_end), unix seconds, of the window split.
+
+    Periods are UTC days (86,400 s) or calendar months, counted from 0, the one holding the
+    log's first request (its first row when it has no request_id: rows outside requests
+    stamped before it, like MIND's history clicks, are not the log's start); rows are timed
+    by their request's start. With e = train_end, v = valid_periods, h = test_periods:
+    train = periods [max(0, e - train_periods), e) (with train_periods None, every row before
+    period e), valid = [e, e + v), test = [e + v, e + v + h). Takes a LazyFrame so the prepare
+    stage computes the bounds once over all user buckets. DataError naming the setting at
+    fault when a bound is out of range or a window (train, test, valid when v > 0) holds no
+    row.
+    """
+    if train_end is None:
+        raise DataError("data.split.train_end: missing (the window split's first period after "
+                        "the train window)")
+    if period not in WINDOW_PERIODS:
+        raise DataError(f"data.split.period={period!r}: must be one of {', '.join(WINDOW_PERIODS)}")
+    at_least = (("train_end", train_end, 1), ("valid_periods", valid_periods, 0),
+                ("test_periods", test_periods, 1), ("train_periods", train_periods or 1, 1))
+    for name, value, low in at_least:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise DataError(f"data.split.{name}={value}: must be an integer >= {low}")
+    if train_periods == 0:
+        raise DataError("data.split.train_periods=0: must be an integer >= 1 (null: all)")
+    times = _request_times(lf)
+    if not len(times):
+        raise DataError("window split: the log has no rows")
+    origin = int(times[0])
+    if "request_id" in lf.collect_schema().names():
+        requests = lf.filter(pl.col("request_id").is_not_null())
+        first_request = requests.select(pl.col("timestamp").min()).collect().item()
+        origin = origin if first_request is None else int(first_request)
+    first = max(0, train_end - train_periods) if train_periods else 0
+    test_start = train_end + valid_periods
+    periods = (first, train_end, test_start, test_start + test_periods)
+    bounds = tuple(_period_start(origin, k, period) for k in periods)
+    if train_periods is None:
+        bounds = (min(bounds[0], int(times[0])), *bounds[1:])
+    rows = np.diff(np.searchsorted(times, bounds))
+    span = (f"the log spans {period}s {_period_of(origin, int(times[0]), period)}.."
+            f"{_period_of(origin, int(times[-1]), period)} ({_date(int(times[0]))} to "
+            f"{_date(int(times[-1]))})")
+    train = ("train_end", train_end) if train_periods is None else ("train_periods", train_periods)
+    windows = (("train", *train), ("valid", "valid_periods", valid_periods),
+               ("test", "train_end", train_end))
+    for (split, setting, value), n, lo, hi in zip(windows, rows, periods[:-1], periods[1:],
+                                                  strict=True):
+        if not n and hi > lo:
+            raise DataError(
+                f"data.split.{setting}={value}: the {split} window, {period}s {lo}..{hi - 1} "
+                f"({_date(_period_start(origin, lo, period))} to before "
+                f"{_date(_period_start(origin, hi, period))}), holds no rows; {span}"
+            )
+    return bounds
+
+
+def window(
+    df: pl.DataFrame,
+    train_end: int | None = None,
+    valid_periods: int = 0,
+    test_periods: int = 1,
+    train_periods: int | None = None,
+    period: str = "day",
+    bounds: Sequence[int] | None = None,
+) -> pl.DataFrame:
+    """A rolling window: train on the periods before `train_end`, valid and test on the next
+    ones (`window_bounds`); the rows before the train window or past the test one are dropped.
+
+    A row is timed by its request's start, as in `temporal`: every train time < every valid
+    time < every test time, and the rows of one request share a split. `bounds` (train_start,
+    valid_start, test_start, test_end) replaces the settings when given: the prepare stage
+    computes them once over the whole log; else they come from `df`.
+    """
+    if bounds is None:
+        bounds = window_bounds(df.lazy(), train_end, valid_periods, test_periods, train_periods,
+                               period)
+    train_start, valid_start, test_start, test_end = bounds
+    out = df.with_columns(_request_time(df.columns).alias("_t"))
+    out = out.filter((pl.col("_t") >= train_start) & (pl.col("_t") < test_end))
     return out.with_columns(_assign(pl.col("_t"), valid_start, test_start)).drop("_t")
 
 
@@ -177,14 +297,28 @@ def mcar(
 SPLITTERS: dict[str, Callable[..., pl.DataFrame]] = {
     "loo": leave_one_out,
     "temporal": temporal,
+    "window": window,
     "mcar": mcar,
 }
 
 
-def split_frame(df: pl.DataFrame, kind: str, **kwargs: object) -> pl.DataFrame:
-    """Split with the named method (`SPLITTERS`); DataError if no row lands in train."""
+def check_settings(kind: str, settings: Mapping[str, object]) -> None:
+    """DataError for an unknown split kind, or a setting its method does not take (one left
+    over from another kind's preset)."""
     if kind not in SPLITTERS:
         raise DataError(f"split kind {kind!r} unknown; expected one of {sorted(SPLITTERS)}")
+    takes = list(inspect.signature(SPLITTERS[kind]).parameters)[1:]
+    unknown = sorted(set(settings) - set(takes))
+    if unknown:
+        raise DataError(f"data.split.kind={kind}: unknown setting(s) "
+                        f"{', '.join(f'data.split.{k}' for k in unknown)}; it takes "
+                        f"{', '.join(takes) or 'none'}")
+
+
+def split_frame(df: pl.DataFrame, kind: str, **kwargs: object) -> pl.DataFrame:
+    """Split with the named method (`SPLITTERS`); DataError if no row lands in train, or from
+    `check_settings`."""
+    check_settings(kind, kwargs)
     out = SPLITTERS[kind](df, **kwargs)
     if not out.filter(pl.col("split") == "train").height:
         raise DataError(f"split {kind!r}: the train split is empty ({df.height} rows in total)")

@@ -8,7 +8,7 @@ had it served them (`recsys_dpo.evaluation.ope`). Protocol, for split S:
   size); a request with missing or repeated slots is skipped and counted. Every request is
   kept, clicked or not: a set chosen by its clicks would bias every estimate, which is why a
   leave-one-out split (its held-out requests are each user's last one WITH a click) is
-  refused: OPE needs a temporal split (`data.split.kind=temporal`);
+  refused: OPE needs a split by time (`data.split.kind=temporal` or `window`);
 - the candidate scores each user's catalog once, from their positives before S (the
   evaluator's query context), the seen policy's items left out (`eval.seen`), and serves its
   scores as a stochastic ranking policy (`eval.ope.policy`, `recsys_dpo.ranking_policy`);
