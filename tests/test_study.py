@@ -452,6 +452,29 @@ def test_a_killed_worker_ends_the_study_at_once(tmp_path):
     assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["term", "kill"])
+def test_a_killed_study_leaves_no_worker_training(tmp_path, sig):
+    """The study's own process killed (a scheduler's SIGTERM, an OOM kill): its workers die
+    with it instead of training on as orphans (which would hold run locks and the cores)."""
+    env = {**os.environ, "RECSYS_DPO_SHARED_DATA": str(SHARED_DATA), "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "pipelines" / "study.py"), "study=synthetic_tiny",
+         f"paths.artifacts={tmp_path / 'art'}", f"hydra.run.dir={tmp_path / 'job'}",
+         "study.jobs=2"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline, workers = time.monotonic() + 120, []
+    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        workers = [c for c in psutil.Process(proc.pid).children()
+                   if "spawn_main" in " ".join(c.cmdline())]  # fmt: skip
+        time.sleep(0.1)
+    assert len(workers) == 2, "the workers were not started"
+    time.sleep(2)  # inside the reference phase
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"{len(alive)} worker(s) still running after the study was killed"
+
+
 def test_plan_only_counts_the_plan_and_its_cache_and_trains_nothing(tiny, tmp_path):
     done = study(tmp_path, "job", "study.plan_only=true", "study.jobs=2")
     assert done.returncode == 0, done.stderr[-3000:]

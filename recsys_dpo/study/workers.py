@@ -10,6 +10,9 @@ A worker's DataError is re-raised in the study's process (one line, exit 2); a w
 (kill -9, out of memory) breaks the pool, which ends the study with one message instead of a
 wait. On any error the other workers are killed: their runs resume or restart on the next
 invocation (checkpoints and run directories are written atomically; stale locks are cleared).
+The study's own process killed (SIGTERM, SIGKILL: no Python cleanup runs) takes its workers
+with it: on Linux each asks the kernel for SIGKILL when its parent dies (`_die_with_parent`),
+so none trains on as an orphan holding a run's lock and a core.
 
 Nothing heavy is imported at the top: a spawned worker imports this module to find its
 initializer before the thread limit is set.
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -28,9 +33,25 @@ from typing import Any
 from recsys_dpo.errors import DataError
 
 
-def _one_thread() -> None:
-    """Worker initializer: one OpenMP/MKL thread (read when torch starts) and one torch
-    intra-op thread; third-party noise off as in the study's own process."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG), and exit now
+    if the parent `parent` is already gone (it may die before the request is made). Elsewhere
+    nothing: there a killed study's workers end with their current run."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _one_thread(parent: int) -> None:
+    """Worker initializer: dies with the study's process `parent`; one OpenMP/MKL thread (read
+    when torch starts) and one torch intra-op thread; third-party noise off as in the study's
+    own process."""
+    _die_with_parent(parent)
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
     from recsys_dpo.quiet import quiet_output
@@ -66,7 +87,7 @@ def job_pool(jobs: int) -> Iterator[ProcessPoolExecutor | None]:
         yield None
         return
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_one_thread)  # fmt: skip
+                               initializer=_one_thread, initargs=(os.getpid(),))  # fmt: skip
     try:
         yield pool
     except BaseException:
