@@ -321,9 +321,10 @@ def export_bundle(
     out: Path,
     what: str | None = None,
 ) -> Path:
-    """Write the candidate bundle of the `policy` checkpoint, its evaluation directory
-    (metrics.json, topk.parquet; checked by `check_evaluation`) and prepared dataset into
-    `out`. `what` names the policy in messages (the setting that gave it, e.g. export.ckpt=...)."""
+    """Write the candidate bundle of the `policy` checkpoint (copied in, policy.ckpt), its
+    evaluation directory (metrics.json, topk.parquet; checked by `check_evaluation`) and
+    prepared dataset into `out`. `what` names the policy in messages (the setting that gave
+    it, e.g. export.ckpt=...)."""
     # First: the checkpoint's vocabulary is this dataset's (the evaluation's dataset hash is a
     # hash of the config, which a re-prepared log of other ids can share).
     model = load_model(policy, trained_on(data), what)
@@ -333,7 +334,7 @@ def export_bundle(
                       plain(cfg.objective), metrics, primary, decide(metrics, primary), model,
                       cfg.eval.seen, data_window(data))  # fmt: skip
     return write_bundle(out, model, Vocab.load(data.path), user_histories(data),
-                        evaluation / "topk.parquet", card, manifest)  # fmt: skip
+                        evaluation / "topk.parquet", card, manifest, checkpoint=policy)  # fmt: skip
 
 
 def eval_metrics(metrics: dict[str, Any]) -> dict[str, float]:

@@ -17,6 +17,9 @@ and export"), servable with torch, numpy and faiss alone (serve.py) or as an MLf
     model.safetensors    the policy's weights, and model.json its registry name and
                          constructor config (`recsys_dpo.models.build_model`): to rebuild the
                          model in recsys_dpo (fine-tuning, another export)
+    policy.ckpt          the policy checkpoint itself (its sha256 is the manifest's
+                         policy_sha256), so the bundle, or its registered version, can be
+                         the reference of the next fine-tuning with nothing else at hand
     topk.parquet         the evaluator's top-K lists (user_id, rank, item_id, score): what the
                          evaluation measured, and what serve.py answers
     MODEL_CARD.md        how to load it, its input contract, data, metrics with CIs, seen
@@ -113,10 +116,12 @@ def write_bundle(
     topk_path: str | Path,
     card: str,
     manifest: Mapping[str, Any],
+    checkpoint: str | Path | None = None,
 ) -> Path:
     """Write the bundle atomically (manifest last). `histories`: user_id, history (list of
     item_id); `manifest` is stored with the file hashes (put a config_hash and the `seen`
-    policy of topk_path in it)."""
+    policy of topk_path in it); `checkpoint`, the model's checkpoint, is copied in as
+    policy.ckpt."""
     out_dir = Path(out_dir)
     model = model.eval().cpu()
     with atomic_dir(out_dir) as tmp:
@@ -137,6 +142,8 @@ def write_bundle(
         spec = {"name": model.name, "config": dict(model.config)}
         (tmp / "model.json").write_text(json.dumps(spec, indent=2))
         shutil.copyfile(topk_path, tmp / "topk.parquet")
+        if checkpoint is not None:
+            shutil.copyfile(checkpoint, tmp / "policy.ckpt")
         (tmp / "MODEL_CARD.md").write_text(card)
         write_manifest(tmp, {"stage": "export", **manifest, "serving": serving_spec(model)})
     return out_dir
