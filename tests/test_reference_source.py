@@ -22,7 +22,7 @@ from test_pipeline import job_result, run
 
 from recsys_dpo.artifacts import file_sha256, read_manifest
 from recsys_dpo.errors import DataError
-from recsys_dpo.reference_source import CACHE_RECORD, apply, from_config, resolve
+from recsys_dpo.reference_source import CACHE_DIR, CACHE_RECORD, apply, from_config, resolve
 from recsys_dpo.training.run import run_dir
 
 NAME = "quickstart-sasrec"
@@ -71,6 +71,43 @@ def test_the_bundle_carries_its_policy_checkpoint(production):
     assert manifest["files"]["policy.ckpt"]["sha256"] == manifest["policy_sha256"]
     assert manifest["policy_sha256"] == file_sha256(Path(production["policy_ckpt"]))
     assert "reference_source" not in manifest  # trained from its own reference
+
+
+def test_run_fine_tunes_from_the_production_version(production):
+    """No reference stage; the policy's reference is byte for byte the checkpoint of the
+    registered version 1 (its bundle's policy_sha256), downloaded under paths.artifacts; the
+    evaluation's reference is that model (version 1's own policy score on the same data);
+    version 2, the preference child and the parent carry the lineage of version 1."""
+    tmp, uri = production["tmp"], production["uri"]
+    done = run(tmp, "job2", f"tracking.uri={uri}", f"reference.source=models:/{NAME}@production")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = job_result(tmp, "job2")
+    assert result["ran"] == ["preference", "evaluate", "export"]  # the same data: prepared once
+    assert "reference" not in result["stage_run_ids"]
+    reference = Path(reference_of(result["policy_ckpt"]))
+    sha = production["manifest"]["policy_sha256"]
+    assert file_sha256(reference) == sha and result["reference_ckpt"] == str(reference)
+    assert reference.is_relative_to(tmp / "artifacts" / CACHE_DIR / NAME / "1")
+    assert result["reference"] == pytest.approx(production["policy"], abs=1e-12)
+
+    client = MlflowClient(uri)
+    assert result["registered"] == f"{NAME}/2"
+    first = client.get_model_version(NAME, "1")
+    tags = client.get_model_version(NAME, "2").tags
+    assert tags["lineage.reference_model"] == NAME and tags["lineage.reference_version"] == "1"
+    assert tags["lineage.reference_sha256"] == sha
+    assert tags["lineage.reference_run_id"] == first.run_id
+    assert tags["lineage.reference_source"] == f"models:/{NAME}@production"
+    for run_id in (result["stage_run_ids"]["preference"], result["parent_run_id"]):
+        run_tags = client.get_run(run_id).data.tags
+        assert run_tags["lineage.reference_version"] == "1"
+        assert run_tags["lineage.reference_sha256"] == sha
+
+    manifest = read_manifest(result["bundle"])
+    assert manifest["reference_source"]["version"] == "1"
+    assert manifest["reference_source"]["sha256"] == sha
+    card = (Path(result["bundle"]) / "MODEL_CARD.md").read_text()
+    assert f"- fine-tuned from models:/{NAME}/1 (reference.source=models:/{NAME}@production" in card
 
 
 def test_a_registry_version_is_downloaded_once(production, tmp_path):
@@ -204,3 +241,18 @@ def test_a_source_and_a_ckpt_are_refused_and_an_unset_source_changes_no_hash(tmp
     assert applied.tracking.tags["lineage.reference_sha256"] == file_sha256(ckpt)
     assert run_dir(applied, "preference", "x") == run_dir(
         compose_config(f"reference.ckpt={ckpt}"), "preference", "x")
+
+
+def test_evaluate_takes_a_source_as_its_reference(production, tmp_path):
+    """recsys-dpo evaluate reference.source=<bundle>: the bundle's own policy against itself,
+    so every delta and the KL are exactly 0."""
+    from recsys_dpo.commands import evaluate
+
+    cfg = compose_config(f"paths.artifacts={tmp_path}", f"paths.prepared={production['prepared']}",
+                         *STAGE, "eval.n_resamples=100", "eval.ope.enabled=false",
+                         f"eval.ckpt={production['policy_ckpt']}",
+                         f"reference.source={production['bundle']}")  # fmt: skip
+    metrics = json.loads((evaluate.run(cfg) / "metrics.json").read_text())
+    assert metrics["config"]["reference_ckpt"] == str(Path(production["bundle"]) / "policy.ckpt")
+    assert metrics["comparison"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert {d["mean"] for d in metrics["deltas"].values()} == {0.0}
