@@ -1,5 +1,11 @@
 """One command end to end: prepare -> reference -> preference -> evaluate -> export.
 
+With `reference.source` set (the production model, `models:/<name>@production`, a bundle or a
+checkpoint; recsys_dpo/reference_source.py) no reference is trained: the candidate is
+fine-tuned from, and evaluated against, that checkpoint, and the source's lineage is recorded
+as `lineage.reference_*` tags on the parent run, the preference child and the registered
+version, in the bundle manifest (`reference_source`) and in the model card.
+
 For an objective of the RLHF route (rlhf_exact, rlhf_pg, rloo) a reward-model stage runs
 between reference and preference (`reward_model`: Bradley-Terry from the reference on the same
 pairs, recipe `pipeline.reward`), unless `reward.ckpt` names one.
@@ -66,6 +72,7 @@ from recsys_dpo.evaluation.evaluator import (
 from recsys_dpo.evaluation.report import summary_table, write_outputs
 from recsys_dpo.export.bundle import log_pyfunc, model_card, write_bundle
 from recsys_dpo.quiet import quiet_output
+from recsys_dpo.reference_source import Lineage, from_config
 from recsys_dpo.settings import Run
 from recsys_dpo.stage import data_features, plain, preflight
 from recsys_dpo.tracking.mlflow_utils import Tracker
@@ -183,8 +190,9 @@ class Pipeline:
             self.tracker.log_dataset(run, out, data.manifest)
         return data
 
-    def train(self, stage: str, stage_cfg: DictConfig, name: str) -> dict[str, Any]:
-        """Run (or skip) one training stage; its result.json."""
+    def train(self, stage: str, stage_cfg: DictConfig, name: str,
+              tags: Mapping[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Run (or skip) one training stage; its result.json. `tags` go on its child run."""
         out = run_dir(stage_cfg, stage, name)
         done = (out / "result.json").is_file()
         with self.child(stage) as run:
@@ -194,7 +202,8 @@ class Pipeline:
                 out = STAGES[stage](stage_cfg)
             result = json.loads((out / "result.json").read_text())
             self.tracker.set_tags(run, {"skipped": stage not in self.ran, "run_dir": out,
-                                        "trained_in_run": result.get("mlflow_run_id")})  # fmt: skip
+                                        "trained_in_run": result.get("mlflow_run_id"),
+                                        **(tags or {})})  # fmt: skip
         return result
 
     def evaluate(
@@ -244,11 +253,13 @@ class Pipeline:
         self.console.print(summary_table(outcome))
 
     def export(
-        self, data: PreparedDataset, policy: str, evaluation: Path, better: bool
-    ) -> tuple[Path, str | None]:
-        """The candidate bundle, logged as a pyfunc model and registered; (bundle, version)."""
+        self, data: PreparedDataset, policy: str, evaluation: Path, better: bool,
+        lineage: Lineage | None = None,
+    ) -> tuple[Path, str | None]:  # fmt: skip
+        """The candidate bundle, logged as a pyfunc model and registered; (bundle, version).
+        The version is tagged with `lineage` (the reference.source it was fine-tuned from)."""
         cfg = self.cfg
-        _, manifest = bundle_manifest(cfg, data, policy, evaluation)
+        _, manifest = bundle_manifest(cfg, data, policy, evaluation, lineage)
         out = Path(cfg.pipeline.bundle_dir) / Path(policy).parent.name
         done = (out / "manifest.json").is_file() and (
             read_manifest(out).get("config_hash") == manifest["config_hash"]
@@ -256,12 +267,14 @@ class Pipeline:
         name = f"{cfg.pipeline.name}-{cfg.model.name}"
         with self.child("export") as run:
             if self._fresh(done, "export", out):
-                export_bundle(cfg, data, policy, evaluation, out)
+                export_bundle(cfg, data, policy, evaluation, out, lineage=lineage)
             self.tracker.set_tags(run, {"skipped": "export" not in self.ran, "bundle": out})
             version = None
             if run is not None:
                 version = log_pyfunc(out, name, self.run_ids.get("evaluate"))
                 self.tracker.mark_candidate(name, version, better)
+                if lineage is not None:
+                    self.tracker.tag_version(name, version, lineage.tags())
         return out, version
 
 
@@ -296,13 +309,18 @@ def check_evaluation(evaluation: Path, policy: str, data: PreparedDataset) -> di
 
 
 def bundle_manifest(
-    cfg: DictConfig, data: PreparedDataset, policy: str, evaluation: Path
-) -> tuple[dict[str, Any], dict[str, Any]]:
+    cfg: DictConfig, data: PreparedDataset, policy: str, evaluation: Path,
+    lineage: Lineage | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """(metrics, the bundle manifest's payload) of a checked evaluation (`check_evaluation`);
-    the payload's config_hash decides whether an existing bundle is up to date."""
+    the payload's config_hash decides whether an existing bundle is up to date. With
+    `lineage`, the payload's `reference_source` records it (and the hash covers it)."""
     metrics = check_evaluation(evaluation, policy, data)
     sha = read_manifest(evaluation)["ckpt_sha256"]  # the policy's, as just checked
     key = [policy, sha, metrics["config_hash"], cfg.pipeline.primary_metric]
+    source = {} if lineage is None else {"reference_source": lineage.record()}
+    if source:  # only then: the bundles of every other run keep their hashes
+        key.append(source["reference_source"])
     return metrics, {
         "policy_ckpt": policy,
         "policy_sha256": sha,
@@ -311,6 +329,7 @@ def bundle_manifest(
         "config_hash": config_hash(key),
         # the seen-item policy topk.parquet was ranked under: Bundle.recommend applies it
         "seen": cfg.eval.seen,
+        **source,
     }
 
 
@@ -321,20 +340,24 @@ def export_bundle(
     evaluation: Path,
     out: Path,
     what: str | None = None,
+    lineage: Lineage | None = None,
 ) -> Path:
-    """Write the candidate bundle of the `policy` checkpoint, its evaluation directory
-    (metrics.json, topk.parquet; checked by `check_evaluation`) and prepared dataset into
-    `out`. `what` names the policy in messages (the setting that gave it, e.g. export.ckpt=...)."""
+    """Write the candidate bundle of the `policy` checkpoint (copied in, policy.ckpt), its
+    evaluation directory (metrics.json, topk.parquet; checked by `check_evaluation`) and
+    prepared dataset into `out`. `what` names the policy in messages (the setting that gave
+    it, e.g. export.ckpt=...); `lineage`, the reference.source it was fine-tuned from, goes
+    into the manifest and the model card."""
     # First: the checkpoint's vocabulary is this dataset's (the evaluation's dataset hash is a
     # hash of the config, which a re-prepared log of other ids can share).
     model = load_model(policy, trained_on(data), what)
-    metrics, manifest = bundle_manifest(cfg, data, policy, evaluation)
+    metrics, manifest = bundle_manifest(cfg, data, policy, evaluation, lineage)
     primary = cfg.pipeline.primary_metric
     card = model_card(f"{cfg.pipeline.name}-{cfg.model.name}", plain(cfg.data),
                       plain(cfg.objective), metrics, primary, decide(metrics, primary), model,
-                      cfg.eval.seen, data_window(data))  # fmt: skip
+                      cfg.eval.seen, data_window(data),
+                      None if lineage is None else lineage.card_line())  # fmt: skip
     return write_bundle(out, model, Vocab.load(data.path), user_histories(data),
-                        evaluation / "topk.parquet", card, manifest)  # fmt: skip
+                        evaluation / "topk.parquet", card, manifest, checkpoint=policy)  # fmt: skip
 
 
 def eval_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -389,6 +412,7 @@ def decide(metrics: dict[str, Any], primary: str) -> bool:
 def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResult:
     """All five stages under one MLflow parent run (see the module docstring)."""
     preflight(cfg, Run)
+    lineage = from_config(cfg)  # before any work: a bad source fails in seconds
     console = Console(quiet=not cfg.progress)
     tracker = Tracker(cfg.tracking)
     pipe = Pipeline(cfg, tracker, console)
@@ -398,14 +422,13 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResu
         tracker.log_config(parent, cfg, list(overrides))
         data = pipe.prepare()
         tracker.log_dataset(parent, data.path, data.manifest)
-        ref_cfg = stage_config(cfg, objective=cfg.pipeline.reference.objective, mode="fresh",
-                               **{"trainer.max_epochs": cfg.pipeline.reference.max_epochs,
-                                  "train.lr": cfg.pipeline.reference.lr})  # fmt: skip
-        reference = pipe.train("reference", ref_cfg, f"{cfg.model.name}-{ref_cfg.objective.name}")
-        ref_ckpt = reference["best_ckpt"] or reference["last_ckpt"]
-        pref_cfg = stage_config(cfg, **{"reference.ckpt": ref_ckpt,
+        ref_ckpt = reference_model(pipe, cfg, lineage)
+        lineage_tags = {} if lineage is None else lineage.tags()
+        tracker.set_tags(parent, lineage_tags)
+        pref_cfg = stage_config(cfg, **{"reference.ckpt": ref_ckpt, "reference.source": None,
                                         "reward.ckpt": reward_model(pipe, cfg, ref_ckpt)})  # fmt: skip
-        policy = pipe.train("preference", pref_cfg, f"{cfg.model.name}-{cfg.objective.name}")
+        policy = pipe.train("preference", pref_cfg, f"{cfg.model.name}-{cfg.objective.name}",
+                            lineage_tags)  # fmt: skip
         pol_ckpt = policy["best_ckpt"] or policy["last_ckpt"]
         optimized = cfg.pipeline.optimized_metric
         # The sweep's objective is read before, and never from, the test evaluation.
@@ -414,7 +437,7 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResu
         metrics = json.loads((evaluation / "metrics.json").read_text())
         primary = cfg.pipeline.primary_metric
         better = decide(metrics, primary)
-        bundle, version = pipe.export(data, pol_ckpt, evaluation, better)
+        bundle, version = pipe.export(data, pol_ckpt, evaluation, better, lineage)
         delta = metrics["deltas"][primary]
         result = PipelineResult(
             name=cfg.pipeline.name, model=cfg.model.name, objective=cfg.objective.name,
@@ -436,6 +459,20 @@ def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResu
     return result
 
 
+def reference_model(pipe: Pipeline, cfg: DictConfig, lineage: Lineage | None) -> str:
+    """The reference checkpoint of stage 2: `lineage`'s (reference.source, no training), or
+    the one stage 1 trains (recipe pipeline.reference)."""
+    if lineage is not None:
+        pipe.console.print(f"reference: {lineage.origin} (reference.source={lineage.source}) "
+                           f"-> {lineage.ckpt}", highlight=False)  # fmt: skip
+        return lineage.ckpt
+    ref_cfg = stage_config(cfg, objective=cfg.pipeline.reference.objective, mode="fresh",
+                           **{"trainer.max_epochs": cfg.pipeline.reference.max_epochs,
+                              "train.lr": cfg.pipeline.reference.lr})  # fmt: skip
+    reference = pipe.train("reference", ref_cfg, f"{cfg.model.name}-{ref_cfg.objective.name}")
+    return reference["best_ckpt"] or reference["last_ckpt"]
+
+
 def reward_model(pipe: Pipeline, cfg: DictConfig, ref_ckpt: str) -> str | None:
     """reward.ckpt for stage 2: as given, or, for an RLHF objective without one, the reward
     model the pipeline trains from the reference on the same pairs (pipeline.reward; its own
@@ -444,7 +481,8 @@ def reward_model(pipe: Pipeline, cfg: DictConfig, ref_ckpt: str) -> str | None:
         return cfg.reward.ckpt
     recipe = cfg.pipeline.reward
     reward_cfg = stage_config(cfg, objective=recipe.objective,
-                              **{"reference.ckpt": ref_ckpt, "reward.ckpt": None,
+                              **{"reference.ckpt": ref_ckpt, "reference.source": None,
+                                 "reward.ckpt": None,
                                  "trainer.max_epochs": recipe.max_epochs,
                                  "train.lr": recipe.lr})  # fmt: skip
     done = pipe.train("reward", reward_cfg, f"{cfg.model.name}-{recipe.objective.name}")

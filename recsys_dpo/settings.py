@@ -254,10 +254,22 @@ class Trainer(Section):
 
 class Reference(Section):
     ckpt: str | None
+    # models:/<name>@<alias>, models:/<name>/<version>, a bundle or a checkpoint, resolved to
+    # reference.ckpt by the entry points (recsys_dpo/reference_source.py).
+    source: Annotated[str, Field(min_length=1)] | None = None
     precompute: Bool
     hard_negatives: NonNegativeInt
     hard_negatives_skip: NonNegativeInt
     hard_negatives_band: Annotated[list[Count], Field(min_length=2, max_length=2)] | None = None
+
+    @model_validator(mode="after")
+    def one_reference(self) -> Reference:
+        if self.source is not None and self.ckpt is not None:
+            raise ValueError(
+                f"reference.source={self.source} reference.ckpt={self.ckpt}: both name the "
+                "reference, set one of them"
+            )
+        return self
 
     @model_validator(mode="after")
     def band_fits(self) -> Reference:

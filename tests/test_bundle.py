@@ -22,8 +22,8 @@ from recsys_dpo.training.reference_module import load_model
 
 K = 10
 FILES = {"user_tower.pt2", "item_embeddings.npy", "index.faiss", "vocab.json", "histories.json",
-         "serve.py", "requirements.txt", "model.safetensors", "model.json", "topk.parquet",
-         "MODEL_CARD.md", "manifest.json"}  # fmt: skip
+         "serve.py", "requirements.txt", "model.safetensors", "model.json", "policy.ckpt",
+         "topk.parquet", "MODEL_CARD.md", "manifest.json"}  # fmt: skip
 RECOMMEND = """
 import json, sys
 from recsys_dpo.export.bundle import load_bundle

@@ -7,11 +7,13 @@
 The model to evaluate is `eval.ckpt` (`model` is the hydra group of the architecture, so
 `model.ckpt=` is not a key; `+model.ckpt=` is accepted as an alias). Either stage's checkpoint
 works: the architecture is read from the checkpoint itself. With `reference.ckpt` set the model
-is the policy and is compared with that reference (paired bootstrap CIs, exact KL). The dataset
-is `paths.prepared`; the output goes to `eval.out_dir/<eval.name>` (default
-`${paths.artifacts}/eval/<run dir of the checkpoint>-<checkpoint>-<split>`). Bad input (k larger
-than the catalog, a checkpoint of another dataset, users the model does not know, an empty
-split) prints one message and exits with status 2. When the log records propensities and the
+is the policy and is compared with that reference (paired bootstrap CIs, exact KL);
+`reference.source=models:/<name>@<alias>` (or a bundle, or a checkpoint) names it instead
+(recsys_dpo/reference_source.py). The dataset is `paths.prepared`; the output goes to
+`eval.out_dir/<eval.name>` (default `${paths.artifacts}/eval/<run dir of the
+checkpoint>-<checkpoint>-<split>`). Bad input (k larger than the catalog, a checkpoint of
+another dataset, users the model does not know, an empty split) prints one message and exits
+with status 2. When the log records propensities and the
 split is temporal, the candidate's online click-through rate is also estimated off-policy
 (`eval.ope`, recsys_dpo/evaluation/counterfactual.py).
 """
@@ -31,6 +33,7 @@ from recsys_dpo.evaluation.counterfactual import OpeConfig, add_ope
 from recsys_dpo.evaluation.evaluator import RetrievalConfig, compare, evaluate, train_popularity
 from recsys_dpo.evaluation.report import summary_table, write_outputs
 from recsys_dpo.models import Recommender
+from recsys_dpo.reference_source import apply, from_config
 from recsys_dpo.settings import Evaluate
 from recsys_dpo.stage import exits_cleanly_on_bad_input, plain, preflight
 from recsys_dpo.training.reference_module import load_model, trained_on
@@ -65,6 +68,7 @@ def output_dir(cfg: DictConfig, ckpt: str) -> Path:
 def run(cfg: DictConfig) -> Path:
     """Evaluate `eval.ckpt` (against `reference.ckpt` if set); the output directory."""
     preflight(cfg, Evaluate)
+    cfg = apply(cfg, from_config(cfg))
     ckpt = checkpoint(cfg)
     # Before any work: the output directory is writable and this run its only writer.
     with stage_lock(output_dir(cfg, ckpt)):

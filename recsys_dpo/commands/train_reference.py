@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from recsys_dpo.commands import CONF
+from recsys_dpo.reference_source import apply, from_config
 from recsys_dpo.settings import TrainReference
 from recsys_dpo.stage import exits_cleanly_on_bad_input, preflight
 from recsys_dpo.training.run import train_reference
@@ -22,7 +23,7 @@ CONFIG = "train_reference"
 def run(cfg: DictConfig) -> Path:
     """Train the reference; its run directory (checkpoints, result.json)."""
     preflight(cfg, TrainReference)
-    return train_reference(cfg)
+    return train_reference(apply(cfg, from_config(cfg)))
 
 
 @hydra.main(config_path=CONF, config_name=CONFIG, version_base="1.3")

@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from recsys_dpo.commands import CONF
+from recsys_dpo.reference_source import apply, from_config
 from recsys_dpo.settings import TrainReward
 from recsys_dpo.stage import exits_cleanly_on_bad_input, preflight
 from recsys_dpo.training.run import train_reward
@@ -21,7 +22,7 @@ CONFIG = "train_reward"
 def run(cfg: DictConfig) -> Path:
     """Train the reward model on `reference.ckpt`'s dataset; the run directory."""
     preflight(cfg, TrainReward)
-    return train_reward(cfg)
+    return train_reward(apply(cfg, from_config(cfg)))
 
 
 @hydra.main(config_path=CONF, config_name=CONFIG, version_base="1.3")

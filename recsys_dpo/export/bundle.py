@@ -17,6 +17,10 @@ and export"), servable with torch, numpy and faiss alone (serve.py) or as an MLf
     model.safetensors    the policy's weights, and model.json its registry name and
                          constructor config (`recsys_dpo.models.build_model`): to rebuild the
                          model in recsys_dpo (fine-tuning, another export)
+    policy.ckpt          the policy checkpoint itself (its sha256 is the manifest's
+                         policy_sha256), so the bundle, or its registered version, can be
+                         the reference of the next fine-tuning with nothing else at hand
+                         (`reference.source`, recsys_dpo/reference_source.py)
     topk.parquet         the evaluator's top-K lists (user_id, rank, item_id, score): what the
                          evaluation measured, and what serve.py answers
     MODEL_CARD.md        how to load it, its input contract, data, metrics with CIs, seen
@@ -25,8 +29,10 @@ and export"), servable with torch, numpy and faiss alone (serve.py) or as an MLf
                          file's sha256 (checked by `load_bundle` and serve.py), `seen` (the
                          seen-item policy topk.parquet was ranked under), `serving` (max_len,
                          whether the tower embeds user ids), the policy checkpoint's sha256
-                         and the dataset hash. Directories 0755, files 0644, so a serving
-                         process under another user can read them
+                         and the dataset hash, and, for a policy fine-tuned from a
+                         `reference.source`, that source's lineage (`reference_source`).
+                         Directories 0755, files 0644, so a serving process under another
+                         user can read them
 
 `load_bundle(path)` checks every file and serves through the bundle's own serving code
 (`recsys_dpo.export.serve`), so `Bundle.recommend` answers exactly what serve.py and the MLflow
@@ -113,10 +119,12 @@ def write_bundle(
     topk_path: str | Path,
     card: str,
     manifest: Mapping[str, Any],
+    checkpoint: str | Path | None = None,
 ) -> Path:
     """Write the bundle atomically (manifest last). `histories`: user_id, history (list of
     item_id); `manifest` is stored with the file hashes (put a config_hash and the `seen`
-    policy of topk_path in it)."""
+    policy of topk_path in it); `checkpoint`, the model's checkpoint, is copied in as
+    policy.ckpt."""
     out_dir = Path(out_dir)
     model = model.eval().cpu()
     with atomic_dir(out_dir) as tmp:
@@ -137,6 +145,8 @@ def write_bundle(
         spec = {"name": model.name, "config": dict(model.config)}
         (tmp / "model.json").write_text(json.dumps(spec, indent=2))
         shutil.copyfile(topk_path, tmp / "topk.parquet")
+        if checkpoint is not None:
+            shutil.copyfile(checkpoint, tmp / "policy.ckpt")
         (tmp / "MODEL_CARD.md").write_text(card)
         write_manifest(tmp, {"stage": "export", **manifest, "serving": serving_spec(model)})
     return out_dir
@@ -245,11 +255,12 @@ def _metric_line(name: str, metrics: Mapping[str, Any]) -> str:
 def model_card(
     name: str, data: Mapping[str, Any], objective: Mapping[str, Any], metrics: Mapping[str, Any],
     primary: str, better: bool, model: Recommender, seen: str,
-    window: tuple[int, int] | None,
+    window: tuple[int, int] | None, lineage: str | None = None,
 ) -> str:  # fmt: skip
     """MODEL_CARD.md from the evaluator's metrics.json payload (both models, deltas, CIs), the
     model's serving contract, the seen policy and `window`, the (min, max) timestamp of the
-    training events."""
+    training events; `lineage`, a provenance line naming the reference it was fine-tuned from
+    (`recsys_dpo.reference_source.Lineage.card_line`)."""
     pol = metrics["models"]["policy"]
     names = [n for n in metrics["models"]["reference"] if n in pol and not n.startswith("imp")]
     k = min(metrics["k"])
@@ -284,6 +295,7 @@ def model_card(
         f"- code: git {git_sha()}",
         f"- libraries: {', '.join(requirements() + [f'{p}=={version(p)}' for p in TRAINING])}",
         f"- data window: {_window(window)}",
+        *([] if lineage is None else [lineage]),
         "",
         "## Known limitations",
         "",

@@ -4,9 +4,11 @@ A pipeline run is one PARENT run with one CHILD run per stage (tag `mlflow.paren
 is what `mlflow ui` nests by). The composed config goes in flat as params (values cut to MLflow's
 length limit) and whole as `config.yaml`; the prepared dataset's manifest as a run input whose
 digest is the manifest's config hash; the candidate's registry version gets the alias
-`candidate` or the tag `candidate=not_better`. The experiment is tagged
-`mlflow.experimentKind=custom_model_development`, so the MLflow 3 UI opens it in its
-model-training view (runs, metrics, models) rather than asking or showing the GenAI one.
+`candidate` or the tag `candidate=not_better`, and, when it was fine-tuned from a
+`reference.source`, that source's `lineage.reference_*` tags (recsys_dpo/reference_source.py).
+The experiment is tagged `mlflow.experimentKind=custom_model_development`, so the MLflow 3 UI
+opens it in its model-training view (runs, metrics, models) rather than asking or showing the
+GenAI one.
 
 `check_reachable` probes an HTTP tracking server before any work, so a wrong `tracking.uri`
 fails in seconds with one message instead of after training. `open_tracking` is how every
@@ -179,6 +181,11 @@ class Tracker:
         if run_id is not None:
             for key, value in tags.items():
                 self.client.set_tag(run_id, key, str(value))
+
+    def tag_version(self, model_name: str, version: str, tags: Mapping[str, str]) -> None:
+        """Tags on a registered model version (e.g. the lineage of its reference)."""
+        for key, value in tags.items():
+            self.client.set_model_version_tag(model_name, version, key, value)
 
     def mark_candidate(self, model_name: str, version: str, better: bool) -> None:
         """Alias `candidate` on the version that beats the reference; otherwise the version is

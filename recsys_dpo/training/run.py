@@ -143,8 +143,12 @@ def run_dir(cfg: DictConfig, stage: str, name: str) -> Path:
     """`<paths.runs>/<stage>/<name>-<hash of the config that decides training>`, name being
     `<model>-<objective>`."""
     config = {k: v for k, v in plain(cfg).items() if k not in UNHASHED}
-    if config.get("reward") == {"ckpt": None}:  # unset: the hashes of runs before the key
+    # Unset: the hashes of runs before the key. A set source is resolved into reference.ckpt
+    # by the entry points (recsys_dpo/reference_source.py), which is hashed.
+    if config.get("reward") == {"ckpt": None}:
         del config["reward"]
+    if "source" in config.get("reference", {}) and config["reference"]["source"] is None:
+        del config["reference"]["source"]
     return Path(cfg.paths.runs) / stage / f"{name}-{config_hash(config)}"
 
 
@@ -153,7 +157,8 @@ def mlflow_logger(cfg: DictConfig, run_name: str, out: Path) -> MLFlowLogger | b
     params and the config as a YAML artifact; False (no logger) when tracking is disabled.
     `tracking.run_id` (set by the pipeline runner) logs into that existing run, e.g. a child
     of the pipeline's parent run, instead of a new one; a resumed run logs into the run it
-    left RUNNING (see `resumed_run`)."""
+    left RUNNING (see `resumed_run`). `tracking.tags` (set by the entry points: the lineage of
+    `reference.source`) are set on the run."""
     if not cfg.tracking.enabled:
         return False
     open_tracking(cfg.tracking.uri, cfg.tracking.experiment)  # a fresh sqlite store, set up once
@@ -165,6 +170,8 @@ def mlflow_logger(cfg: DictConfig, run_name: str, out: Path) -> MLFlowLogger | b
         run_name=run_name,
         run_id=resumed or cfg.tracking.get("run_id"),
     )
+    for key, value in (cfg.tracking.get("tags") or {}).items():
+        logger.experiment.set_tag(logger.run_id, key, value)
     if resumed is None:  # a resumed run has its params already (MLflow refuses changing them)
         logger.log_hyperparams(plain(cfg))
         logger.experiment.log_text(
