@@ -381,10 +381,15 @@ def test_the_whole_plan_is_checked_before_any_training(tiny, monkeypatch):
     assert check_plan(in_process(tiny[0], monkeypatch)) == 2 + 2 * 3
 
 
+# What a run's cost records of the machine, not of the training: wall time and memory.
+MEASURED = ("runs", "fit_seconds", "peak_rss_mb", "peak_gpu_mb")
+
+
 def without_run_dirs(rows):
-    """study.json rows without run directories (paths.* are part of every config hash)."""
+    """study.json rows without run directories (paths.* are part of every config hash) and
+    without the costs' wall times and memory (the optimizer steps stay)."""
     if isinstance(rows, dict):
-        return {k: without_run_dirs(v) for k, v in rows.items() if k != "runs"}
+        return {k: without_run_dirs(v) for k, v in rows.items() if k not in MEASURED}
     return [without_run_dirs(v) for v in rows] if isinstance(rows, list) else rows
 
 
