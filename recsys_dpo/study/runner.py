@@ -371,12 +371,14 @@ class Study:
 
     def reward_config(self, ref_ckpt: str) -> DictConfig:
         """The reward model of the reference `ref_ckpt`, trained from it at the first
-        fine-tuning seed (one per reference, shared by every RLHF row and grid point)."""
+        fine-tuning seed (one per reference, shared by every RLHF row and grid point) on the
+        pairs the rows fine-tune on: `study.fine_tune` (e.g. train.max_pairs_per_user), its lr
+        and epochs replaced by `study.reward`'s."""
         recipe = self.spec.reward
         assert recipe is not None, "reward_config: the study has no RLHF row"
         return stage_config(self.template, objective=self._objective(recipe.objective),
                             seed=self.spec.seeds[0], **{"reference.ckpt": ref_ckpt},
-                            **recipe.updates())  # fmt: skip
+                            **self.spec.fine_tune, **recipe.updates())  # fmt: skip
 
     def reward_jobs(self, ckpts: list[str]) -> list[Job]:
         """The reward models the RLHF rows need, one per reference checkpoint (none without
