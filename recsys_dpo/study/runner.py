@@ -377,8 +377,9 @@ class Study:
         recipe = self.spec.reward
         assert recipe is not None, "reward_config: the study has no RLHF row"
         return stage_config(self.template, objective=self._objective(recipe.objective),
-                            seed=self.spec.seeds[0], **{"reference.ckpt": ref_ckpt},
-                            **self.spec.fine_tune, **recipe.updates())  # fmt: skip
+                            seed=self.spec.seeds[0],
+                            **{"reference.ckpt": ref_ckpt, **self.spec.fine_tune,
+                               **recipe.updates()})  # fmt: skip
 
     def reward_jobs(self, ckpts: list[str]) -> list[Job]:
         """The reward models the RLHF rows need, one per reference checkpoint (none without
