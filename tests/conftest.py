@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # The real datasets: beside the checkout, or where RECSYS_DPO_SHARED_DATA says (a worktree).
@@ -51,6 +53,14 @@ def run_pipeline(
         text=True,
         timeout=timeout,
     )
+
+
+def composed(name: str, prepared: Path, root: Path, *overrides: str) -> DictConfig:
+    """Config `name` of recsys_dpo/conf composed as its command would, on the prepared dataset
+    `prepared`, artifacts under `root`."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=[
+            f"paths.artifacts={root}", f"paths.prepared={prepared}", *overrides])  # fmt: skip
 
 
 def bad_input_message(result: subprocess.CompletedProcess) -> str:

@@ -20,8 +20,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import CONF, bad_input_message, run_pipeline
-from hydra import compose, initialize_config_dir
+from conftest import bad_input_message, composed, run_pipeline
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig
@@ -269,9 +268,7 @@ def period_log(period: dict[str, range], path: Path) -> Path:
 
 
 def config(name: str, prepared: Path, root: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=[
-            f"paths.artifacts={root}", f"paths.prepared={prepared}", *SMALL, *overrides])  # fmt: skip
+    return composed(name, prepared, root, *SMALL, *overrides)
 
 
 @pytest.fixture(scope="module")

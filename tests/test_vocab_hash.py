@@ -15,8 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from conftest import CONF, run_pipeline
-from hydra import compose, initialize_config_dir
+from conftest import composed, run_pipeline
 from omegaconf import DictConfig
 
 from recsys_dpo.artifacts import content_hash
@@ -62,9 +61,7 @@ PERMUTED = [NAMES[k] for k in np.random.default_rng(1).permutation(N_ITEMS)]
 
 
 def config(name: str, prepared: Path, root: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=[
-            f"paths.artifacts={root}", f"paths.prepared={prepared}", *SMALL, *overrides])  # fmt: skip
+    return composed(name, prepared, root, *SMALL, *overrides)
 
 
 @pytest.fixture(scope="module")
