@@ -409,15 +409,19 @@ def decide(metrics: dict[str, Any], primary: str) -> bool:
     return delta["lo"] > 0
 
 
-def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResult:
-    """All five stages under one MLflow parent run (see the module docstring)."""
+def run_pipeline(
+    cfg: DictConfig, overrides: Sequence[str] = (), tags: Mapping[str, str] | None = None
+) -> PipelineResult:
+    """All five stages under one MLflow parent run (see the module docstring); `tags` go on
+    that run too (a retraining replay nests it under its own run: `mlflow.parentRunId`)."""
     preflight(cfg, Run)
     lineage = from_config(cfg)  # before any work: a bad source fails in seconds
     console = Console(quiet=not cfg.progress)
     tracker = Tracker(cfg.tracking)
     pipe = Pipeline(cfg, tracker, console)
     name = f"{cfg.pipeline.name}-{cfg.model.name}-{cfg.objective.name}"
-    tags = {"pipeline": cfg.pipeline.name, "model": cfg.model.name, "objective": cfg.objective.name}
+    tags = {"pipeline": cfg.pipeline.name, "model": cfg.model.name,
+            "objective": cfg.objective.name, **(tags or {})}  # fmt: skip
     with tracker.parent(name, tags) as parent:
         tracker.log_config(parent, cfg, list(overrides))
         data = pipe.prepare()

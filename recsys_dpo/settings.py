@@ -346,6 +346,17 @@ class PipelineReward(Section):
     lr: Positive
 
 
+class Retrain(Section):
+    """`pipeline.retrain`: the replay of the retraining loop over rolling windows
+    (recsys_dpo/retrain.py). Window w trains on the periods before first_train_end + w *
+    horizon and is tested on the `horizon` periods after."""
+
+    windows: Count
+    first_train_end: Count
+    horizon: Count = 1
+    period: Literal["day", "month"] = "day"
+
+
 class Pipeline(Section):
     name: Annotated[str, Field(min_length=1)]
     reference: PipelineReference
@@ -353,6 +364,8 @@ class Pipeline(Section):
     primary_metric: str
     optimized_metric: str | None = None
     bundle_dir: str
+    # null: one pipeline run; set: `recsys-dpo run` replays the retraining loop.
+    retrain: Retrain | None = None
 
 
 class Export(Section):
