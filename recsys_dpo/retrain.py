@@ -3,7 +3,7 @@
     recsys-dpo run experiment=retrain_synthetic          # 5 daily windows of data=synthetic_drift
     python pipelines/run.py experiment=retrain_synthetic
 
-With `pipeline.retrain` set (`Retrain`: `windows` N, `first_train_end` t_0, `horizon` h,
+With `pipeline.retrain.windows` set (`Retrain`: `windows` N, `first_train_end` t_0, `horizon` h,
 `period` day|month), `recsys-dpo run` replays what a ranker retrained every period goes
 through: window w (t_w = t_0 + w*h) is a `window` split that trains on the periods before t_w
 and, after the preset's `valid_periods` v, tests on t_w+v..t_w+v+h-1 (`data.split.train_end`,
@@ -134,7 +134,7 @@ def window_config(cfg: DictConfig, settings: Retrain, window: int,
         "data.split.test_periods": settings.horizon,
         "data.split.period": settings.period,
         "paths.prepared": str(Path(cfg.paths.prepared) / f"window-{window}"),
-        "pipeline.retrain": None,
+        "pipeline.retrain.windows": None,
     }
     if previous is not None:
         updates["data.base_vocab"] = str(previous)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_pipeline
+from conftest import bad_input_message, run_pipeline
 from mlflow.tracking import MlflowClient
 
 from recsys_dpo.data.vocab import Vocab
@@ -60,6 +60,17 @@ def test_the_alias_moves_only_when_the_rule_holds(tmp_path):
     record_decision(client, NAME, versions[2], 2, promote(Delta(0.02, 0.01, 0.03)))
     assert str(client.get_model_version_by_alias(NAME, PRODUCTION_ALIAS).version) == versions[2]
     assert alias_history(client, NAME) == [(0, versions[0]), (2, versions[2])]
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (("experiment=retrain_synthetic", "tracking.enabled=false"), "tracking.enabled=true"),
+    (("pipeline.retrain.windows=2",), "pipeline.retrain.first_train_end"),
+])  # fmt: skip
+def test_a_replay_without_what_it_needs_is_refused_before_any_work(tmp_path, overrides, named):
+    done = run_pipeline("run.py", *overrides, f"paths.artifacts={tmp_path / 'a'}",
+                        f"hydra.run.dir={tmp_path / 'job'}", cwd=tmp_path)  # fmt: skip
+    assert named in bad_input_message(done)
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@
     recsys-dpo run hparams_search=optuna               # tune on valid (Optuna)
     recsys-dpo run experiment=retrain_synthetic        # the retraining loop, 5 windows
 
-With `pipeline.retrain` set the command replays the retraining loop over rolling windows
+With `pipeline.retrain.windows` set the command replays the retraining loop over rolling windows
 instead (recsys_dpo/retrain.py): one pipeline run per window, production a registry alias
 moved only when the candidate's CI lies above 0; its table is printed and written as
 retrain.md / retrain.json into the job directory.
@@ -60,7 +60,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResult:
 
 
 def retrain(cfg: DictConfig, overrides: Sequence[str] = ()) -> list[WindowRow]:
-    """The retraining replay on `cfg` (pipeline.retrain set), then its table."""
+    """The retraining replay on `cfg` (pipeline.retrain.windows set), then its table."""
     settings = preflight(cfg, Run).pipeline.retrain
     rows = replay(cfg, settings, overrides)
     Console().print(table_markdown(rows, cfg.pipeline.primary_metric), highlight=False)
@@ -73,7 +73,7 @@ def main(cfg: DictConfig) -> float | None:
     which a sweeper such as hparams_search=optuna optimises. With pipeline.retrain set, the
     retraining replay (returns None)."""
     hydra_cfg = HydraConfig.get()
-    if cfg.pipeline.get("retrain") is not None:
+    if cfg.pipeline.retrain.windows is not None:
         rows = exits_cleanly_on_bad_input(retrain)(cfg, list(hydra_cfg.overrides.task))
         write_table(job_dir(), rows, cfg.pipeline.primary_metric)
         return None
