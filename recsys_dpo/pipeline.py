@@ -64,6 +64,7 @@ from recsys_dpo.data.vocab import Vocab
 from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.counterfactual import OpeConfig, add_ope
 from recsys_dpo.evaluation.evaluator import (
+    Comparison,
     RetrievalConfig,
     build_queries,
     compare,
@@ -238,15 +239,7 @@ class Pipeline:
         cfg = self.cfg
         models = {"policy": load_model(policy, trained_on(data)),
                   "reference": load_model(reference, trained_on(data))}
-        outcome = compare(
-            models["policy"], models["reference"], data,
-            names=(policy, reference), split=split,
-            k=list(cfg.eval.k), n_resamples=cfg.eval.n_resamples, seed=cfg.seed,
-            ci=cfg.eval.ci, retrieval=RetrievalConfig(cfg.eval.index, cfg.eval.nlist,
-            cfg.eval.nprobe, cfg.eval.use_gpu), head_fraction=cfg.eval.head_fraction,
-            batch_size=cfg.eval.batch_size, kl_chunk=cfg.eval.kl_chunk,
-            progress=cfg.progress, seen=cfg.eval.seen,
-        )  # fmt: skip
+        outcome = compare_models(cfg, data, models, (policy, reference), split)
         add_ope(outcome, models, data, cfg.eval.ope.enabled,
                 OpeConfig.from_eval(cfg.eval, cfg.seed), cfg.eval.seen, cfg.eval.batch_size)
         write_outputs(out, outcome, Vocab.load(data.path), train_popularity(data), config)
@@ -276,6 +269,20 @@ class Pipeline:
                 if lineage is not None:
                     self.tracker.tag_version(name, version, lineage.tags())
         return out, version
+
+
+def compare_models(cfg: DictConfig, data: PreparedDataset, models: Mapping[str, Any],
+                   names: tuple[str, str], split: str) -> Comparison:  # fmt: skip
+    """models["policy"] vs models["reference"] on `split` under the eval settings of `cfg`
+    (the evaluator's `compare`); `names` name them in its output."""
+    return compare(
+        models["policy"], models["reference"], data, names=names, split=split,
+        k=list(cfg.eval.k), n_resamples=cfg.eval.n_resamples, seed=cfg.seed,
+        ci=cfg.eval.ci, retrieval=RetrievalConfig(cfg.eval.index, cfg.eval.nlist,
+        cfg.eval.nprobe, cfg.eval.use_gpu), head_fraction=cfg.eval.head_fraction,
+        batch_size=cfg.eval.batch_size, kl_chunk=cfg.eval.kl_chunk,
+        progress=cfg.progress, seen=cfg.eval.seen,
+    )  # fmt: skip
 
 
 def check_evaluation(evaluation: Path, policy: str, data: PreparedDataset) -> dict[str, Any]:

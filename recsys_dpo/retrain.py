@@ -31,8 +31,11 @@ history is readable from the registry (`alias_history`). `new_item_share` is the
 test periods' events whose item has no event in that window's train split (items that
 arrived during the test periods: the reference scores them through its appended rows).
 
-Not replayed yet: the cumulative comparison against never retraining (window 0's model on
-every window) and against retraining from scratch each window.
+Never retraining: in every window w > 0 the version serving during its test periods
+(production before the window's decision, so no look-ahead) is compared with window 0's
+model, never retrained, on the same test periods (`vs_frozen`, paired CI; exactly 0 while
+production is still window 0's version), and the table ends with its mean over the windows.
+Not replayed yet: retraining from scratch each window.
 """
 
 from __future__ import annotations
@@ -55,9 +58,10 @@ from recsys_dpo.data.datamodule import load_prepared  # noqa: E402
 from recsys_dpo.data.schema import ITEM_IDX  # noqa: E402
 from recsys_dpo.errors import DataError  # noqa: E402
 from recsys_dpo.evaluation.evaluator import Delta  # noqa: E402
-from recsys_dpo.pipeline import run_pipeline  # noqa: E402
+from recsys_dpo.pipeline import compare_models, run_pipeline  # noqa: E402
 from recsys_dpo.settings import Retrain  # noqa: E402
 from recsys_dpo.tracking.mlflow_utils import PARENT_TAG, open_tracking  # noqa: E402
+from recsys_dpo.training.reference_module import load_model, trained_on  # noqa: E402
 
 PRODUCTION_ALIAS = "production"
 # Tags on each registered version of a replay: its window, and whether it became production.
@@ -97,8 +101,10 @@ class WindowRow:
     """One window of a replay: its train end and test periods, the production version the
     candidate was compared with (None in window 0: its own fresh reference), the candidate's
     version, the primary metric's lift (candidate - production, mean paired delta) and its
-    CI, the decision, new items' share of the test events, the window's wall time and its
-    MLflow run."""
+    CI, the decision, new items' share of the test events, the window's wall time, its
+    MLflow run and the candidate's checkpoint. `vs_frozen` (`_lo`, `_hi`): the primary
+    metric's paired delta of the version serving during the test periods (production before
+    the decision) minus window 0's model, never retrained (NaN in window 0)."""
 
     window: int
     train_end: int
@@ -112,6 +118,10 @@ class WindowRow:
     new_item_share: float
     wall_s: float
     run_id: str
+    ckpt: str
+    vs_frozen: float = float("nan")
+    vs_frozen_lo: float = float("nan")
+    vs_frozen_hi: float = float("nan")
 
 
 def new_item_share(prepared: Path) -> float:
@@ -170,7 +180,8 @@ def replay(cfg: DictConfig, settings: Retrain, overrides: Sequence[str] = ()) ->
     status = "FAILED"
     try:
         for window in range(settings.windows):
-            rows.append(run_window(cfg, settings, window, previous, client, parent))
+            ckpts = {r.candidate: r.ckpt for r in rows}
+            rows.append(run_window(cfg, settings, window, previous, client, parent, ckpts))
             previous = Path(cfg.paths.prepared) / f"window-{window}"
         status = "FINISHED"
     finally:
@@ -181,15 +192,16 @@ def replay(cfg: DictConfig, settings: Retrain, overrides: Sequence[str] = ()) ->
 
 
 def run_window(cfg: DictConfig, settings: Retrain, window: int, previous: Path | None,
-               client: MlflowClient, parent: str) -> WindowRow:  # fmt: skip
-    """One window's pipeline run, decision and metrics."""
+               client: MlflowClient, parent: str, ckpts: dict[str, str]) -> WindowRow:  # fmt: skip
+    """One window's pipeline run, decision and metrics; `ckpts`: the checkpoint of each
+    version of the earlier windows."""
     name = model_name(cfg)
     production = None
     if previous is not None:
         production = str(client.get_model_version_by_alias(name, PRODUCTION_ALIAS).version)
+    window_cfg = window_config(cfg, settings, window, previous)
     started = time.perf_counter()
-    result = run_pipeline(window_config(cfg, settings, window, previous),
-                          tags={PARENT_TAG: parent, "retrain.window": str(window)})  # fmt: skip
+    result = run_pipeline(window_cfg, tags={PARENT_TAG: parent, "retrain.window": str(window)})
     wall = time.perf_counter() - started
     candidate = result.registered.split("/")[-1]
     # Window 0 has nothing in production: its candidate is the loop's first production model.
@@ -202,16 +214,32 @@ def run_window(cfg: DictConfig, settings: Retrain, window: int, previous: Path |
         test_periods=list(range(first_test, first_test + settings.horizon)),
         production=production, candidate=candidate, lift=result.delta, lo=result.lo,
         hi=result.hi, promoted=promoted, new_item_share=new_item_share(Path(result.prepared)),
-        wall_s=wall, run_id=result.parent_run_id,
+        wall_s=wall, run_id=result.parent_run_id, ckpt=result.policy_ckpt,
     )  # fmt: skip
+    if production is not None:
+        frozen = ckpts[min(ckpts, key=int)]  # window 0's version: the lowest of the replay
+        versus = versus_frozen(window_cfg, Path(result.prepared), ckpts[production], frozen)
+        row.vs_frozen, row.vs_frozen_lo, row.vs_frozen_hi = versus.mean, versus.lo, versus.hi
     values = {"lift": row.lift, "lo": row.lo, "hi": row.hi, "promoted": float(promoted),
-              "new_item_share": row.new_item_share, "wall_s": wall}  # fmt: skip
+              "new_item_share": row.new_item_share, "wall_s": wall,
+              "vs_frozen": row.vs_frozen, "vs_frozen_lo": row.vs_frozen_lo,
+              "vs_frozen_hi": row.vs_frozen_hi}  # fmt: skip
     for key, value in values.items():
         if value == value:  # an undefined CI (NaN) is left out, as Tracker.log_metrics does
             client.log_metric(row.run_id, f"retrain/{key}", value)
-            if key in ("lift", "lo", "hi", "promoted"):
+            if key in ("lift", "lo", "hi", "promoted", "vs_frozen"):
                 client.log_metric(parent, key, value, step=window)
     return row
+
+
+def versus_frozen(cfg: DictConfig, prepared: Path, serving: str, frozen: str) -> Delta:
+    """The primary metric's paired delta, `serving` minus `frozen` (checkpoints), on the
+    window's eval split (its vocabulary grown onto both)."""
+    data = load_prepared(prepared)
+    models = {"policy": load_model(serving, trained_on(data)),
+              "reference": load_model(frozen, trained_on(data))}  # fmt: skip
+    outcome = compare_models(cfg, data, models, (serving, frozen), cfg.eval.split)
+    return outcome.deltas[cfg.pipeline.primary_metric]
 
 
 def table_markdown(rows: Sequence[WindowRow], primary: str = "primary metric") -> str:
@@ -219,15 +247,21 @@ def table_markdown(rows: Sequence[WindowRow], primary: str = "primary metric") -
     lines = [
         f"# Retraining replay ({primary}: candidate - production, paired bootstrap CI)", "",
         "| window | train end | test periods | production | candidate | lift | CI | promoted "
-        "| new-item share | wall s |",
-        "|---:|---:|---|---:|---:|---:|---|---|---:|---:|",
+        "| new-item share | wall s | serving vs never retrained [CI] |",
+        "|---:|---:|---|---:|---:|---:|---|---|---:|---:|---|",
     ]  # fmt: skip
     lines += [
         f"| {r.window} | {r.train_end} | {r.test_periods[0]}..{r.test_periods[-1]} | "
         f"{r.production or '-'} | {r.candidate} | {r.lift:+.4f} | [{r.lo:+.4f}, {r.hi:+.4f}] | "
-        f"{'yes' if r.promoted else 'no'} | {r.new_item_share:.3f} | {r.wall_s:.1f} |"
+        f"{'yes' if r.promoted else 'no'} | {r.new_item_share:.3f} | {r.wall_s:.1f} | "
+        + ("-" if r.production is None else
+           f"{r.vs_frozen:+.4f} [{r.vs_frozen_lo:+.4f}, {r.vs_frozen_hi:+.4f}]") + " |"
         for r in rows
-    ]
+    ]  # fmt: skip
+    later = [r.vs_frozen for r in rows if r.production is not None]
+    if later:
+        lines += ["", f"Mean over windows 1..{len(rows) - 1} of the serving model minus the "
+                  f"never-retrained window-0 model: {sum(later) / len(later):+.4f}"]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -110,6 +110,22 @@ def test_each_window_is_compared_with_the_production_of_its_time(replayed):
     assert "| window | train end |" in replayed["stdout"]
 
 
+def test_the_serving_model_is_compared_with_never_retraining(replayed):
+    """vs_frozen: the version serving during a window's test days minus window 0's model; the
+    same model while production has not moved (exactly 0), else a CI around its mean."""
+    rows = replayed["rows"]
+    assert np.isnan(rows[0]["vs_frozen"])
+    for row in rows[1:]:
+        if row["production"] == rows[0]["candidate"]:
+            assert row["vs_frozen"] == row["vs_frozen_lo"] == row["vs_frozen_hi"] == 0
+        else:
+            assert row["vs_frozen_lo"] <= row["vs_frozen"] <= row["vs_frozen_hi"]
+        metrics = MlflowClient(replayed["uri"]).get_run(row["run_id"]).data.metrics
+        assert metrics["retrain/vs_frozen"] == pytest.approx(row["vs_frozen"])
+    mean = np.mean([r["vs_frozen"] for r in rows[1:]])
+    assert f"never-retrained window-0 model: {mean:+.4f}" in replayed["stdout"]
+
+
 def test_each_window_extends_the_previous_vocabulary(replayed):
     prepared = sorted((replayed["tmp"] / "artifacts" / "prepared").glob("*/window-*"))
     assert [p.name for p in prepared] == ["window-0", "window-1", "window-2"]
