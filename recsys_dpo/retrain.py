@@ -35,7 +35,10 @@ Never retraining: in every window w > 0 the version serving during its test peri
 (production before the window's decision, so no look-ahead) is compared with window 0's
 model, never retrained, on the same test periods (`vs_frozen`, paired CI; exactly 0 while
 production is still window 0's version), and the table ends with its mean over the windows.
-Not replayed yet: retraining from scratch each window.
+With `from_scratch: true` each window w > 0 also runs the whole pipeline with a fresh
+reference on the same prepared data (registered as `<pipeline.name>-scratch`, its run tagged
+`retrain.arm=scratch` beside the loop's `retrain.arm=loop`), and the serving version is
+compared with that model's candidate the same way (`vs_scratch`).
 """
 
 from __future__ import annotations
@@ -104,7 +107,9 @@ class WindowRow:
     CI, the decision, new items' share of the test events, the window's wall time, its
     MLflow run and the candidate's checkpoint. `vs_frozen` (`_lo`, `_hi`): the primary
     metric's paired delta of the version serving during the test periods (production before
-    the decision) minus window 0's model, never retrained (NaN in window 0)."""
+    the decision) minus window 0's model, never retrained (NaN in window 0); `vs_scratch`
+    (`_lo`, `_hi`): the same version minus a model trained from scratch on the window
+    (`Retrain.from_scratch`; NaN when off and in window 0)."""
 
     window: int
     train_end: int
@@ -122,6 +127,9 @@ class WindowRow:
     vs_frozen: float = float("nan")
     vs_frozen_lo: float = float("nan")
     vs_frozen_hi: float = float("nan")
+    vs_scratch: float = float("nan")
+    vs_scratch_lo: float = float("nan")
+    vs_scratch_hi: float = float("nan")
 
 
 def new_item_share(prepared: Path) -> float:
@@ -134,10 +142,11 @@ def new_item_share(prepared: Path) -> float:
     return float(test.join(known, on=ITEM_IDX, how="anti").height / test.height)
 
 
-def window_config(cfg: DictConfig, settings: Retrain, window: int,
-                  previous: Path | None) -> DictConfig:  # fmt: skip
+def window_config(cfg: DictConfig, settings: Retrain, window: int, previous: Path | None,
+                  scratch: bool = False) -> DictConfig:  # fmt: skip
     """The pipeline config of `window`: its window split, its own prepared directory
-    extending `previous`'s vocabulary, and (after window 0) production as the reference."""
+    extending `previous`'s vocabulary, and (after window 0) production as the reference;
+    `scratch`: a fresh reference instead, registered as <pipeline.name>-scratch."""
     updates = {
         "data.split.kind": "window",
         "data.split.train_end": settings.first_train_end + window * settings.horizon,
@@ -148,6 +157,9 @@ def window_config(cfg: DictConfig, settings: Retrain, window: int,
     }
     if previous is not None:
         updates["data.base_vocab"] = str(previous)
+    if scratch:
+        updates["pipeline.name"] = f"{cfg.pipeline.name}-scratch"
+    elif previous is not None:
         updates["reference.source"] = f"models:/{model_name(cfg)}@{PRODUCTION_ALIAS}"
     out = copy.deepcopy(cfg)
     with open_dict(out):
@@ -201,7 +213,8 @@ def run_window(cfg: DictConfig, settings: Retrain, window: int, previous: Path |
         production = str(client.get_model_version_by_alias(name, PRODUCTION_ALIAS).version)
     window_cfg = window_config(cfg, settings, window, previous)
     started = time.perf_counter()
-    result = run_pipeline(window_cfg, tags={PARENT_TAG: parent, "retrain.window": str(window)})
+    tags = {PARENT_TAG: parent, "retrain.window": str(window)}
+    result = run_pipeline(window_cfg, tags={**tags, "retrain.arm": "loop"})
     wall = time.perf_counter() - started
     candidate = result.registered.split("/")[-1]
     # Window 0 has nothing in production: its candidate is the loop's first production model.
@@ -218,27 +231,33 @@ def run_window(cfg: DictConfig, settings: Retrain, window: int, previous: Path |
     )  # fmt: skip
     if production is not None:
         frozen = ckpts[min(ckpts, key=int)]  # window 0's version: the lowest of the replay
-        versus = versus_frozen(window_cfg, Path(result.prepared), ckpts[production], frozen)
+        versus = paired_delta(window_cfg, Path(result.prepared), ckpts[production], frozen)
         row.vs_frozen, row.vs_frozen_lo, row.vs_frozen_hi = versus.mean, versus.lo, versus.hi
+    if production is not None and settings.from_scratch:
+        fresh = run_pipeline(window_config(cfg, settings, window, previous, scratch=True),
+                             tags={**tags, "retrain.arm": "scratch"})  # fmt: skip
+        versus = paired_delta(window_cfg, Path(result.prepared), ckpts[production],
+                              fresh.policy_ckpt)  # fmt: skip
+        row.vs_scratch, row.vs_scratch_lo, row.vs_scratch_hi = versus.mean, versus.lo, versus.hi
     values = {"lift": row.lift, "lo": row.lo, "hi": row.hi, "promoted": float(promoted),
               "new_item_share": row.new_item_share, "wall_s": wall,
-              "vs_frozen": row.vs_frozen, "vs_frozen_lo": row.vs_frozen_lo,
-              "vs_frozen_hi": row.vs_frozen_hi}  # fmt: skip
+              **{f"vs_{arm}{end}": getattr(row, f"vs_{arm}{end}")
+                 for arm in ("frozen", "scratch") for end in ("", "_lo", "_hi")}}  # fmt: skip
     for key, value in values.items():
         if value == value:  # an undefined CI (NaN) is left out, as Tracker.log_metrics does
             client.log_metric(row.run_id, f"retrain/{key}", value)
-            if key in ("lift", "lo", "hi", "promoted", "vs_frozen"):
+            if key in ("lift", "lo", "hi", "promoted", "vs_frozen", "vs_scratch"):
                 client.log_metric(parent, key, value, step=window)
     return row
 
 
-def versus_frozen(cfg: DictConfig, prepared: Path, serving: str, frozen: str) -> Delta:
-    """The primary metric's paired delta, `serving` minus `frozen` (checkpoints), on the
+def paired_delta(cfg: DictConfig, prepared: Path, model: str, other: str) -> Delta:
+    """The primary metric's paired delta, `model` minus `other` (checkpoints), on the
     window's eval split (its vocabulary grown onto both)."""
     data = load_prepared(prepared)
-    models = {"policy": load_model(serving, trained_on(data)),
-              "reference": load_model(frozen, trained_on(data))}  # fmt: skip
-    outcome = compare_models(cfg, data, models, (serving, frozen), cfg.eval.split)
+    models = {"policy": load_model(model, trained_on(data)),
+              "reference": load_model(other, trained_on(data))}  # fmt: skip
+    outcome = compare_models(cfg, data, models, (model, other), cfg.eval.split)
     return outcome.deltas[cfg.pipeline.primary_metric]
 
 
@@ -247,22 +266,29 @@ def table_markdown(rows: Sequence[WindowRow], primary: str = "primary metric") -
     lines = [
         f"# Retraining replay ({primary}: candidate - production, paired bootstrap CI)", "",
         "| window | train end | test periods | production | candidate | lift | CI | promoted "
-        "| new-item share | wall s | serving vs never retrained [CI] |",
-        "|---:|---:|---|---:|---:|---:|---|---|---:|---:|---|",
+        "| new-item share | wall s | serving vs never retrained [CI] | serving vs from scratch "
+        "[CI] |",
+        "|---:|---:|---|---:|---:|---:|---|---|---:|---:|---|---|",
     ]  # fmt: skip
     lines += [
         f"| {r.window} | {r.train_end} | {r.test_periods[0]}..{r.test_periods[-1]} | "
         f"{r.production or '-'} | {r.candidate} | {r.lift:+.4f} | [{r.lo:+.4f}, {r.hi:+.4f}] | "
         f"{'yes' if r.promoted else 'no'} | {r.new_item_share:.3f} | {r.wall_s:.1f} | "
-        + ("-" if r.production is None else
-           f"{r.vs_frozen:+.4f} [{r.vs_frozen_lo:+.4f}, {r.vs_frozen_hi:+.4f}]") + " |"
+        f"{ci_cell(r.vs_frozen, r.vs_frozen_lo, r.vs_frozen_hi)} | "
+        f"{ci_cell(r.vs_scratch, r.vs_scratch_lo, r.vs_scratch_hi)} |"
         for r in rows
     ]  # fmt: skip
-    later = [r.vs_frozen for r in rows if r.production is not None]
-    if later:
-        lines += ["", f"Mean over windows 1..{len(rows) - 1} of the serving model minus the "
-                  f"never-retrained window-0 model: {sum(later) / len(later):+.4f}"]  # fmt: skip
+    for arm, what in (("frozen", "the never-retrained window-0 model"),
+                      ("scratch", "a model trained from scratch on the window")):  # fmt: skip
+        values = [getattr(r, f"vs_{arm}") for r in rows[1:]]
+        if values and all(v == v for v in values):
+            lines += ["", f"Mean over windows 1..{len(rows) - 1} of the serving model minus "
+                      f"{what}: {sum(values) / len(values):+.4f}"]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def ci_cell(mean: float, lo: float, hi: float) -> str:
+    return "-" if mean != mean else f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"
 
 
 def lift_figure(rows: Sequence[WindowRow]) -> plt.Figure:

@@ -355,6 +355,8 @@ class Retrain(Section):
     first_train_end: Count | None = None
     horizon: Count = 1
     period: Literal["day", "month"] = "day"
+    # Also train a model from scratch on each window, to compare the loop's serving model with.
+    from_scratch: Bool = False
 
     @model_validator(mode="after")
     def replay_has_a_start(self) -> Retrain:

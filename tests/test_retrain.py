@@ -126,6 +126,19 @@ def test_the_serving_model_is_compared_with_never_retraining(replayed):
     assert f"never-retrained window-0 model: {mean:+.4f}" in replayed["stdout"]
 
 
+def test_the_serving_model_is_compared_with_retraining_from_scratch(replayed):
+    """from_scratch (the preset's): each later window also trains a fresh pipeline, registered
+    apart (<name>-scratch), with no lineage, and the serving version is compared with it."""
+    rows, client = replayed["rows"], MlflowClient(replayed["uri"])
+    assert np.isnan(rows[0]["vs_scratch"])
+    for row in rows[1:]:
+        assert row["vs_scratch_lo"] <= row["vs_scratch"] <= row["vs_scratch_hi"]
+        assert row["vs_scratch_lo"] < row["vs_scratch_hi"]  # two different models
+    fresh = client.search_model_versions("name='retrain_synthetic-scratch-sasrec'")
+    assert len(fresh) == 2
+    assert not any(k.startswith("lineage.") for v in fresh for k in v.tags)
+
+
 def test_each_window_extends_the_previous_vocabulary(replayed):
     prepared = sorted((replayed["tmp"] / "artifacts" / "prepared").glob("*/window-*"))
     assert [p.name for p in prepared] == ["window-0", "window-1", "window-2"]
@@ -146,7 +159,10 @@ def test_mlflow_holds_one_replay_run_with_a_child_per_window(replayed):
     assert parent.info.status == "FINISHED"
     children = client.search_runs([experiment],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")  # fmt: skip
-    assert sorted(c.info.run_id for c in children) == sorted(r["run_id"] for r in rows)
+    loop = [c.info.run_id for c in children if c.data.tags["retrain.arm"] == "loop"]
+    assert sorted(loop) == sorted(r["run_id"] for r in rows)
+    scratch = [c for c in children if c.data.tags["retrain.arm"] == "scratch"]
+    assert sorted(c.data.tags["retrain.window"] for c in scratch) == ["1", "2"]
     for row in rows:
         metrics = client.get_run(row["run_id"]).data.metrics
         assert metrics["retrain/lift"] == pytest.approx(row["lift"])
