@@ -304,6 +304,7 @@ def lift_figure(rows: Sequence[WindowRow]) -> plt.Figure:
     ax.set_xlabel("window")
     ax.set_ylabel("lift (candidate - production)")
     ax.set_xticks(x)
+    ax.set_title("filled: promoted (window 0: vs its own fresh reference)", fontsize=9)
     fig.tight_layout()
     return fig
 
