@@ -11,7 +11,9 @@ import pytest
 from conftest import bad_input_message, run_pipeline
 from mlflow.tracking import MlflowClient
 
+from recsys_dpo import api
 from recsys_dpo.data.vocab import Vocab
+from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.evaluator import Delta
 from recsys_dpo.evaluation.metrics import paired_bootstrap_ci
 from recsys_dpo.retrain import (
@@ -70,6 +72,15 @@ def test_a_replay_without_what_it_needs_is_refused_before_any_work(tmp_path, ove
     done = run_pipeline("run.py", *overrides, f"paths.artifacts={tmp_path / 'a'}",
                         f"hydra.run.dir={tmp_path / 'job'}", cwd=tmp_path)  # fmt: skip
     assert named in bad_input_message(done)
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_python_api_runs_the_replay_and_run_refuses_it(tmp_path):
+    given = ["experiment=retrain_synthetic", f"paths.artifacts={tmp_path / 'a'}"]
+    with pytest.raises(DataError, match="tracking.enabled=true"):
+        api.retrain([*given, "tracking.enabled=false"])
+    with pytest.raises(DataError, match="recsys_dpo.api.retrain"):
+        api.run(given)
     assert not (tmp_path / "a").exists()
 
 

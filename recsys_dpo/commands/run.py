@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from recsys_dpo.commands import CONF
+from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.report import ope_summary
 from recsys_dpo.pipeline import (
     PipelineResult,
@@ -47,6 +48,10 @@ CONFIG = "run"
 
 def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResult:
     """The pipeline on `cfg` (its MLflow parent run records `overrides`), then its summary."""
+    if cfg.pipeline.retrain.windows is not None:
+        raise DataError(f"pipeline.retrain.windows={cfg.pipeline.retrain.windows}: a retraining "
+                        "replay, not one pipeline run (recsys-dpo run runs it; from Python "
+                        "recsys_dpo.api.retrain)")  # fmt: skip
     result = run_pipeline(cfg, overrides)
     Console().print(summary([result], f"{result.name}: candidate vs reference"))
     online = ope_summary(result.metrics)
