@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
@@ -31,6 +32,9 @@ from recsys_dpo.commands import CONF
 from recsys_dpo.errors import DataError
 from recsys_dpo.pipeline import PipelineResult
 from recsys_dpo.quiet import quiet_output
+
+if TYPE_CHECKING:  # retrain imports mlflow and torch: on use only, as the stages do
+    from recsys_dpo.retrain import WindowRow
 
 Overrides = Sequence[str]
 ConfigDir = str | PathLike[str] | None
@@ -62,6 +66,12 @@ def run(overrides: Overrides = (), config_dir: ConfigDir = None) -> PipelineResu
     """`recsys-dpo run`: every stage; what they produced (paths, metrics, the decision, MLflow
     run ids)."""
     return _command("run").run(config("run", overrides, config_dir), list(overrides))
+
+
+def retrain(overrides: Overrides = (), config_dir: ConfigDir = None) -> list[WindowRow]:
+    """`recsys-dpo run` with pipeline.retrain.windows set (e.g. experiment=retrain_synthetic):
+    the retraining replay, one row per window (recsys_dpo/retrain.py)."""
+    return _command("run").retrain(config("run", overrides, config_dir), list(overrides))
 
 
 def prepare(overrides: Overrides = (), config_dir: ConfigDir = None) -> Path:

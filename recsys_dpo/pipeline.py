@@ -64,6 +64,7 @@ from recsys_dpo.data.vocab import Vocab
 from recsys_dpo.errors import DataError
 from recsys_dpo.evaluation.counterfactual import OpeConfig, add_ope
 from recsys_dpo.evaluation.evaluator import (
+    Comparison,
     RetrievalConfig,
     build_queries,
     compare,
@@ -238,15 +239,7 @@ class Pipeline:
         cfg = self.cfg
         models = {"policy": load_model(policy, trained_on(data)),
                   "reference": load_model(reference, trained_on(data))}
-        outcome = compare(
-            models["policy"], models["reference"], data,
-            names=(policy, reference), split=split,
-            k=list(cfg.eval.k), n_resamples=cfg.eval.n_resamples, seed=cfg.seed,
-            ci=cfg.eval.ci, retrieval=RetrievalConfig(cfg.eval.index, cfg.eval.nlist,
-            cfg.eval.nprobe, cfg.eval.use_gpu), head_fraction=cfg.eval.head_fraction,
-            batch_size=cfg.eval.batch_size, kl_chunk=cfg.eval.kl_chunk,
-            progress=cfg.progress, seen=cfg.eval.seen,
-        )  # fmt: skip
+        outcome = compare_models(cfg, data, models, (policy, reference), split)
         add_ope(outcome, models, data, cfg.eval.ope.enabled,
                 OpeConfig.from_eval(cfg.eval, cfg.seed), cfg.eval.seen, cfg.eval.batch_size)
         write_outputs(out, outcome, Vocab.load(data.path), train_popularity(data), config)
@@ -276,6 +269,20 @@ class Pipeline:
                 if lineage is not None:
                     self.tracker.tag_version(name, version, lineage.tags())
         return out, version
+
+
+def compare_models(cfg: DictConfig, data: PreparedDataset, models: Mapping[str, Any],
+                   names: tuple[str, str], split: str) -> Comparison:  # fmt: skip
+    """models["policy"] vs models["reference"] on `split` under the eval settings of `cfg`
+    (the evaluator's `compare`); `names` name them in its output."""
+    return compare(
+        models["policy"], models["reference"], data, names=names, split=split,
+        k=list(cfg.eval.k), n_resamples=cfg.eval.n_resamples, seed=cfg.seed,
+        ci=cfg.eval.ci, retrieval=RetrievalConfig(cfg.eval.index, cfg.eval.nlist,
+        cfg.eval.nprobe, cfg.eval.use_gpu), head_fraction=cfg.eval.head_fraction,
+        batch_size=cfg.eval.batch_size, kl_chunk=cfg.eval.kl_chunk,
+        progress=cfg.progress, seen=cfg.eval.seen,
+    )  # fmt: skip
 
 
 def check_evaluation(evaluation: Path, policy: str, data: PreparedDataset) -> dict[str, Any]:
@@ -409,15 +416,19 @@ def decide(metrics: dict[str, Any], primary: str) -> bool:
     return delta["lo"] > 0
 
 
-def run_pipeline(cfg: DictConfig, overrides: Sequence[str] = ()) -> PipelineResult:
-    """All five stages under one MLflow parent run (see the module docstring)."""
+def run_pipeline(
+    cfg: DictConfig, overrides: Sequence[str] = (), tags: Mapping[str, str] | None = None
+) -> PipelineResult:
+    """All five stages under one MLflow parent run (see the module docstring); `tags` go on
+    that run too (a retraining replay nests it under its own run: `mlflow.parentRunId`)."""
     preflight(cfg, Run)
     lineage = from_config(cfg)  # before any work: a bad source fails in seconds
     console = Console(quiet=not cfg.progress)
     tracker = Tracker(cfg.tracking)
     pipe = Pipeline(cfg, tracker, console)
     name = f"{cfg.pipeline.name}-{cfg.model.name}-{cfg.objective.name}"
-    tags = {"pipeline": cfg.pipeline.name, "model": cfg.model.name, "objective": cfg.objective.name}
+    tags = {"pipeline": cfg.pipeline.name, "model": cfg.model.name,
+            "objective": cfg.objective.name, **(tags or {})}  # fmt: skip
     with tracker.parent(name, tags) as parent:
         tracker.log_config(parent, cfg, list(overrides))
         data = pipe.prepare()

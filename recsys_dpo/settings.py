@@ -346,6 +346,26 @@ class PipelineReward(Section):
     lr: Positive
 
 
+class Retrain(Section):
+    """`pipeline.retrain`: the replay of the retraining loop over rolling windows
+    (recsys_dpo/retrain.py). Window w trains on the periods before first_train_end + w *
+    horizon and is tested on the `horizon` periods after; `windows` null: no replay."""
+
+    windows: Count | None = None
+    first_train_end: Count | None = None
+    horizon: Count = 1
+    period: Literal["day", "month"] = "day"
+    # Also train a model from scratch on each window, to compare the loop's serving model with.
+    from_scratch: Bool = False
+
+    @model_validator(mode="after")
+    def replay_has_a_start(self) -> Retrain:
+        if self.windows is not None and self.first_train_end is None:
+            raise ValueError("pipeline.retrain.windows is set: pipeline.retrain.first_train_end "
+                             "(window 0's data.split.train_end) is missing")  # fmt: skip
+        return self
+
+
 class Pipeline(Section):
     name: Annotated[str, Field(min_length=1)]
     reference: PipelineReference
@@ -353,6 +373,8 @@ class Pipeline(Section):
     primary_metric: str
     optimized_metric: str | None = None
     bundle_dir: str
+    # windows set: `recsys-dpo run` replays the retraining loop (recsys_dpo/retrain.py).
+    retrain: Retrain = Retrain()
 
 
 class Export(Section):
