@@ -15,21 +15,26 @@ recsys_dpo/data/vocab.py). Each window is one `run_pipeline` run:
   from it, and that registered version becomes `production` whatever its CI (the loop's
   bootstrap, `promoted` true in its row);
 - window w > 0 trains no reference: `reference.source=models:/<name>@production`, so the
-  candidate is fine-tuned from, and evaluated against, the production version on the
-  window's test periods (paired bootstrap CI of `pipeline.primary_metric`), and `production`
+  candidate is fine-tuned from production (on every train pair of its window, or with
+  `fine_tune_on: new` on the pairs of the events after production's own train window only,
+  `train.pairs_since`: the newest logs), evaluated against it on the window's test periods
+  (paired bootstrap CI of `pipeline.primary_metric`), and `production`
   moves to the candidate's version only when `promote` holds: the CI's lower bound above 0.
   A CI that spans 0 (a tie) never moves the alias.
 
 The record: one MLflow parent run per replay (`retrain-<name>-<model>`, tag
 `retrain=replay`) with each window's pipeline run as its child (`mlflow.parentRunId`; the
 stages nest below that), metrics `retrain/lift`, `retrain/lo`, `retrain/hi`,
-`retrain/promoted`, `retrain/new_item_share`, `retrain/wall_s` on the window's run and as
+`retrain/promoted`, `retrain/new_item_share`, `retrain/new_user_share`, `retrain/wall_s`
+(the loop's run; the scratch arm's time not counted) on the window's run and as
 steps (step = w) of `lift`, `lo`, `hi`, `promoted` on the parent, which also holds the table
 (`retrain.json`, `retrain.md`) and the plot `lift_per_window.png`. Every version of the
 replay is tagged `production.window=<w>` and `production.promoted=true|false`, so the alias's
 history is readable from the registry (`alias_history`). `new_item_share` is the share of the
 test periods' events whose item has no event in that window's train split (items that
-arrived during the test periods: the reference scores them through its appended rows).
+arrived during the test periods: the reference scores them through its appended rows);
+`new_user_share` the share of the test users with no event before the test periods (ranked
+for from an empty history: most of ML-100k's, whose users rate within a month or two).
 
 Never retraining: in every window w > 0 the version serving during its test periods
 (production before the window's decision, so no look-ahead) is compared with window 0's
@@ -54,11 +59,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+import polars as pl  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
+from recsys_dpo.artifacts import read_manifest  # noqa: E402
 from recsys_dpo.data.datamodule import load_prepared  # noqa: E402
-from recsys_dpo.data.schema import ITEM_IDX  # noqa: E402
+from recsys_dpo.data.schema import ITEM_IDX, USER_IDX  # noqa: E402
 from recsys_dpo.errors import DataError  # noqa: E402
 from recsys_dpo.evaluation.evaluator import Delta  # noqa: E402
 from recsys_dpo.pipeline import compare_models, run_pipeline  # noqa: E402
@@ -121,6 +128,7 @@ class WindowRow:
     hi: float
     promoted: bool
     new_item_share: float
+    new_user_share: float
     wall_s: float
     run_id: str
     ckpt: str
@@ -142,11 +150,23 @@ def new_item_share(prepared: Path) -> float:
     return float(test.join(known, on=ITEM_IDX, how="anti").height / test.height)
 
 
+def new_user_share(prepared: Path) -> float:
+    """The share of the test split's users with no event before it (train or valid): users
+    the models rank for from an empty history."""
+    data = load_prepared(prepared)
+    test = data.events("test").select(USER_IDX).unique()
+    if test.is_empty():
+        return 0.0
+    before = pl.concat([data.events(s).select(USER_IDX) for s in ("train", "valid")]).unique()
+    return float(test.join(before, on=USER_IDX, how="anti").height / test.height)
+
+
 def window_config(cfg: DictConfig, settings: Retrain, window: int, previous: Path | None,
-                  scratch: bool = False) -> DictConfig:  # fmt: skip
+                  scratch: bool = False, pairs_since: int | None = None) -> DictConfig:  # fmt: skip
     """The pipeline config of `window`: its window split, its own prepared directory
     extending `previous`'s vocabulary, and (after window 0) production as the reference;
-    `scratch`: a fresh reference instead, registered as <pipeline.name>-scratch."""
+    `scratch`: a fresh reference instead, registered as <pipeline.name>-scratch;
+    `pairs_since`: train.pairs_since of the loop's candidate (not the scratch arm's)."""
     updates = {
         "data.split.kind": "window",
         "data.split.train_end": settings.first_train_end + window * settings.horizon,
@@ -161,6 +181,8 @@ def window_config(cfg: DictConfig, settings: Retrain, window: int, previous: Pat
         updates["pipeline.name"] = f"{cfg.pipeline.name}-scratch"
     elif previous is not None:
         updates["reference.source"] = f"models:/{model_name(cfg)}@{PRODUCTION_ALIAS}"
+        if pairs_since is not None:
+            updates["train.pairs_since"] = pairs_since
     out = copy.deepcopy(cfg)
     with open_dict(out):
         for key, value in updates.items():
@@ -192,8 +214,7 @@ def replay(cfg: DictConfig, settings: Retrain, overrides: Sequence[str] = ()) ->
     status = "FAILED"
     try:
         for window in range(settings.windows):
-            ckpts = {r.candidate: r.ckpt for r in rows}
-            rows.append(run_window(cfg, settings, window, previous, client, parent, ckpts))
+            rows.append(run_window(cfg, settings, window, previous, client, parent, rows))
             previous = Path(cfg.paths.prepared) / f"window-{window}"
         status = "FINISHED"
     finally:
@@ -204,14 +225,17 @@ def replay(cfg: DictConfig, settings: Retrain, overrides: Sequence[str] = ()) ->
 
 
 def run_window(cfg: DictConfig, settings: Retrain, window: int, previous: Path | None,
-               client: MlflowClient, parent: str, ckpts: dict[str, str]) -> WindowRow:  # fmt: skip
-    """One window's pipeline run, decision and metrics; `ckpts`: the checkpoint of each
-    version of the earlier windows."""
+               client: MlflowClient, parent: str, earlier: Sequence[WindowRow]) -> WindowRow:  # fmt: skip
+    """One window's pipeline run, decision and metrics; `earlier`: the rows of the earlier
+    windows."""
     name = model_name(cfg)
-    production = None
+    ckpts = {r.candidate: r.ckpt for r in earlier}
+    production = since = None
     if previous is not None:
         production = str(client.get_model_version_by_alias(name, PRODUCTION_ALIAS).version)
-    window_cfg = window_config(cfg, settings, window, previous)
+        if settings.fine_tune_on == "new":
+            since = new_events_start(cfg, earlier, production)
+    window_cfg = window_config(cfg, settings, window, previous, pairs_since=since)
     started = time.perf_counter()
     tags = {PARENT_TAG: parent, "retrain.window": str(window)}
     result = run_pipeline(window_cfg, tags={**tags, "retrain.arm": "loop"})
@@ -227,7 +251,8 @@ def run_window(cfg: DictConfig, settings: Retrain, window: int, previous: Path |
         test_periods=list(range(first_test, first_test + settings.horizon)),
         production=production, candidate=candidate, lift=result.delta, lo=result.lo,
         hi=result.hi, promoted=promoted, new_item_share=new_item_share(Path(result.prepared)),
-        wall_s=wall, run_id=result.parent_run_id, ckpt=result.policy_ckpt,
+        new_user_share=new_user_share(Path(result.prepared)), wall_s=wall,
+        run_id=result.parent_run_id, ckpt=result.policy_ckpt,
     )  # fmt: skip
     if production is not None:
         frozen = ckpts[min(ckpts, key=int)]  # window 0's version: the lowest of the replay
@@ -240,7 +265,8 @@ def run_window(cfg: DictConfig, settings: Retrain, window: int, previous: Path |
                               fresh.policy_ckpt)  # fmt: skip
         row.vs_scratch, row.vs_scratch_lo, row.vs_scratch_hi = versus.mean, versus.lo, versus.hi
     values = {"lift": row.lift, "lo": row.lo, "hi": row.hi, "promoted": float(promoted),
-              "new_item_share": row.new_item_share, "wall_s": wall,
+              "new_item_share": row.new_item_share, "new_user_share": row.new_user_share,
+              "wall_s": wall,
               **{f"vs_{arm}{end}": getattr(row, f"vs_{arm}{end}")
                  for arm in ("frozen", "scratch") for end in ("", "_lo", "_hi")}}  # fmt: skip
     for key, value in values.items():
@@ -249,6 +275,14 @@ def run_window(cfg: DictConfig, settings: Retrain, window: int, previous: Path |
             if key in ("lift", "lo", "hi", "promoted", "vs_frozen", "vs_scratch"):
                 client.log_metric(parent, key, value, step=window)
     return row
+
+
+def new_events_start(cfg: DictConfig, earlier: Sequence[WindowRow], production: str) -> int:
+    """The first unix second production has not trained on: the end of the train window of
+    the window that produced it (its prepared manifest's split bounds)."""
+    made = next(r.window for r in earlier if r.candidate == production)
+    manifest = read_manifest(Path(cfg.paths.prepared) / f"window-{made}")
+    return int(manifest["split"]["bounds"][1])
 
 
 def paired_delta(cfg: DictConfig, prepared: Path, model: str, other: str) -> Delta:
@@ -266,14 +300,15 @@ def table_markdown(rows: Sequence[WindowRow], primary: str = "primary metric") -
     lines = [
         f"# Retraining replay ({primary}: candidate - production, paired bootstrap CI)", "",
         "| window | train end | test periods | production | candidate | lift | CI | promoted "
-        "| new-item share | wall s | serving vs never retrained [CI] | serving vs from scratch "
-        "[CI] |",
-        "|---:|---:|---|---:|---:|---:|---|---|---:|---:|---|---|",
+        "| new-item share | new-user share | wall s | serving vs never retrained [CI] | serving "
+        "vs from scratch [CI] |",
+        "|---:|---:|---|---:|---:|---:|---|---|---:|---:|---:|---|---|",
     ]  # fmt: skip
     lines += [
         f"| {r.window} | {r.train_end} | {r.test_periods[0]}..{r.test_periods[-1]} | "
         f"{r.production or '-'} | {r.candidate} | {r.lift:+.4f} | [{r.lo:+.4f}, {r.hi:+.4f}] | "
-        f"{'yes' if r.promoted else 'no'} | {r.new_item_share:.3f} | {r.wall_s:.1f} | "
+        f"{'yes' if r.promoted else 'no'} | {r.new_item_share:.3f} | {r.new_user_share:.3f} | "
+        f"{r.wall_s:.1f} | "
         f"{ci_cell(r.vs_frozen, r.vs_frozen_lo, r.vs_frozen_hi)} | "
         f"{ci_cell(r.vs_scratch, r.vs_scratch_lo, r.vs_scratch_hi)} |"
         for r in rows
@@ -309,9 +344,14 @@ def lift_figure(rows: Sequence[WindowRow]) -> plt.Figure:
     return fig
 
 
+def rows_json(rows: Sequence[WindowRow]) -> list[dict]:
+    """The rows as JSON objects, an undefined figure (NaN) as null: JSON has no NaN."""
+    return [{k: None if v != v else v for k, v in asdict(r).items()} for r in rows]
+
+
 def log_table(client: MlflowClient, run_id: str, rows: Sequence[WindowRow], primary: str) -> None:
     """The table (json, markdown) and the lift plot as artifacts of the replay's run."""
-    client.log_dict(run_id, [asdict(r) for r in rows], "retrain.json")
+    client.log_dict(run_id, rows_json(rows), "retrain.json")
     client.log_text(run_id, table_markdown(rows, primary), "retrain.md")
     fig = lift_figure(rows)
     client.log_figure(run_id, fig, "lift_per_window.png")
@@ -321,5 +361,5 @@ def log_table(client: MlflowClient, run_id: str, rows: Sequence[WindowRow], prim
 def write_table(directory: Path, rows: Sequence[WindowRow], primary: str) -> None:
     """retrain.json and retrain.md into `directory` (the hydra job's)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "retrain.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    (directory / "retrain.json").write_text(json.dumps(rows_json(rows), indent=2, allow_nan=False))
     (directory / "retrain.md").write_text(table_markdown(rows, primary))

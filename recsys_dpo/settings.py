@@ -241,6 +241,7 @@ class Train(Section):
     num_workers: NonNegativeInt
     max_negatives: Count | None
     max_pairs_per_user: Count | None
+    pairs_since: NonNegativeInt | None = None
     k: Count
     early_stopping_patience: Count | None = None
     ckpt_every_n_steps: Count | None = None
@@ -357,6 +358,9 @@ class Retrain(Section):
     period: Literal["day", "month"] = "day"
     # Also train a model from scratch on each window, to compare the loop's serving model with.
     from_scratch: Bool = False
+    # What the loop's candidate fine-tunes on after window 0: `all` its window's train pairs,
+    # `new` only those of events production has not trained on (train.pairs_since).
+    fine_tune_on: Literal["all", "new"] = "all"
 
     @model_validator(mode="after")
     def replay_has_a_start(self) -> Retrain:

@@ -84,15 +84,20 @@ def test_the_python_api_runs_the_replay_and_run_refuses_it(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
 @pytest.fixture(scope="module")
 def replayed(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("retrain")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     done = run_pipeline("run.py", "experiment=retrain_synthetic", "pipeline.retrain.windows=3",
+                        "pipeline.retrain.fine_tune_on=new",
                         f"paths.artifacts={tmp / 'artifacts'}", *TINY, f"tracking.uri={uri}",
                         f"hydra.run.dir={tmp / 'job'}", cwd=tmp)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads((tmp / "job" / "retrain.json").read_text())
+    rows = json.loads((tmp / "job" / "retrain.json").read_text(), parse_constant=not_json)
     return {"tmp": tmp, "uri": uri, "rows": rows, "stdout": done.stdout}
 
 
@@ -125,7 +130,7 @@ def test_the_serving_model_is_compared_with_never_retraining(replayed):
     """vs_frozen: the version serving during a window's test days minus window 0's model; the
     same model while production has not moved (exactly 0), else a CI around its mean."""
     rows = replayed["rows"]
-    assert np.isnan(rows[0]["vs_frozen"])
+    assert rows[0]["vs_frozen"] is None
     for row in rows[1:]:
         if row["production"] == rows[0]["candidate"]:
             assert row["vs_frozen"] == row["vs_frozen_lo"] == row["vs_frozen_hi"] == 0
@@ -141,13 +146,30 @@ def test_the_serving_model_is_compared_with_retraining_from_scratch(replayed):
     """from_scratch (the preset's): each later window also trains a fresh pipeline, registered
     apart (<name>-scratch), with no lineage, and the serving version is compared with it."""
     rows, client = replayed["rows"], MlflowClient(replayed["uri"])
-    assert np.isnan(rows[0]["vs_scratch"])
+    assert rows[0]["vs_scratch"] is None
     for row in rows[1:]:
         assert row["vs_scratch_lo"] <= row["vs_scratch"] <= row["vs_scratch_hi"]
         assert row["vs_scratch_lo"] < row["vs_scratch_hi"]  # two different models
     fresh = client.search_model_versions("name='retrain_synthetic-scratch-sasrec'")
     assert len(fresh) == 2
     assert not any(k.startswith("lineage.") for v in fresh for k in v.tags)
+
+
+def test_fine_tune_on_new_trains_each_candidate_on_what_production_has_not_seen(replayed):
+    """fine_tune_on=new: window w's candidate fine-tunes on the pairs of the events at or after
+    the end of its production version's train window (window w-1's while production moves,
+    else an earlier one's); the scratch arm on all its pairs."""
+    rows, client = replayed["rows"], MlflowClient(replayed["uri"])
+    prepared = replayed["tmp"] / "artifacts" / "prepared" / "synthetic_drift"
+    made = {r["candidate"]: r["window"] for r in rows}
+    for row in rows[1:]:
+        manifest = json.loads((prepared / f"window-{made[row['production']]}" /
+                               "manifest.json").read_text())  # fmt: skip
+        params = client.get_run(row["run_id"]).data.params
+        assert params["train.pairs_since"] == str(manifest["split"]["bounds"][1])
+    experiment = client.get_experiment_by_name("recsys-dpo").experiment_id
+    for run in client.search_runs([experiment], "tags.`retrain.arm` = 'scratch'"):
+        assert run.data.params["train.pairs_since"] == "None"
 
 
 def test_each_window_extends_the_previous_vocabulary(replayed):

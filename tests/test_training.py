@@ -189,6 +189,28 @@ def test_max_pairs_per_user_keeps_each_users_most_recent_pairs(prepared, tmp_pat
         PairDataModule(root, max_pairs_per_user=0)
 
 
+def test_pairs_since_keeps_the_pairs_of_events_at_or_after_it(prepared, tmp_path):
+    """train.pairs_since (the retraining replay's newest logs): exactly the pairs whose chosen
+    event is at or after it, before max_pairs_per_user; none left is refused, naming it."""
+    root = tmp_path / "prepared"
+    shutil.copytree(prepared, root)
+    pairs = pl.read_parquet(prepared / "pairs_train.parquet")
+    since = int(pairs["timestamp"].min())
+    span = int(pairs["timestamp"].max()) - since + 1  # every older pair lies before `since`
+    older = pairs.with_columns(pl.col("timestamp") - span, pl.col("chosen") % N_REAL + 1)
+    pl.concat([older, pairs]).write_parquet(root / "pairs_train.parquet")
+    for max_pairs in (None, 1):
+        data = PairDataModule(root, max_len=8, batch_size=1000, pairs_since=since,
+                              max_pairs_per_user=max_pairs)  # fmt: skip
+        data.setup()
+        batch = next(iter(data.train_dataloader()))
+        order = batch["user_idx"].argsort()
+        assert batch["chosen"][order].tolist() == pairs["chosen"].to_list()
+    after_all = int(pairs["timestamp"].max()) + 1
+    with pytest.raises(DataError, match=rf"pairs_train.parquet: .*train.pairs_since={after_all}"):
+        PairDataModule(root, pairs_since=after_all).setup()
+
+
 # --------------------------------------------------------------------------- ranking
 
 

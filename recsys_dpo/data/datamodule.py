@@ -23,6 +23,7 @@ a checkpoint sees the same batches as an uninterrupted one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -499,6 +500,7 @@ class PairDataModule(_PreparedDataModule):
         num_workers: int = 0,
         max_pairs_per_user: int | None = None,
         seen: str = DEFAULT_SEEN,
+        pairs_since: int | None = None,
     ) -> None:
         super().__init__(path, max_len, batch_size, seed, num_workers, seen)
         for name, value in (("max_negatives", max_negatives),
@@ -507,17 +509,32 @@ class PairDataModule(_PreparedDataModule):
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         self.max_negatives = max_negatives
         self.max_pairs_per_user = max_pairs_per_user
+        self.pairs_since = pairs_since
         self.valid_pairs: RowsDataset | None = None
+
+    def train_pairs(self) -> pl.DataFrame:
+        """The pairs_train rows the stage trains on, in file order: those whose chosen event is
+        at or after `pairs_since` (unix seconds; None: all), then of those each user's latest
+        `max_pairs_per_user` events (None: all). DataError when `pairs_since` leaves none."""
+        where = self.dataset.path / "pairs_train.parquet"
+        train = self.dataset.pairs("train")
+        if self.pairs_since is not None:
+            train = train.filter(pl.col("timestamp") >= self.pairs_since)
+            if train.is_empty():
+                when = datetime.fromtimestamp(self.pairs_since, UTC).strftime("%Y-%m-%d %H:%M")
+                raise DataError(
+                    f"{where}: no train pair's chosen event is at or after train.pairs_since="
+                    f"{self.pairs_since} ({when} UTC): nothing to fine-tune on"
+                )
+        if self.max_pairs_per_user is not None:
+            train = latest_events(train, self.max_pairs_per_user, where)
+        return train
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         self._build_ranking()
-        train = self.dataset.pairs("train")
-        if self.max_pairs_per_user is not None:
-            where = self.dataset.path / "pairs_train.parquet"
-            train = latest_events(train, self.max_pairs_per_user, where)
-        self.train_set = pair_examples(train, self.max_len, self.max_negatives)
+        self.train_set = pair_examples(self.train_pairs(), self.max_len, self.max_negatives)
         valid = self.dataset.pairs("valid") if self.dataset.has_pairs("valid") else None
         if valid is not None and valid.height > 0:
             self.valid_pairs = pair_examples(valid, self.max_len, self.max_negatives)

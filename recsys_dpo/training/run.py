@@ -49,7 +49,6 @@ from recsys_dpo.data.datamodule import (
     PreparedDataset,
     RowsDataset,
     SequenceDataModule,
-    latest_events,
     load_prepared,
 )
 from recsys_dpo.data.schema import USER_IDX
@@ -495,9 +494,7 @@ def train_false_negative_share(data: PairDataModule) -> float:
     and max_negatives) that the user clicks in a later train event (`false_negatives.py`).
     Reads the train split only."""
     data.setup()
-    pairs = data.dataset.pairs("train")
-    if data.max_pairs_per_user is not None:  # the rows setup() kept, in its order
-        pairs = latest_events(pairs, data.max_pairs_per_user)
+    pairs = data.train_pairs()  # the rows setup() kept, in its order
     rejected = data.train_set.columns["rejected"]
     if not isinstance(rejected, torch.Tensor):
         rejected = rejected.take(torch.arange(len(data.train_set)))
@@ -536,6 +533,7 @@ def preference_pairs(
         max_len=cfg.data.max_len,
         max_negatives=cfg.train.max_negatives,
         max_pairs_per_user=cfg.train.max_pairs_per_user,
+        pairs_since=cfg.train.pairs_since,
         batch_size=cfg.train.batch_size,
         seed=cfg.seed,
         num_workers=cfg.train.num_workers,
