@@ -65,6 +65,10 @@ def test_it_rebuilds_from_its_config_and_refuses_bad_settings():
     with torch.no_grad():
         assert torch.equal(again.eval().full_scores(batch()), optimum.full_scores(batch()))
     assert optimum.embeds_user_ids  # MF reads user ids: an unknown user cannot be scored
+    # the evaluator checks a model's sizes against the data from its config
+    assert (optimum.config["n_items"], optimum.config["n_users"]) == (N_ITEMS, N_USERS)
+    with pytest.raises(ValueError, match="n_users=3, but the reference has"):
+        RLHFOptimum(reference, reward, 1.0, n_users=3)
     with pytest.raises(ValueError, match="beta must be > 0"):
         RLHFOptimum(reference, reward, 0.0)
     with pytest.raises(ValueError, match="the reference scores 40 items, the reward model 41"):

@@ -66,14 +66,18 @@ def test_one_reward_model_per_reference_shared_by_its_rlhf_runs(tiny):
 
 def test_the_frontier_has_every_grid_point_with_its_exact_valid_kl(tiny):
     from recsys_dpo.data.datamodule import load_prepared
-    from recsys_dpo.evaluation.evaluator import build_queries, embed_users, item_vectors
+    from recsys_dpo.evaluation.evaluator import build_queries, embed_users, evaluate, item_vectors
+    from recsys_dpo.models.rlhf_optimum import RLHFOptimum
+    from recsys_dpo.study.runner import OPTIMUM
     from recsys_dpo.training.reference_module import load_model, trained_on
 
     tmp, result = tiny
     frontier = result["frontier"]
     assert [(p["row"], p["point"].get("objective.beta")) for p in frontier] == [
-        ("reference", None), ("dpo", 0.1), ("dpo", 1.0), ("rlhf_exact", 0.1), ("rlhf_exact", 1.0)
+        ("reference", None), ("dpo", 0.1), ("dpo", 1.0), ("rlhf_exact", 0.1), ("rlhf_exact", 1.0),
+        (OPTIMUM, 0.1), (OPTIMUM, 1.0),
     ]  # fmt: skip
+    trained, optima = frontier[1:5], frontier[5:]
     assert frontier[0]["kl"]["mean"] == 0.0 and frontier[0]["reward_gain"]["mean"] == 0.0
     rows = {r["name"]: r for r in result["rows"]}
     refs = [run for per_ref in rows["reference"]["runs"] for run in per_ref]
@@ -93,7 +97,7 @@ def test_the_frontier_has_every_grid_point_with_its_exact_valid_kl(tiny):
     for out in (tmp / "art" / "runs" / "reward").iterdir():
         best = json.loads((out / "result.json").read_text())["best_ckpt"]
         reward_of[hparams(best)["reference_ckpt"]] = best
-    for point in frontier[1:]:
+    for point in trained:
         row = rows[point["row"]]
         grid = next(g for g in row["grid"] if g["point"] == point["point"])
         assert point["selected"] == grid["selected"]
@@ -115,6 +119,25 @@ def test_the_frontier_has_every_grid_point_with_its_exact_valid_kl(tiny):
             to_opt = point["kl_to_optimum"]["per_reference"][refs.index(ref)]
             brute_opt = (log_opt.exp() * (log_opt - log_p)).sum(-1).mean().item()
             assert to_opt == pytest.approx(brute_opt, rel=1e-3, abs=1e-6)
+    # The closed-form optimum at each beta, nothing trained: its KL to the reference and its
+    # reward gain against brute force; its valid figure the evaluator's of the served s_ref + r/beta.
+    for point in optima:
+        beta = point["point"]["objective.beta"]
+        assert not point["selected"] and point["kl_to_optimum"]["mean"] == 0.0
+        for i, ref in enumerate(refs):
+            ref_ckpt = ckpt[ref]["best_ckpt"] or ckpt[ref]["last_ckpt"]
+            log_q, r = log_softmax(ref_ckpt), scores(reward_of[ref_ckpt])
+            log_opt = (log_q + r / beta).log_softmax(-1)
+            brute = (log_opt.exp() * (log_opt - log_q)).sum(-1).mean().item()
+            assert point["kl"]["per_reference"][i] == pytest.approx(brute, rel=1e-3, abs=1e-7)
+            brute_gain = ((log_opt.exp() - log_q.exp()) * r).sum(-1).mean().item()
+            assert point["reward_gain"]["per_reference"][i] == pytest.approx(brute_gain, rel=1e-3)
+            served = RLHFOptimum(load_model(ref_ckpt, trained_on(data)),
+                                 load_model(reward_of[ref_ckpt], trained_on(data)), beta)  # fmt: skip
+            ndcg = evaluate(served, data, "valid", [10]).aggregates["ndcg_at_10"]
+            assert point["valid"]["ndcg_at_10"]["per_reference"][i] == pytest.approx(ndcg)
+    # a smaller beta moves further from the reference
+    assert optima[0]["kl"]["mean"] > optima[1]["kl"]["mean"] > 0
     assert (tmp / "art" / "studies" / NAME / "frontier.png").stat().st_size > 0
     table = (tmp / "art" / "studies" / NAME / "table.md").read_text()
     assert "## Reward-KL frontier (valid)" in table and "test is read once" in table

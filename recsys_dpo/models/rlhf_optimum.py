@@ -33,13 +33,17 @@ class RLHFOptimum(Recommender):
         beta: the KL coefficient, > 0.
         max_len: the context length batches are cut to, as every model's config has it (the
             evaluator and the export read it); by default the reference's.
+        n_items, n_users: the catalog and user-table sizes, as every model's config has them
+            (the evaluator checks them against the data); the reference's, which these must
+            equal when given (they are when the model is rebuilt from its config).
     """
 
     name = "rlhf_optimum"
 
     def __init__(self, reference: dict[str, Any] | Recommender,
                  reward: dict[str, Any] | Recommender, beta: float,
-                 max_len: int | None = None) -> None:  # fmt: skip
+                 max_len: int | None = None, n_items: int | None = None,
+                 n_users: int | None = None) -> None:  # fmt: skip
         super().__init__()
         from recsys_dpo.models import build_model  # the registry imports this module
 
@@ -60,6 +64,12 @@ class RLHFOptimum(Recommender):
         self.config |= {"beta": self.beta,
                         "max_len": self.reference.config.get("max_len") if max_len is None
                         else max_len}  # fmt: skip
+        for key, given in (("n_items", n_items), ("n_users", n_users)):
+            own = self.reference.config.get(key)
+            if given is not None and given != own:
+                raise ValueError(f"RLHFOptimum: {key}={given}, but the reference has {own}")
+            if own is not None:
+                self.config[key] = own
 
     @property
     def embeds_user_ids(self) -> bool:

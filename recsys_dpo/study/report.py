@@ -10,7 +10,8 @@ are the test read-out. A global metric (`spec.GLOBAL_METRICS`: coat_paper/auc po
 (user, item) row, so no user has a value of their own) gets no per-user CI: its difference is
 each reference's difference of the global figure, shown as mean +- sd across references.
 
-The frontier (`frontier_point`): every row's every grid point on valid, x the mean exact
+The frontier (`frontier_point`): every row's every grid point on valid (with reward models
+also the RLHF optimum itself at each beta, row `pi* (closed form)`), x the mean exact
 KL(pi || pi_ref) over valid users (`evaluator.policy_kl`), y each metric; study.json's
 `frontier`, a table in table.md and frontier.png (one curve per row, one panel per metric;
 matplotlib's Agg backend, files only). Valid only: test stays read once, after selection.
@@ -182,7 +183,8 @@ def frontier_markdown(frontier: list[dict[str, Any]], metrics: list[str]) -> lis
     return ["## Reward-KL frontier (valid)", "", FRONTIER_CAPTION
             + (" Reward gain: under the reference's own reward model, every row." if gain else "")
             + (" KL(pi*_beta ‖ pi): to the RLHF optimum pi_ref exp(r / beta) / Z of that reward"
-               " model at the row's own beta." if optimum else ""),
+               " model at the row's own beta; row pi* (closed form): that optimum itself, served"
+               " as s_ref + r / beta, nothing trained." if optimum else ""),
             "", "| row | point | selected | KL(pi ‖ pi_ref) | " + " | ".join(cols) + " |",
             "|---|---|---|---:|" + "---:|" * len(cols),
             *(f"| {p['row']} | {_point(p['point'])} | {'yes' if p['selected'] else ''} | "

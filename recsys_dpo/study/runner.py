@@ -16,7 +16,8 @@
    `continue-<N>steps` (stage-1 training continued from the same reference for the N optimizer
    steps the row took, at its lr). Every entry has valid and test figures.
 4. study.json and table.md go to `spec.out_dir` (and study.json to `spec.publish` if set),
-   with the valid reward-KL frontier (`frontier_points`) and each entry's training cost.
+   with the valid reward-KL frontier (`frontier_points`, with reward models also the RLHF
+   optimum itself at each beta, `optimum_point`) and each entry's training cost.
 
 The training runs of each phase (the references; every row's every grid point from every
 reference; every row's controls) are independent: `spec.jobs` of them train at a time, in
@@ -74,6 +75,7 @@ from recsys_dpo.evaluation.evaluator import (
     train_popularity,
 )
 from recsys_dpo.models import Recommender
+from recsys_dpo.models.rlhf_optimum import RLHFOptimum
 from recsys_dpo.pipeline import Pipeline, stage_config
 from recsys_dpo.settings import TrainPreference, TrainReference, TrainReward, validate
 from recsys_dpo.stage import plain
@@ -87,6 +89,8 @@ from recsys_dpo.training.reference_module import load_model, read_checkpoint, tr
 from recsys_dpo.training.run import run_dir
 
 POPULARITY = "most_popular"
+# The frontier row of the RLHF optimum pi_ref exp(r / beta) / Z itself (`optimum_point`).
+OPTIMUM = "pi* (closed form)"
 # Eval settings that name or place an output, or set the CI, not what a model scores.
 EVAL_UNHASHED = ("ckpt", "split", "name", "out_dir", "n_resamples", "ci")
 # A continued stage-1 run stops at max_steps; its epoch cap must never bind first.
@@ -188,6 +192,21 @@ def with_request_metrics(result: EvalResult, data: PreparedDataset) -> pl.DataFr
 EVAL_FORMAT = "metric_at_k+truth+coat_paper"
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A model the cache evaluates: its name in the ledger, its identity (a checkpoint's
+    sha256, or a hash of what it is built from) and how to build it."""
+
+    name: str
+    identity: str
+    load: Callable[[], Recommender]
+
+    @classmethod
+    def of(cls, run: Run, dataset: dict[str, Any]) -> Scored:
+        # Loaded with the dataset's record: a checkpoint of another vocabulary is refused.
+        return cls(run.ckpt, file_sha256(Path(run.ckpt)), partial(load_model, run.ckpt, dataset))
+
+
 class EvalCache:
     """Evaluations keyed by (checkpoint sha256, dataset manifest, eval settings, split)."""
 
@@ -232,19 +251,19 @@ class EvalCache:
         return Evaluation(key, split, model, pl.read_parquet(out / "per_user.parquet"),
                           json.loads((out / "metrics.json").read_text()))  # fmt: skip
 
-    def kl(self, policy: Run, reference: Run, dataset: dict[str, Any], split: str,
+    def kl(self, policy: Scored, reference: Run, dataset: dict[str, Any], split: str,
            reward: str | None = None, beta: float | None = None) -> dict[str, float]:  # fmt: skip
         """The means over `split`'s users of the exact KL(policy || reference) and, with a
         `reward` checkpoint, of the reward gain E_pi[r] - E_ref[r] and (with `beta`) the
         KL(pi* || policy) to the RLHF optimum at beta (`evaluator.policy_kl`), cached by the
-        checkpoints' sha256 (and beta) like an evaluation."""
-        ids = {"policy": file_sha256(Path(policy.ckpt)),
+        models' identities (checkpoint sha256; and beta) like an evaluation."""
+        ids = {"policy": policy.identity,
                "reference": file_sha256(Path(reference.ckpt)),
                **({} if reward is None else {"reward": file_sha256(Path(reward))}),
                **({} if beta is None else {"beta": beta})}  # fmt: skip
         out = self.root / self.key(config_hash(ids), f"{split}:kl")
         if not (out / "manifest.json").is_file():
-            table = policy_kl(load_model(policy.ckpt, dataset), load_model(reference.ckpt, dataset),
+            table = policy_kl(policy.load(), load_model(reference.ckpt, dataset),
                               self.data, split,
                               reward=None if reward is None else load_model(reward, dataset),
                               beta=beta,
@@ -252,11 +271,11 @@ class EvalCache:
                               kl_chunk=self.kl_chunk)  # fmt: skip
             with atomic_dir(out) as tmp:
                 table.write_parquet(tmp / "per_user.parquet")
-                write_manifest(tmp, {"model": policy.ckpt, "reference": reference.ckpt,
+                write_manifest(tmp, {"model": policy.name, "reference": reference.ckpt,
                                      "reward": reward, "split": split, **ids})  # fmt: skip
-            self.ledger.evaluated.append(f"{split}:kl:{policy.ckpt}")
+            self.ledger.evaluated.append(f"{split}:kl:{policy.name}")
         else:
-            self.ledger.eval_reused.append(f"{split}:kl:{policy.ckpt}")
+            self.ledger.eval_reused.append(f"{split}:kl:{policy.name}")
         table = pl.read_parquet(out / "per_user.parquet")
         return {c: float(table[c].mean()) for c in table.columns if c != USER_IDX}
 
@@ -418,9 +437,8 @@ class Study:
         if run is None:
             return self.cache.get(model, self.popularity_id, partial(MostPopular, self.popularity),
                                   split)  # fmt: skip
-        # Loaded with the dataset's record: a checkpoint of another vocabulary is refused.
-        load = partial(load_model, run.ckpt, self.dataset)
-        return self.cache.get(model, file_sha256(Path(run.ckpt)), load, split)
+        scored = Scored.of(run, self.dataset)
+        return self.cache.get(model, scored.identity, scored.load, split)
 
     def read_out(self, name: str, kind: str, models: list[list[Run | None]],
                  **info: Any) -> Entry:  # fmt: skip
@@ -717,11 +735,14 @@ def frontier_points(study: Study, searched: list[Selected],
     points = [frontier_point("reference", {}, zeros,
                              [[study.read(r, SELECTION_SPLIT)] for r in refs], metrics,
                              False)]  # fmt: skip
+    betas: set[float] = set()
     for sel in searched:
         for point, runs, grid in zip(sel.row.points(), sel.point_runs, sel.grid, strict=True):
             beta = (study.preference_config(sel.row, point, refs[0].ckpt, spec.seeds[0])
                     .objective.get("beta") if spec.reward else None)  # fmt: skip
-            kls = [[study.cache.kl(r, ref, study.dataset, SELECTION_SPLIT,
+            betas |= set() if beta is None else {float(beta)}
+            kls = [[study.cache.kl(Scored.of(r, study.dataset), ref, study.dataset,
+                                   SELECTION_SPLIT,
                                    study.rewards[ref.ckpt] if spec.reward else None,
                                    None if beta is None else float(beta))
                       for r in per_ref]
@@ -729,7 +750,33 @@ def frontier_points(study: Study, searched: list[Selected],
             evals = [[study.read(r, SELECTION_SPLIT) for r in per_ref] for per_ref in runs]
             points.append(frontier_point(sel.row.name, point, kls, evals, metrics,
                                          grid["selected"]))  # fmt: skip
-    return points
+    return points + [optimum_point(study, refs, beta, metrics) for beta in sorted(betas)]
+
+
+def optimum_point(study: Study, refs: list[Run], beta: float,
+                  metrics: list[str]) -> dict[str, Any]:  # fmt: skip
+    """The frontier point of the RLHF optimum itself at `beta`: each reference's
+    pi_ref exp(r / beta) / Z under its own reward model, served as the one inner-product model
+    s_ref + r / beta (`models.rlhf_optimum.RLHFOptimum`), nothing trained: where the RLHF route
+    would land with a perfect optimiser, so the rows' distance from it is the optimiser's and
+    its distance from the reference the reward model's. KL(pi* || pi) is 0 by definition.
+    Valid only, as every frontier point."""
+    kls, evals = [], []
+    for ref in refs:
+        reward = study.rewards[ref.ckpt]
+        identity = config_hash({"optimum_of": file_sha256(Path(ref.ckpt)),
+                                "reward": file_sha256(Path(reward)), "beta": beta})  # fmt: skip
+        scored = Scored(f"{OPTIMUM} beta={beta} of {ref.ckpt}", identity,
+                        partial(rlhf_optimum, ref.ckpt, reward, beta, study.dataset))  # fmt: skip
+        kls.append([{**study.cache.kl(scored, ref, study.dataset, SELECTION_SPLIT, reward),
+                     "kl_to_optimum": 0.0}])  # fmt: skip
+        evals.append([study.cache.get(scored.name, identity, scored.load, SELECTION_SPLIT)])
+    return frontier_point(OPTIMUM, {"objective.beta": beta}, kls, evals, metrics, False)
+
+
+def rlhf_optimum(ref_ckpt: str, reward_ckpt: str, beta: float,
+                 dataset: dict[str, Any]) -> Recommender:  # fmt: skip
+    return RLHFOptimum(load_model(ref_ckpt, dataset), load_model(reward_ckpt, dataset), beta)
 
 
 def _control(study: Study, name: str, row: Entry, what: str, made: list[Run], n_seeds: int,
