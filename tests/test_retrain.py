@@ -3,13 +3,16 @@ to win, the `production` alias moved in a real sqlite registry only when the rul
 tiny replay of 3 windows of the drifting synthetic log end to end through pipelines/run.py,
 read back from MLflow."""
 
+import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import bad_input_message, run_pipeline
+from conftest import CONF, bad_input_message, run_pipeline
+from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from omegaconf import open_dict
 
 from recsys_dpo import api
 from recsys_dpo.data.vocab import Vocab
@@ -23,6 +26,7 @@ from recsys_dpo.retrain import (
     record_decision,
 )
 from recsys_dpo.tracking.mlflow_utils import open_tracking
+from recsys_dpo.training.run import run_dir
 
 # test_pipeline.TINY on the drifting log: 14 days of 300 users and 80 items.
 TINY = ("data.reader.n_users=300", "data.reader.n_items=80", "data.max_len=10", "model.dim=16",
@@ -82,6 +86,18 @@ def test_the_python_api_runs_the_replay_and_run_refuses_it(tmp_path):
     with pytest.raises(DataError, match="recsys_dpo.api.retrain"):
         api.run(given)
     assert not (tmp_path / "a").exists()
+
+
+def test_an_unset_pairs_since_leaves_the_run_hashes_as_they_were():
+    """Runs trained before train.pairs_since existed keep their directories (and caches)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["reference.ckpt=r.ckpt"])
+        since = compose("config", overrides=["reference.ckpt=r.ckpt", "train.pairs_since=5"])
+    before = copy.deepcopy(cfg)
+    with open_dict(before):
+        del before.train["pairs_since"]
+    assert run_dir(cfg, "preference", "x") == run_dir(before, "preference", "x")
+    assert run_dir(since, "preference", "x") != run_dir(cfg, "preference", "x")
 
 
 def not_json(constant: str) -> None:

@@ -148,6 +148,8 @@ def run_dir(cfg: DictConfig, stage: str, name: str) -> Path:
         del config["reward"]
     if "source" in config.get("reference", {}) and config["reference"]["source"] is None:
         del config["reference"]["source"]
+    if "pairs_since" in config.get("train", {}) and config["train"]["pairs_since"] is None:
+        del config["train"]["pairs_since"]
     return Path(cfg.paths.runs) / stage / f"{name}-{config_hash(config)}"
 
 
