@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 from conftest import CONF, bad_input_message, run_pipeline
 from hydra import compose, initialize_config_dir
@@ -136,8 +137,14 @@ def test_each_window_is_compared_with_the_production_of_its_time(replayed):
     assert str(client.get_model_version_by_alias(NAME, PRODUCTION_ALIAS).version) == production
     assert alias_history(client, NAME) == [(r["window"], r["candidate"]) for r in rows
                                            if r["promoted"]]  # fmt: skip
+    prepared = replayed["tmp"] / "artifacts" / "prepared" / "synthetic_drift"
     for row in rows:
         assert 0 <= row["new_item_share"] <= 1 and row["wall_s"] > 0
+        # new users: the test users with no train or valid event, read from the parquet files
+        split = {s: set(pl.read_parquet(prepared / f"window-{row['window']}" / f"{s}.parquet")
+                        ["user_idx"].to_list()) for s in ("train", "valid", "test")}  # fmt: skip
+        new = split["test"] - split["train"] - split["valid"]
+        assert row["new_user_share"] == pytest.approx(len(new) / len(split["test"]))
         assert row["lo"] <= row["lift"] <= row["hi"]
     assert "| window | train end |" in replayed["stdout"]
 
