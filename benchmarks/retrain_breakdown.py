@@ -2,7 +2,9 @@
 production model it was compared with, of its candidate and of the most-popular-unseen
 baseline (train popularity of the window), over all test users and over the new users (no
 event before the test periods: ranked from an empty history) and the known ones apart, with
-the candidate - production paired bootstrap CI within each group.
+the candidate - production paired bootstrap CI within each group (95%, seed 0, as the
+replay's own with the default `eval.ci` and `seed`); a group of fewer than 2 users gets its
+count only.
 
     python benchmarks/retrain_breakdown.py benchmarks/results/retrain_ml100k.json \\
         artifacts/prepared/ml100k_monthly --out benchmarks/results/retrain_ml100k_breakdown.json
@@ -50,15 +52,25 @@ def main() -> None:
                   "most_popular": MostPopular(train_popularity(data))}  # fmt: skip
         if row["production"] is not None:
             models["production"] = load_model(ckpt[row["production"]], trained_on(data))
-        per_user = {name: evaluate(m, data, "test", [args.k]).per_user.select(USER_IDX, metric)
-                    .sort(USER_IDX) for name, m in models.items()}  # fmt: skip
-        users = per_user["candidate"][USER_IDX].to_numpy()
-        new = np.isin(users, list(new_users(data)))
+        # one row per test user, the models side by side (joined on the user, not by position)
+        table = None
+        for name, model in models.items():
+            scored = evaluate(model, data, "test", [args.k]).per_user.select(
+                USER_IDX, pl.col(metric).alias(name))
+            table = scored if table is None else table.join(scored, on=USER_IDX, how="full",
+                                                            coalesce=True)  # fmt: skip
+        if table.null_count().sum_horizontal().item():
+            raise SystemExit(f"window {row['window']}: the models were scored on different users")
+        new = table[USER_IDX].is_in(sorted(new_users(data))).to_numpy()
         window = {"window": row["window"], "test_periods": row["test_periods"],
                   "production": row["production"], "candidate": row["candidate"]}  # fmt: skip
         for group, mask in (("all", np.ones_like(new)), ("new_users", new), ("known_users", ~new)):
-            scores = {n: t[metric].to_numpy()[mask] for n, t in per_user.items()}
-            cell = {"users": int(mask.sum()), **{n: float(v.mean()) for n, v in scores.items()}}
+            scores = {n: table[n].to_numpy()[mask] for n in models}
+            cell = {"users": int(mask.sum())}
+            if mask.sum() < 2:  # no mean, or no CI, to speak of
+                window[group] = cell
+                continue
+            cell |= {n: float(v.mean()) for n, v in scores.items()}
             if "production" in scores:
                 mean, lo, hi = paired_bootstrap_ci(scores["production"], scores["candidate"],
                                                    args.n_resamples, seed=0)  # fmt: skip

@@ -200,6 +200,10 @@ def replay(cfg: DictConfig, settings: Retrain, overrides: Sequence[str] = ()) ->
     if not cfg.tracking.enabled:
         raise DataError("pipeline.retrain: the replay keeps production as the registry alias "
                         "models:/<name>@production; it needs tracking.enabled=true")  # fmt: skip
+    if cfg.train.pairs_since is not None:
+        raise DataError(f"train.pairs_since={cfg.train.pairs_since}: the replay sets it per "
+                        "window; choose what candidates fine-tune on with "
+                        "pipeline.retrain.fine_tune_on=all|new")  # fmt: skip
     client = open_tracking(str(cfg.tracking.uri), str(cfg.tracking.experiment))
     experiment = client.get_experiment_by_name(str(cfg.tracking.experiment)).experiment_id
     name = model_name(cfg)

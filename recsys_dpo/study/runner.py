@@ -86,6 +86,7 @@ from recsys_dpo.study.stats import mean_sd
 from recsys_dpo.study.workers import job_pool, run_jobs, train_job
 from recsys_dpo.tracking.mlflow_utils import Tracker, check_reachable
 from recsys_dpo.training.reference_module import load_model, read_checkpoint, trained_on
+from recsys_dpo.training.rlhf_module import RLHF_OBJECTIVES
 from recsys_dpo.training.run import run_dir
 
 POPULARITY = "most_popular"
@@ -738,9 +739,12 @@ def frontier_points(study: Study, searched: list[Selected],
     betas: set[float] = set()
     for sel in searched:
         for point, runs, grid in zip(sel.row.points(), sel.point_runs, sel.grid, strict=True):
-            beta = (study.preference_config(sel.row, point, refs[0].ckpt, spec.seeds[0])
-                    .objective.get("beta") if spec.reward else None)  # fmt: skip
-            betas |= set() if beta is None else {float(beta)}
+            objective = (study.preference_config(sel.row, point, refs[0].ckpt, spec.seeds[0])
+                         .objective if spec.reward else {})  # fmt: skip
+            beta = objective.get("beta")
+            # pi*_beta is what the RLHF rows target; other objectives' beta may not be a KL weight
+            if objective.get("name") in RLHF_OBJECTIVES:
+                betas.add(float(beta))
             kls = [[study.cache.kl(Scored.of(r, study.dataset), ref, study.dataset,
                                    SELECTION_SPLIT,
                                    study.rewards[ref.ckpt] if spec.reward else None,
@@ -755,7 +759,8 @@ def frontier_points(study: Study, searched: list[Selected],
 
 def optimum_point(study: Study, refs: list[Run], beta: float,
                   metrics: list[str]) -> dict[str, Any]:  # fmt: skip
-    """The frontier point of the RLHF optimum itself at `beta`: each reference's
+    """The frontier point of the RLHF optimum itself at `beta` (each beta of an RLHF row's
+    grid): each reference's
     pi_ref exp(r / beta) / Z under its own reward model, served as the one inner-product model
     s_ref + r / beta (`models.rlhf_optimum.RLHFOptimum`), nothing trained: where the RLHF route
     would land with a perfect optimiser, so the rows' distance from it is the optimiser's and
