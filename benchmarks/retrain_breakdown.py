@@ -25,13 +25,9 @@ from recsys_dpo.data.datamodule import load_prepared
 from recsys_dpo.data.schema import USER_IDX
 from recsys_dpo.evaluation.evaluator import evaluate, train_popularity
 from recsys_dpo.evaluation.metrics import paired_bootstrap_ci
+from recsys_dpo.retrain import new_users
 from recsys_dpo.study.popularity import MostPopular
 from recsys_dpo.training.reference_module import load_model, trained_on
-
-
-def new_users(data) -> set[int]:
-    before = pl.concat([data.events(s).select(USER_IDX) for s in ("train", "valid")])
-    return set(data.events("test")[USER_IDX].unique().to_list()) - set(before[USER_IDX].to_list())
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from recsys_dpo.artifacts import read_manifest  # noqa: E402
-from recsys_dpo.data.datamodule import load_prepared  # noqa: E402
+from recsys_dpo.data.datamodule import PreparedDataset, load_prepared  # noqa: E402
 from recsys_dpo.data.schema import ITEM_IDX, USER_IDX  # noqa: E402
 from recsys_dpo.errors import DataError  # noqa: E402
 from recsys_dpo.evaluation.evaluator import Delta  # noqa: E402
@@ -140,9 +140,8 @@ class WindowRow:
     vs_scratch_hi: float = float("nan")
 
 
-def new_item_share(prepared: Path) -> float:
+def new_item_share(data: PreparedDataset) -> float:
     """The share of the test split's events whose item has no event in the train split."""
-    data = load_prepared(prepared)
     test = data.events("test").select(ITEM_IDX)
     if test.is_empty():
         return 0.0
@@ -150,15 +149,17 @@ def new_item_share(prepared: Path) -> float:
     return float(test.join(known, on=ITEM_IDX, how="anti").height / test.height)
 
 
-def new_user_share(prepared: Path) -> float:
-    """The share of the test split's users with no event before it (train or valid): users
-    the models rank for from an empty history."""
-    data = load_prepared(prepared)
-    test = data.events("test").select(USER_IDX).unique()
-    if test.is_empty():
-        return 0.0
-    before = pl.concat([data.events(s).select(USER_IDX) for s in ("train", "valid")]).unique()
-    return float(test.join(before, on=USER_IDX, how="anti").height / test.height)
+def new_users(data: PreparedDataset) -> set[int]:
+    """The test split's users with no event before it (train or valid): users the models rank
+    for from an empty history."""
+    before = pl.concat([data.events(s).select(USER_IDX) for s in ("train", "valid")])
+    return set(data.events("test")[USER_IDX].unique().to_list()) - set(before[USER_IDX].to_list())
+
+
+def new_user_share(data: PreparedDataset) -> float:
+    """The share of the test split's users that are `new_users`."""
+    test = data.events("test")[USER_IDX].n_unique()
+    return len(new_users(data)) / test if test else 0.0
 
 
 def window_config(cfg: DictConfig, settings: Retrain, window: int, previous: Path | None,
@@ -245,6 +246,7 @@ def run_window(cfg: DictConfig, settings: Retrain, window: int, previous: Path |
     result = run_pipeline(window_cfg, tags={**tags, "retrain.arm": "loop"})
     wall = time.perf_counter() - started
     candidate = result.registered.split("/")[-1]
+    data = load_prepared(Path(result.prepared))
     # Window 0 has nothing in production: its candidate is the loop's first production model.
     promoted = previous is None or promote(Delta(result.delta, result.lo, result.hi))
     record_decision(client, name, candidate, window, promoted)
@@ -254,19 +256,18 @@ def run_window(cfg: DictConfig, settings: Retrain, window: int, previous: Path |
         window=window, train_end=train_end,
         test_periods=list(range(first_test, first_test + settings.horizon)),
         production=production, candidate=candidate, lift=result.delta, lo=result.lo,
-        hi=result.hi, promoted=promoted, new_item_share=new_item_share(Path(result.prepared)),
-        new_user_share=new_user_share(Path(result.prepared)), wall_s=wall,
+        hi=result.hi, promoted=promoted, new_item_share=new_item_share(data),
+        new_user_share=new_user_share(data), wall_s=wall,
         run_id=result.parent_run_id, ckpt=result.policy_ckpt,
     )  # fmt: skip
     if production is not None:
         frozen = ckpts[min(ckpts, key=int)]  # window 0's version: the lowest of the replay
-        versus = paired_delta(window_cfg, Path(result.prepared), ckpts[production], frozen)
+        versus = paired_delta(window_cfg, data, ckpts[production], frozen)
         row.vs_frozen, row.vs_frozen_lo, row.vs_frozen_hi = versus.mean, versus.lo, versus.hi
     if production is not None and settings.from_scratch:
         fresh = run_pipeline(window_config(cfg, settings, window, previous, scratch=True),
                              tags={**tags, "retrain.arm": "scratch"})  # fmt: skip
-        versus = paired_delta(window_cfg, Path(result.prepared), ckpts[production],
-                              fresh.policy_ckpt)  # fmt: skip
+        versus = paired_delta(window_cfg, data, ckpts[production], fresh.policy_ckpt)
         row.vs_scratch, row.vs_scratch_lo, row.vs_scratch_hi = versus.mean, versus.lo, versus.hi
     values = {"lift": row.lift, "lo": row.lo, "hi": row.hi, "promoted": float(promoted),
               "new_item_share": row.new_item_share, "new_user_share": row.new_user_share,
@@ -289,10 +290,9 @@ def new_events_start(cfg: DictConfig, earlier: Sequence[WindowRow], production: 
     return int(manifest["split"]["bounds"][1])
 
 
-def paired_delta(cfg: DictConfig, prepared: Path, model: str, other: str) -> Delta:
+def paired_delta(cfg: DictConfig, data: PreparedDataset, model: str, other: str) -> Delta:
     """The primary metric's paired delta, `model` minus `other` (checkpoints), on the
     window's eval split (its vocabulary grown onto both)."""
-    data = load_prepared(prepared)
     models = {"policy": load_model(model, trained_on(data)),
               "reference": load_model(other, trained_on(data))}  # fmt: skip
     outcome = compare_models(cfg, data, models, (model, other), cfg.eval.split)

@@ -231,13 +231,13 @@ class EvalCache:
     def has(self, identity: str, split: str) -> bool:
         return (self.root / self.key(identity, split) / "manifest.json").is_file()
 
-    def get(self, model: str, identity: str, load: Callable[[], Recommender],
-            split: str) -> Evaluation:  # fmt: skip
-        """The evaluation of `model` (identity: its checkpoint sha256) on `split`."""
-        key = self.key(identity, split)
+    def get(self, scored: Scored, split: str) -> Evaluation:
+        """The evaluation of the model `scored` on `split`."""
+        model = scored.name
+        key = self.key(scored.identity, split)
         out = self.root / key
         if not (out / "manifest.json").is_file():
-            result = evaluate(load(), self.data, split, self.k, retrieval=self.retrieval,
+            result = evaluate(scored.load(), self.data, split, self.k, retrieval=self.retrieval,
                               head_fraction=self.head_fraction, batch_size=self.batch_size,
                               kl_chunk=self.kl_chunk, seen=self.seen, what=model)  # fmt: skip
             with atomic_dir(out) as tmp:
@@ -435,11 +435,9 @@ class Study:
                 raise RuntimeError(f"refusing a {split} read of {model}: it is not a selected "
                                    "recipe, a reference, a baseline or a matched control")  # fmt: skip
             self.test_reads.append(model)
-        if run is None:
-            return self.cache.get(model, self.popularity_id, partial(MostPopular, self.popularity),
-                                  split)  # fmt: skip
-        scored = Scored.of(run, self.dataset)
-        return self.cache.get(model, scored.identity, scored.load, split)
+        scored = (Scored(model, self.popularity_id, partial(MostPopular, self.popularity))
+                  if run is None else Scored.of(run, self.dataset))  # fmt: skip
+        return self.cache.get(scored, split)
 
     def read_out(self, name: str, kind: str, models: list[list[Run | None]],
                  **info: Any) -> Entry:  # fmt: skip
@@ -775,7 +773,7 @@ def optimum_point(study: Study, refs: list[Run], beta: float,
                         partial(rlhf_optimum, ref.ckpt, reward, beta, study.dataset))  # fmt: skip
         kls.append([{**study.cache.kl(scored, ref, study.dataset, SELECTION_SPLIT, reward),
                      "kl_to_optimum": 0.0}])  # fmt: skip
-        evals.append([study.cache.get(scored.name, identity, scored.load, SELECTION_SPLIT)])
+        evals.append([study.cache.get(scored, SELECTION_SPLIT)])
     return frontier_point(OPTIMUM, {"objective.beta": beta}, kls, evals, metrics, False)
 
 
